@@ -1,0 +1,1 @@
+"""The compute plane: engines that turn Requests into Results, hosted in Ray actors."""

@@ -1,0 +1,71 @@
+"""The generate stage's actor: a Ray Data UDF holding one engine, turning preprocessed rows into results.
+
+Rows that already carry an error pass straight through. A batch that fails as a whole (say, out of
+memory) is split in halves and retried, down to single rows, so one bad row cannot sink its neighbours.
+"""
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import torch
+
+from actors.hf_backend import HFBackend, pick_device
+from actors.request import Request, Result, SamplingParams, one_line, unpack_arrays
+
+OUTPUT_SCHEMA = pa.schema([
+    ("shard", pa.string()), ("key", pa.string()), ("fields", pa.string()), ("text", pa.string()),
+    ("finish_reason", pa.string()), ("num_prompt_tokens", pa.int32()), ("num_output_tokens", pa.int32()),
+    ("num_drafted_tokens", pa.int32()), ("num_accepted_tokens", pa.int32()), ("error", pa.string()),
+    ("generate_s", pa.float64()),
+])
+
+
+class Generator:
+    def __init__(self, model_path: str, backend: str, params: dict, threads: int = 1, gpus: float = 0.0,
+                 trust_remote_code: bool = False):
+        torch.set_num_threads(max(1, threads))
+        if backend != "hf":
+            raise ValueError(f"decoding.backend: unknown backend {backend!r}")
+        self.engine = HFBackend(model_path, device=pick_device(gpus), trust_remote_code=trust_remote_code)
+        self.params = SamplingParams(**params)
+
+    def _run(self, requests: list[Request]) -> list[Result]:
+        try:
+            return self.engine.generate(requests, self.params)
+        except Exception as e:  # noqa: BLE001 - split and retry; a single failing row becomes an error row
+            if len(requests) == 1:
+                return [Result(text="", finish_reason="error", num_output_tokens=0, error=one_line(e))]
+            half = len(requests) // 2
+            return self._run(requests[:half]) + self._run(requests[half:])
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()  # pyarrow keeps nulls as None (numpy batches turn all-null columns into NaN)
+        results: list[Result | None] = [None] * len(rows)
+        groups: dict[tuple, list[int]] = {}
+        requests: dict[int, Request] = {}
+        for i, row in enumerate(rows):
+            if row["error"] is not None:
+                results[i] = Result(text="", finish_reason="error", num_output_tokens=0, error=row["error"])
+                continue
+            try:
+                arrays = unpack_arrays(row["model_inputs"])
+            except Exception as e:  # noqa: BLE001
+                results[i] = Result(text="", finish_reason="error", num_output_tokens=0,
+                                    error=f"bad model inputs: {one_line(e)}")
+                continue
+            requests[i] = Request(key=str(row["key"]), input_ids=list(row["input_ids"]), model_inputs=arrays)
+            shape_key = tuple((k, v.shape[1:]) for k, v in sorted(arrays.items()))
+            groups.setdefault(shape_key, []).append(i)
+        t0 = time.perf_counter()
+        for idx in groups.values():
+            for i, result in zip(idx, self._run([requests[i] for i in idx])):
+                results[i] = result
+        per_row = (time.perf_counter() - t0) / max(1, len(requests))
+        out = [{"shard": row["shard"], "key": row["key"], "fields": row["fields"], "text": r.text,
+                "finish_reason": r.finish_reason, "num_prompt_tokens": row["num_prompt_tokens"],
+                "num_output_tokens": r.num_output_tokens, "num_drafted_tokens": r.num_drafted_tokens,
+                "num_accepted_tokens": r.num_accepted_tokens, "error": r.error,
+                "generate_s": per_row if i in requests else 0.0}
+               for i, (row, r) in enumerate(zip(rows, results))]
+        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)

@@ -1,0 +1,52 @@
+"""The contract between the generate stage and any engine: a Request in, a Result out, per row."""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Request:
+    key: str
+    input_ids: list[int]
+    model_inputs: dict[str, np.ndarray]  # the processor's image tensors, e.g. pixel_values (1, 3, H, W)
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str  # stop | length | error
+    num_output_tokens: int
+    num_drafted_tokens: int = 0
+    num_accepted_tokens: int = 0
+    error: str | None = None
+
+
+def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
+    """A Request's model_inputs as bytes (.npz): how they cross Ray Data between stages."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data)) as z:
+        return {k: z[k] for k in z.files}
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as the one-line reason an error row carries."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return f"{type(err).__name__}: {text}"[:300]

@@ -1,0 +1,96 @@
+"""The command line: python -m pipeline {run, validate, demo-data}.
+
+Exit codes: 0 success (error rows included), 1 the job failed, 2 a bad config or bad usage.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from pipeline.config import ConfigError, dump, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="specray: batch VLM inference with speculative decoding on Ray.")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _bad_config(err: Exception) -> None:
+    typer.echo(f"config error: {err}", err=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+@app.command()
+def validate(config: str, set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted.key=value")) -> None:
+    """Check a config and print it resolved; exit 2 with the offending field if it is bad."""
+    try:
+        cfg = load_config(config, set_ or [])
+        cfg.check_job()
+    except ConfigError as e:
+        _bad_config(e)
+    import yaml
+
+    typer.echo(yaml.safe_dump(dump(cfg), sort_keys=False).rstrip())
+
+
+@app.command()
+def run(config: str, set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted.key=value"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="redo shards already committed")) -> None:
+    """Run a job: read shards, generate, write one parquet file per shard."""
+    overrides = list(set_ or []) + (["output.overwrite=true"] if overwrite else [])
+    try:
+        cfg = load_config(config, overrides)
+        cfg.check_job()
+    except ConfigError as e:
+        _bad_config(e)
+    from pipeline.job import run_job
+    from pipeline.summary import summary
+
+    try:
+        result = run_job(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        msg = str(e)
+        if isinstance(e, ConfigError) or msg.split(":", 1)[0].startswith(("input.", "output.", "task.", "model.")):
+            _bad_config(e)
+        typer.echo(f"job failed: {type(e).__name__}: {msg}", err=True)
+        raise typer.Exit(EXIT_FAILED)
+    except Exception as e:  # noqa: BLE001 - report one line, exit 1
+        typer.echo(f"job failed: {type(e).__name__}: {' '.join(str(e).split())[:500]}", err=True)
+        raise typer.Exit(EXIT_FAILED)
+    typer.echo(summary(result))
+
+
+@app.command("demo-data")
+def demo_data(output_dir: str, seed: int = typer.Option(3000, help="corpus seed (3000: the test split)"),
+              num_samples: int = typer.Option(64, min=1), format: str = typer.Option("webdataset"),
+              rows_per_shard: int = typer.Option(32, min=1)) -> None:
+    """Write demo shards (images with ground-truth answers in the `answer` column)."""
+    from pipeline.demo_data import write_demo_data
+
+    if format not in ("webdataset", "parquet"):
+        typer.echo(f"usage error: --format: expected webdataset or parquet, got {format!r}", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    paths = write_demo_data(output_dir, seed=seed, num_samples=num_samples, fmt=format, rows_per_shard=rows_per_shard)
+    typer.echo(f"wrote {num_samples} rows in {len(paths)} {format} shards to {output_dir}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors (missing argument, unknown option)
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(EXIT_USAGE)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(EXIT_FAILED)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The job config: YAML validated by pydantic, unknown keys rejected, `--set a.b=c` overrides."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PROMPTS = {
+    "caption": "Describe the image.",
+    "ocr": "What does the text say?",
+    "vqa": "{question}",
+}
+
+
+class ConfigError(ValueError):
+    """A bad config, reported as one line that names the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputConfig(Section):
+    paths: list[str] = []  # required to run a job; pipeline.generate(ds, ...) needs none
+    format: Literal["auto", "webdataset", "parquet", "hf"] = "auto"
+    image_column: str | None = None  # default: jpg/jpeg/png/webp member (webdataset) or `image` (parquet, hf)
+    image_path_column: str | None = None  # a column of image paths or fsspec URLs instead of bytes
+    id_column: str | None = None  # default key: WebDataset __key__, else "<shard>:<row index>"
+    hf_split: str = "train"
+
+
+class TaskConfig(Section):
+    kind: Literal["caption", "ocr", "vqa", "custom"] = "caption"
+    prompt: str | None = None  # template; {column} takes the row's value
+
+    @model_validator(mode="after")
+    def _prompt(self) -> "TaskConfig":
+        if self.prompt is None:
+            if self.kind == "custom":
+                raise ValueError("task.prompt: required when task.kind is custom")
+            self.prompt = DEFAULT_PROMPTS[self.kind]
+        return self
+
+
+class ModelConfig(Section):
+    target: str
+    drafter: str | None = None  # a path or hub id, `ngram`, or null
+    trust_remote_code: bool = False
+
+
+class DecodingConfig(Section):
+    backend: Literal["specray", "hf"] = "hf"
+    speculative: bool = False
+    num_draft_tokens: int | Literal["auto"] = 4
+    max_new_tokens: int = Field(64, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int = 0
+    stop: list[str] = []
+
+    @model_validator(mode="after")
+    def _check(self) -> "DecodingConfig":
+        if isinstance(self.num_draft_tokens, int) and not 1 <= self.num_draft_tokens <= 32:
+            raise ValueError("decoding.num_draft_tokens: must be between 1 and 32, or auto")
+        if self.backend == "hf" and self.speculative:
+            raise ValueError("decoding.speculative: the hf backend is plain model.generate; use backend: specray")
+        if self.backend == "specray":
+            raise ValueError("decoding.backend: 'specray' is not available in this version; use backend: hf")
+        return self
+
+
+class OutputConfig(Section):
+    path: str = ""  # required to run a job
+    columns: list[str] = []  # input columns copied to the output rows
+    overwrite: bool = False
+
+
+class ResourcesConfig(Section):
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    preprocess_cpus: float = Field(0.5, gt=0)
+
+
+class PreprocessConfig(Section):
+    max_image_pixels: int = Field(40_000_000, ge=1)  # larger images are refused (decompression bombs)
+
+
+class JobConfig(Section):
+    input: InputConfig = InputConfig()
+    task: TaskConfig = TaskConfig()
+    model: ModelConfig
+    decoding: DecodingConfig = DecodingConfig()
+    output: OutputConfig = OutputConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+
+    def check_job(self) -> None:
+        """The fields a job needs beyond what pipeline.generate(ds, ...) needs."""
+        if not self.input.paths:
+            raise ConfigError("input.paths: required (a list of paths, globs or fsspec URLs)")
+        if not self.output.path:
+            raise ConfigError("output.path: required")
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item}: expected dotted.key=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {p} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def _one_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    msg = e["msg"].removeprefix("Value error, ")
+    if ":" in msg and msg.split(":", 1)[0].count(".") >= 1 and " " not in msg.split(":", 1)[0]:
+        return msg  # the validator already named the field
+    return f"{loc}: {msg}" if loc else msg
+
+
+def load_config(source: str | Path | dict | JobConfig, overrides: list[str] | None = None) -> JobConfig:
+    """A validated JobConfig from a YAML path, a dict or a JobConfig; raises ConfigError (one line)."""
+    if isinstance(source, JobConfig) and not overrides:
+        return source
+    if isinstance(source, JobConfig):
+        raw = source.model_dump()
+    elif isinstance(source, dict):
+        raw = json.loads(json.dumps(source))
+    else:
+        path = Path(source)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the config must be a mapping")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def dump(config: JobConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json")

@@ -1,0 +1,177 @@
+"""Running a job: shards in, one committed parquet file per shard out, then metrics.json and _SUCCESS.
+
+The driver streams the generate stage's output in input order (Ray Data's preserve_order), so each
+shard's rows arrive together: when the first row of the next shard arrives, the previous shard is
+complete and is committed at once. A killed job loses only the shards it had not committed; the rerun
+skips every committed shard.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import ray
+
+from pipeline.config import JobConfig, dump, load_config
+from pipeline.generate import generate_stages
+from pipeline.read import Shard, list_shards, read_shards
+from pipeline.write import OutputDir
+
+
+@dataclass
+class JobResult:
+    output_path: str
+    rows: int
+    errors: int
+    output_tokens: int
+    wall_s: float
+    shards_written: list[str]
+    shards_skipped: list[str]
+    metrics: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+class _Tally:
+    """Running totals over output rows, for metrics.json."""
+
+    def __init__(self):
+        self.rows = self.errors = self.prompt_tokens = self.output_tokens = 0
+        self.drafted = self.accepted = 0
+        self.generate_s = 0.0
+        self.reasons: dict[str, int] = {}
+        self.finish: dict[str, int] = {}
+
+    def add(self, row: dict) -> None:
+        self.rows += 1
+        self.prompt_tokens += row["num_prompt_tokens"]
+        self.output_tokens += row["num_output_tokens"]
+        self.drafted += row["num_drafted_tokens"]
+        self.accepted += row["num_accepted_tokens"]
+        self.generate_s += row["generate_s"]
+        self.finish[row["finish_reason"]] = self.finish.get(row["finish_reason"], 0) + 1
+        if row["error"] is not None:
+            self.errors += 1
+            reason = row["error"].split(":", 1)[0]
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("specray", "ray", "torch", "transformers", "pyarrow"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _output_row(row: dict, index: int, extra: list[str]) -> dict:
+    fields = json.loads(row["fields"]) if row["fields"] else {}
+    out = {k: row[k] for k in ("shard", "text", "finish_reason", "error")}
+    out["key"] = row["key"] if row["key"] is not None else f"{row['shard']}:{index}"
+    for k in ("num_prompt_tokens", "num_output_tokens", "num_drafted_tokens", "num_accepted_tokens", "generate_s"):
+        out[k] = row[k].item() if hasattr(row[k], "item") else row[k]
+    for name in extra:
+        out[name] = fields.get(name)
+    return out
+
+
+def _ensure_ray(cfg: JobConfig) -> None:
+    """Join the cluster (RAY_ADDRESS, e.g. under `ray job submit`), or start a local one.
+
+    A local instance gets a few more logical CPUs than cores: the actors' CPU requests are
+    reservations, and without headroom the read and preprocess tasks starve behind them.
+    """
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    r = cfg.resources
+    cpus = max(os.cpu_count() or 1, math.ceil(r.num_actors * r.cpus_per_actor + 2 * r.preprocess_cpus + 1))
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+
+
+def run_job(config: str | Path | dict | JobConfig, overrides: list[str] | None = None) -> JobResult:
+    """Run a job from a config (YAML path, dict or JobConfig); returns its JobResult."""
+    cfg = load_config(config, overrides)
+    cfg.check_job()
+    start = time.time()
+    out = OutputDir(cfg.output.path)
+    out.prepare(cfg.output.overwrite)
+    shards = list_shards(cfg.input)
+    done = out.committed()
+    pending = [s for s in shards if s.name not in done]
+    skipped = [s.name for s in shards if s.name in done]
+    tally, written = _Tally(), []
+    if pending:
+        _ensure_ray(cfg)
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ds, normalise = read_shards(cfg.input, pending)
+        written = _stream(generate_stages(ds, cfg, normalise), out, cfg, pending, tally)
+    wall = time.time() - start
+    metrics = {
+        "rows": tally.rows,
+        "errors": tally.errors,
+        "errors_by_reason": tally.reasons,
+        "finish_reasons": tally.finish,
+        "prompt_tokens": tally.prompt_tokens,
+        "output_tokens": tally.output_tokens,
+        "drafted_tokens": tally.drafted,
+        "accepted_tokens": tally.accepted,
+        "acceptance_rate": tally.accepted / tally.drafted if tally.drafted else None,
+        "wall_s": wall,
+        "tokens_per_s": tally.output_tokens / wall if wall > 0 else 0.0,
+        "stage_s": {"generate_actor_busy": tally.generate_s},
+        "shards_written": written,
+        "shards_skipped": skipped,
+        "rows_in_output": out.count_rows(),
+        "config": dump(cfg),
+        "config_hash": cfg.hash(),
+        "versions": _versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out.write_json("metrics.json", metrics)
+    out.finish()
+    return JobResult(output_path=out.url, rows=tally.rows, errors=tally.errors, output_tokens=tally.output_tokens,
+                     wall_s=wall, shards_written=written, shards_skipped=skipped, metrics=metrics)
+
+
+def _stream(ds: ray.data.Dataset, out: OutputDir, cfg: JobConfig, pending: list[Shard], tally: _Tally) -> list[str]:
+    extra = list(cfg.output.columns)
+    written: list[str] = []
+    current: str | None = None
+    rows: list[dict] = []
+
+    def commit() -> None:
+        out.commit(current, rows, extra)
+        written.append(current)
+
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for record in batch.to_pylist():
+            if record["shard"] != current:
+                if current is not None:
+                    commit()
+                if record["shard"] in written:
+                    raise RuntimeError(f"shard {record['shard']} arrived out of order; refusing to write it twice")
+                current, rows = record["shard"], []
+            row = _output_row(record, len(rows), extra)
+            tally.add(row)
+            rows.append(row)
+    if current is not None:
+        commit()
+    for shard in pending:  # shards with no rows at all still get their (empty) part file
+        if shard.name not in written:
+            current, rows = shard.name, []
+            commit()
+    return written

@@ -1,0 +1,65 @@
+"""Shared fixtures: one Ray instance for the whole session, a tiny model of the shipped architecture, shards."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TMPDIR", "/tmp/specray-test-ray")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+TINY = {
+    "vision": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
+    "text": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 128},
+}
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random-weight LLaVA (CLIP + Llama) with the shipped tokenizer recipe, saved like a real checkpoint."""
+    import torch
+
+    from training.modelpair import build_processor, build_vlm
+    from training.tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-model")
+    tok = train_tokenizer(num_texts=300)
+    build_vlm(TINY, tok).save_pretrained(path)
+    build_processor(tok).save_pretrained(path)
+    return path
+
+
+def corrupt_bytes() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()[:60]  # a truncated PNG
+
+
+def run_cli(*args: str, address: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if address:
+        env["RAY_ADDRESS"] = address
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)

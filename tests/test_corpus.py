@@ -1,0 +1,42 @@
+from training import corpus
+
+
+def test_generator_is_deterministic_for_a_seed():
+    a = [corpus.sample(5, i) for i in range(20)]
+    b = [corpus.sample(5, i) for i in range(20)]
+    assert [(s.question, s.answer, s.image.tobytes()) for s in a] == [(s.question, s.answer, s.image.tobytes()) for s in b]
+    c = [corpus.sample(6, i) for i in range(20)]
+    assert [s.image.tobytes() for s in a] != [s.image.tobytes() for s in c]
+
+
+def test_splits_use_disjoint_seeds():
+    seeds = corpus.SPLIT_SEEDS
+    assert len(set(seeds.values())) == 3
+    train = {corpus.sample(seeds["train"], i).key for i in range(100)}
+    test = {corpus.sample(seeds["test"], i).key for i in range(100)}
+    assert not train & test
+
+
+def test_answers_follow_the_scene():
+    for i in range(200):
+        s = corpus.sample(9, i, task="caption")
+        assert s.answer.split(":")[0] in ("One shape", "Two shapes", "Three shapes")
+        o = corpus.sample(9, i, task="ocr")
+        assert o.answer.startswith('The text says "') and o.question == corpus.PROMPTS["ocr"]
+        p = corpus.sample(9, i, task="position")
+        assert any(p.answer.endswith(f"at the {pos}.") for pos in corpus.POSITIONS)
+
+
+def test_every_task_is_drawn():
+    tasks = {corpus.sample(1, i).task for i in range(300)}
+    assert tasks == set(corpus.TASKS)
+
+
+def test_demo_shards_carry_the_answer(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.demo_data import write_demo_data
+
+    paths = write_demo_data(str(tmp_path), num_samples=5, fmt="parquet")
+    table = pq.read_table(paths[0].removeprefix("file://"))
+    assert table.num_rows == 5 and {"key", "image", "question", "task", "answer"} <= set(table.column_names)

@@ -1,0 +1,148 @@
+"""End to end: the CLI and the Python API on generated WebDataset and parquet shards."""
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.demo_data import write_demo_data
+from tests.conftest import corrupt_bytes, run_cli
+
+BAD_KEYS = ("bad-truncated", "bad-empty", "bad-text")
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def add_bad_tar(folder: Path) -> None:
+    with tarfile.open(folder / "shard-bad.tar", "w") as tar:
+        for key, image in (("bad-truncated", corrupt_bytes()), ("bad-empty", b""), ("bad-text", b"hello")):
+            _add(tar, f"{key}.png", image)
+            _add(tar, f"{key}.json", json.dumps({"question": "What is it?", "task": "vqa", "answer": "?"}).encode())
+
+
+def add_bad_parquet(folder: Path) -> None:
+    rows = [{"key": k, "image": img, "question": "What is it?", "task": "vqa", "answer": "?"}
+            for k, img in (("bad-truncated", corrupt_bytes()), ("bad-empty", b""), ("bad-text", b"hello"))]
+    pq.write_table(pa.Table.from_pylist(rows), folder / "shard-bad.parquet")
+
+
+def job_config(tmp_path: Path, model: Path, inputs: str, fmt: str, **extra) -> Path:
+    cfg = {
+        "input": {"paths": [inputs], "format": fmt},
+        "task": {"kind": "vqa", "prompt": "{question}"},
+        "model": {"target": str(model)},
+        "decoding": {"backend": "hf", "max_new_tokens": 4},
+        "output": {"path": str(tmp_path / "out"), "columns": ["answer", "task"]},
+        "resources": {"num_actors": 1, "cpus_per_actor": 1, "batch_size": 8},
+        **extra,
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_output(out: Path) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))])
+
+
+@pytest.mark.parametrize("fmt, suffix", [("webdataset", "tar"), ("parquet", "parquet")])
+def test_cli_job_end_to_end(tmp_path, tiny_model, ray_address, fmt, suffix):
+    shards = tmp_path / "shards"
+    write_demo_data(str(shards), num_samples=20, fmt=fmt, rows_per_shard=8)
+    (add_bad_tar if fmt == "webdataset" else add_bad_parquet)(shards)
+    cfg = job_config(tmp_path, tiny_model, str(shards / f"*.{suffix}"), fmt)
+
+    first = run_cli("run", str(cfg), address=ray_address)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "out"
+    parts = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert parts == ["part-shard-00000.parquet", "part-shard-00001.parquet", "part-shard-00002.parquet",
+                     "part-shard-bad.parquet"]
+    assert (out / "_SUCCESS").exists() and not list(out.glob("_tmp/*"))
+    table = read_output(out)
+    assert table.num_rows == 23  # every input row yields exactly one output row
+    keys = table.column("key").to_pylist()
+    assert len(set(keys)) == len(keys)
+    rows = {r["key"]: r for r in table.to_pylist()}
+    for key in BAD_KEYS:
+        bad = rows[key] if fmt == "webdataset" else next(r for r in rows.values() if r["shard"] == "shard-bad"
+                                                           and r["error"] and key.split("-")[1] in r["error"].lower()
+                                                           or r["shard"] == "shard-bad" and r["error"])
+        assert bad["finish_reason"] == "error" and bad["error"]
+    good = [r for r in rows.values() if r["shard"] != "shard-bad"]
+    assert all(r["error"] is None and r["finish_reason"] in ("stop", "length") for r in good)
+    assert all(r["num_output_tokens"] >= 1 and r["num_prompt_tokens"] > 64 for r in good)
+    assert all(r["answer"] and r["task"] for r in good)  # pass-through columns
+    if fmt == "parquet":  # no id column configured: keys are <shard>:<row index>
+        assert {rows[k]["key"] for k in rows if k.startswith("shard-bad")} == {f"shard-bad:{i}" for i in range(3)}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rows"] == 23 and metrics["errors"] == 3
+    assert metrics["output_tokens"] == sum(r["num_output_tokens"] for r in rows.values())
+    assert metrics["config"]["model"]["target"] == str(tiny_model) and metrics["tokens_per_s"] > 0
+
+    # a rerun skips every committed shard and adds nothing
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    second = run_cli("run", str(cfg), address=ray_address)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == before
+    assert read_output(out).num_rows == 23
+    assert "4 already done" in second.stdout
+
+    # a new shard in the input is picked up; the old ones are still skipped
+    write_demo_data(str(tmp_path / "more"), seed=77, num_samples=3, fmt=fmt)
+    (shards / f"shard-new.{suffix}").write_bytes((tmp_path / "more" / f"shard-00000.{suffix}").read_bytes())
+    third = run_cli("run", str(cfg), address=ray_address)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert read_output(out).num_rows == 26
+    assert json.loads((out / "metrics.json").read_text())["shards_written"] == ["shard-new"]
+
+
+def test_validate_and_run_reject_a_bad_config_with_exit_2(tmp_path, tiny_model):
+    cfg = job_config(tmp_path, tiny_model, str(tmp_path / "*.tar"), "webdataset", decoding={"max_new_tokens": -1})
+    for command in ("validate", "run"):
+        result = run_cli(command, str(cfg))
+        assert result.returncode == 2
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "decoding.max_new_tokens" in lines[0]
+    assert run_cli("validate", "configs/demo.yaml").returncode == 0
+    assert run_cli("run", str(tmp_path / "missing.yaml")).returncode == 2
+    assert run_cli("run").returncode == 2  # usage error
+    assert run_cli("run", "configs/demo.yaml", "--set", "nokey").returncode == 2
+
+
+def test_missing_input_is_a_config_error(tmp_path, tiny_model):
+    cfg = job_config(tmp_path, tiny_model, str(tmp_path / "nothing-here/*.tar"), "webdataset")
+    result = run_cli("run", str(cfg))
+    assert result.returncode == 2 and "input.paths" in result.stderr
+
+
+def test_python_api_run_job_and_generate(tmp_path, tiny_model, ray_address):
+    import ray
+
+    import pipeline
+
+    shards = tmp_path / "shards"
+    write_demo_data(str(shards), num_samples=6, fmt="parquet", rows_per_shard=6)
+    cfg = job_config(tmp_path, tiny_model, str(shards / "*.parquet"), "parquet")
+    result = pipeline.run_job(cfg)
+    assert isinstance(result, pipeline.JobResult)
+    assert result.rows == 6 and result.errors == 0 and result.shards_written == ["shard-00000"]
+    assert read_output(tmp_path / "out").num_rows == 6
+
+    ds = ray.data.read_parquet(str(shards))
+    out = pipeline.generate(ds, {"model": {"target": str(tiny_model)}, "task": {"kind": "vqa"},
+                                 "decoding": {"max_new_tokens": 3}, "input": {"id_column": "key"}}).take_all()
+    assert len(out) == 6
+    for row in out:
+        assert row["error"] is None and row["finish_reason"] in ("stop", "length")
+        assert row["answer"] and row["question"] and "image" not in row  # input columns kept, image bytes dropped
+        assert 1 <= row["num_output_tokens"] <= 3
+    assert sorted(r["key"] for r in out) == sorted(pq.read_table(shards / "shard-00000.parquet").column("key").to_pylist())

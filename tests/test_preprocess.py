@@ -1,0 +1,82 @@
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from actors.request import unpack_arrays
+from pipeline.preprocess import build_prompt, decode_image, preprocess_row
+from tests.conftest import corrupt_bytes
+
+
+def png(image: Image.Image, **save) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=save.pop("format", "PNG"), **save)
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    decoded = decode_image(png(image, format="JPEG", exif=exif), max_pixels=10**6)
+    assert decoded.size == (20, 40)
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "P", "LA", "L", "I;16", "RGBA"])
+def test_any_mode_becomes_rgb(mode):
+    image = Image.new(mode, (8, 8))
+    fmt = "TIFF" if mode in ("CMYK", "I;16") else "PNG"
+    assert decode_image(png(image, format=fmt), 10**6).mode == "RGB"
+
+
+def test_pixel_bound_refuses_a_decompression_bomb_before_decoding():
+    bomb = png(Image.new("L", (5000, 5000)))  # tiny file, 25M pixels
+    with pytest.raises(ValueError, match="too large"):
+        decode_image(bomb, max_pixels=1_000_000)
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", corrupt_bytes()])
+def test_broken_images_raise(data):
+    with pytest.raises(Exception):
+        decode_image(data, 10**6)
+
+
+def test_prompt_template_takes_row_values_and_names_missing_columns():
+    assert build_prompt("Q: {question}", {"question": "why?"}) == "Q: why?"
+    with pytest.raises(ValueError, match="no column 'question'"):
+        build_prompt("Q: {question}", {})
+
+
+def _row(image: bytes | None, fields: dict) -> dict:
+    return {"shard": "s", "key": "k", "image": image, "image_path": None, "fields": json.dumps(fields)}
+
+
+def test_preprocess_row_builds_model_inputs(tiny_model):
+    good = png(Image.new("RGB", (64, 48), (0, 0, 255)))
+    out = preprocess_row(_row(good, {"question": "What color?"}), str(tiny_model), "{question}", 10**7)
+    assert out["error"] is None
+    assert out["num_prompt_tokens"] == len(out["input_ids"]) > 64  # 64 image tokens plus the text
+    assert unpack_arrays(out["model_inputs"])["pixel_values"].shape == (1, 3, 96, 96)
+    assert "What color?" in out["prompt"]
+
+
+@pytest.mark.parametrize("image, fields, reason", [
+    (corrupt_bytes(), {"question": "q"}, "OSError"),
+    (b"", {"question": "q"}, "empty image"),
+    (None, {"question": "q"}, "has no image"),
+    (png(Image.new("RGB", (8, 8))), {}, "no column 'question'"),
+])
+def test_preprocess_failures_become_one_line_errors(tiny_model, image, fields, reason):
+    out = preprocess_row(_row(image, fields), str(tiny_model), "{question}", 10**7)
+    assert reason in out["error"] and "\n" not in out["error"]
+    assert out["input_ids"] == [] and out["shard"] == "s" and out["key"] == "k"
+
+
+def test_image_from_a_path_column(tiny_model, tmp_path):
+    path = tmp_path / "a.png"
+    Image.new("RGB", (30, 30), (1, 2, 3)).save(path)
+    row = {"shard": "s", "key": "k", "image": None, "image_path": str(path), "fields": "{}"}
+    out = preprocess_row(row, str(tiny_model), "Describe.", 10**7)
+    assert out["error"] is None and np.asarray(out["input_ids"]).size > 0

@@ -1,0 +1,55 @@
+"""The tokenizer shared by the target and every drafter: byte-level BPE trained on the corpus.
+
+The image placeholder `<image>` is a special token, so BPE can never split it and no merge can produce it.
+"""
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from training import corpus
+
+PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, IMAGE]
+
+# One user turn with the image first, then the question; the assistant's answer ends with </s>.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{{ '\\n' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{{ eos_token }}{{ '\\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def train_tokenizer(vocab_size: int = 1024, num_texts: int = 20_000, seed: int = corpus.SPLIT_SEEDS["train"]) -> PreTrainedTokenizerFast:
+    texts = corpus.vocabulary_text()
+    for i in range(num_texts):
+        s = corpus.sample(seed, i)
+        texts += [f"USER: {s.question}\nASSISTANT: {s.answer}"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+        extra_special_tokens={"image_token": IMAGE},
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+    )
+    return fast

@@ -1,0 +1,197 @@
+"""Train the shipped model pair in one seeded command:
+
+    python -m training.train configs/modelpair.yaml [--set train.target.steps=100 ...] [--output-dir models]
+
+1. train the byte-level BPE tokenizer on the corpus;
+2. pretrain the target's vision tower on dense scene labels (training.vision_pretrain), freeze it, and
+   train the projector and decoder on ground-truth answers (train split), as LLaVA does;
+3. generate the target's own greedy answers on fresh train prompts (the distillation set);
+4. train the VLM drafter (its tower pretrained the same way) and the text-only drafter on those answers (sequence-level distillation);
+5. evaluate on the test split and write the model card (training.evaluate).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from training import corpus
+from training.modelpair import build_processor, build_text_lm, build_vlm, user_prompt
+from training.tokenizer import train_tokenizer
+from training.vision_pretrain import pretrain_vision
+
+TRAIN_SEED = corpus.SPLIT_SEEDS["train"]
+DISTILL_OFFSET = 10_000_000  # distillation prompts come from a later stretch of the train stream
+
+
+def load_config(path: str, overrides: list[str]) -> dict:
+    cfg = yaml.safe_load(Path(path).read_text())
+    for item in overrides:
+        key, _, value = item.partition("=")
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = yaml.safe_load(value)
+    return cfg
+
+
+class Batcher:
+    """Turns (image, question, answer) triples into padded training tensors; labels only on the answer."""
+
+    def __init__(self, processor, with_image: bool = True):
+        self.processor = processor
+        self.tok = processor.tokenizer
+        self.with_image = with_image
+        self.image_id = self.tok.convert_tokens_to_ids(self.tok.image_token)
+
+    def __call__(self, items: list[tuple]) -> dict:
+        prompts = [user_prompt(self.processor, q) for _, q, _ in items]
+        enc = self.processor(text=prompts, images=[im for im, _, _ in items])
+        seqs, labels = [], []
+        for ids, (_, _, answer) in zip(enc["input_ids"], items):
+            ans = self.tok(" " + answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            if not self.with_image:
+                ids = [t for t in ids if t != self.image_id]
+            seqs.append(ids + ans)
+            labels.append([-100] * len(ids) + ans)
+        width = max(map(len, seqs))
+        pad = self.tok.pad_token_id
+        out = {
+            "input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
+            "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
+            "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
+        }
+        if self.with_image:
+            out["pixel_values"] = torch.from_numpy(np.stack(enc["pixel_values"]))
+        return out
+
+
+def train_model(model, batches, steps: int, lr: float, warmup: int, name: str, log_every: int = 50) -> list[float]:
+    """AdamW + cosine schedule under bf16 autocast; returns the loss per logged window."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    losses, window, t0 = [], [], time.time()
+    for step in range(steps):
+        batch = next(batches)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        window.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            losses.append(sum(window) / len(window))
+            window = []
+            print(f"[{name}] step {step + 1}/{steps} loss {losses[-1]:.4f} ({time.time() - t0:.0f}s)", flush=True)
+    model.eval()
+    return losses
+
+
+def ground_truth_batches(batcher: Batcher, batch_size: int, start: int = 0):
+    i = start
+    while True:
+        items = []
+        for _ in range(batch_size):
+            s = corpus.sample(TRAIN_SEED, i)
+            items.append((s.image, s.question, s.answer))
+            i += 1
+        yield batcher(items)
+
+
+def distillation_set(model, processor, num: int, batch_size: int) -> list[tuple]:
+    """The target's own greedy answers on fresh training prompts: what the drafters learn to predict."""
+    from training.evaluate import generate_answers
+
+    samples = [corpus.sample(TRAIN_SEED, DISTILL_OFFSET + i) for i in range(num)]
+    answers = generate_answers(model, processor, [(s.image, s.question) for s in samples], batch_size=batch_size)
+    return [(s.image, s.question, a) for s, a in zip(samples, answers)]
+
+
+def cycle_batches(batcher: Batcher, items: list[tuple], batch_size: int, seed: int):
+    rng = random.Random(seed)
+    order = list(range(len(items)))
+    while True:
+        rng.shuffle(order)
+        for j in range(0, len(order) - batch_size + 1, batch_size):
+            yield batcher([items[k] for k in order[j:j + batch_size]])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--output-dir", default=None)
+    ap.add_argument("--skip-eval", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.output_dir or cfg["output_dir"])
+    torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(cfg["train"]["threads"])
+    t_start = time.time()
+    timings = {}
+
+    tok = train_tokenizer(vocab_size=cfg["vocab_size"])
+    processor = build_processor(tok, cfg["image_size"], cfg["patch_size"])
+    kw = {"image_size": cfg["image_size"], "patch_size": cfg["patch_size"]}
+
+    tc, vc = cfg["train"]["target"], cfg["train"]["vision"]
+    target = build_vlm(cfg["target"], tok, **kw)
+    t = time.time()
+    vision_losses = {"target": pretrain_vision(target.model.vision_tower, processor.image_processor, vc["steps"],
+                                               vc["batch_size"], vc["lr"], cfg["seed"])}
+    target.model.vision_tower.requires_grad_(False)  # as LLaVA: the pretrained tower stays frozen
+    target_losses = train_model(target, ground_truth_batches(Batcher(processor), tc["batch_size"]),
+                                tc["steps"], tc["lr"], tc["warmup"], "target")
+    timings["target_s"] = time.time() - t
+    target.save_pretrained(out / "target")
+    processor.save_pretrained(out / "target")
+
+    dc = cfg["train"]["distill"]
+    t = time.time()
+    distill = distillation_set(target, processor, dc["num_samples"], dc["batch_size"])
+    timings["distill_s"] = time.time() - t
+    print(f"[distill] {len(distill)} target answers in {timings['distill_s']:.0f}s", flush=True)
+
+    fc = cfg["train"]["drafter"]
+    drafter_losses = {}
+    for name, builder, with_image in (("drafter-vlm", lambda: build_vlm(cfg["drafter_vlm"], tok, **kw), True),
+                                      ("drafter-text", lambda: build_text_lm(cfg["drafter_text"], tok), False)):
+        torch.manual_seed(cfg["seed"])
+        model = builder()
+        t = time.time()
+        if with_image:
+            vision_losses[name] = pretrain_vision(model.model.vision_tower, processor.image_processor, vc["steps"],
+                                                  vc["batch_size"], vc["lr"], cfg["seed"])
+            model.model.vision_tower.requires_grad_(False)
+        drafter_losses[name] = train_model(model, cycle_batches(Batcher(processor, with_image), distill,
+                                                                fc["batch_size"], cfg["seed"]),
+                                           fc["steps"], fc["lr"], fc["warmup"], name)
+        timings[f"{name}_s"] = time.time() - t
+        model.save_pretrained(out / name)
+        (processor if with_image else tok).save_pretrained(out / name)
+
+    timings["total_s"] = time.time() - t_start
+    record = {"config": cfg, "timings": timings, "target_losses": target_losses, "drafter_losses": drafter_losses,
+              "vision_losses": vision_losses,
+              "command": "python -m training.train " + " ".join([args.config] + [f"--set {o}" for o in args.overrides])}
+    (out / "training.json").write_text(json.dumps(record, indent=1))
+    print(f"[train] done in {timings['total_s']:.0f}s", flush=True)
+    if not args.skip_eval:
+        from training.evaluate import main as evaluate
+        evaluate([str(out)])
+
+
+if __name__ == "__main__":
+    main()
