@@ -4,7 +4,6 @@ Exit codes: 0 success (error rows included), 1 the job failed, 2 a bad config or
 """
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import typer
@@ -77,19 +76,7 @@ def demo_data(output_dir: str, seed: int = typer.Option(3000, help="corpus seed 
 
 
 def main() -> None:
-    try:
-        app(standalone_mode=False)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors (missing argument, unknown option)
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(EXIT_USAGE)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(EXIT_FAILED)
-        raise
+    app()  # click exits 2 on usage errors (missing argument, unknown option) and with typer.Exit's code
 
 
 if __name__ == "__main__":

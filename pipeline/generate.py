@@ -8,20 +8,18 @@
 from __future__ import annotations
 
 import functools
-import io
 import json
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import ray
-from PIL import Image
 from ray.data import ActorPoolStrategy
 
 from actors.generator import Generator
-from actors.request import SamplingParams, one_line
+from actors.request import SamplingParams
 from pipeline.config import JobConfig, load_config
 from pipeline.preprocess import preprocess_row
+from pipeline.read import table_row
 
 
 def _model_path(path: str) -> str:
@@ -35,12 +33,9 @@ def sampling_params(cfg: JobConfig) -> SamplingParams:
 
 
 def _normalise_and_preprocess(row: dict, normalise: Callable[[dict], dict], **kwargs) -> dict:
-    try:
-        row = normalise(row)
-    except Exception as e:  # noqa: BLE001 - a row we cannot even read still becomes an error row
-        return {"shard": row.get("__shard__", ""), "key": None, "fields": "{}", "prompt": None, "input_ids": [],
-                "model_inputs": b"", "num_prompt_tokens": 0, "error": one_line(e)}
-    return preprocess_row(row, **kwargs)
+    # one fused task: normalise never fails on bad input (it only moves values), preprocess turns
+    # every failure into the row's error
+    return preprocess_row(normalise(row), **kwargs)
 
 
 def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[dict], dict]) -> ray.data.Dataset:
@@ -64,24 +59,6 @@ def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[d
     )
 
 
-def _to_internal(row: dict, cfg: JobConfig) -> dict:
-    image_col = cfg.input.image_column or "image"
-    image = row.get(image_col)
-    path = row.get(cfg.input.image_path_column) if cfg.input.image_path_column else None
-    if isinstance(image, dict):
-        path, image = path or image.get("path"), image.get("bytes")
-    elif isinstance(image, np.ndarray):  # e.g. ray.data.read_images: re-encode losslessly
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="PNG")
-        image = buf.getvalue()
-    fields = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items() if k != image_col}
-    key = row.get(cfg.input.id_column) if cfg.input.id_column else None
-    return {"shard": "", "key": None if key is None else str(key),
-            "image": bytes(image) if isinstance(image, (bytes, bytearray)) else None,
-            "image_path": None if path is None else str(path),
-            "fields": json.dumps(fields, default=str)}
-
-
 def _to_user(row: dict) -> dict:
     out = json.loads(row.pop("fields"))
     row.pop("shard"), row.pop("generate_s")
@@ -98,4 +75,4 @@ def generate(ds: ray.data.Dataset, config) -> ray.data.Dataset:
     are used (input.image_column / image_path_column / id_column name the row's columns).
     """
     cfg = load_config(config)
-    return generate_stages(ds, cfg, functools.partial(_to_internal, cfg=cfg)).map(_to_user)
+    return generate_stages(ds, cfg, functools.partial(table_row, cfg=cfg.input, shard="")).map(_to_user)

@@ -7,13 +7,16 @@ Every source is turned into the same row shape before preprocessing:
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import fsspec
+import numpy as np
 import ray
+from PIL import Image
 
 from pipeline.config import InputConfig
 
@@ -118,23 +121,35 @@ def _webdataset_row(row: dict, cfg: InputConfig, shard_of: dict[str, str]) -> di
     }
 
 
-def _table_row(row: dict, cfg: InputConfig, shard_of: dict[str, str] | None, shard_name: str | None) -> dict:
-    hf_shard = row.pop("__shard__", None)
+def table_row(row: dict, cfg: InputConfig, shard: str) -> dict:
+    """A parquet, Hugging Face or user Dataset row in the common shape; every other column goes to fields."""
     image_column = cfg.image_column or "image"
     image = row.get(image_column)
     path = row.get(cfg.image_path_column) if cfg.image_path_column else None
     if isinstance(image, dict):  # a Hugging Face Image feature: {"bytes": ..., "path": ...}
         path = path or image.get("path")
         image = image.get("bytes")
-    fields = {k: v for k, v in row.items() if k not in (image_column, "path", "__shard__")}
+    elif isinstance(image, np.ndarray):  # decoded pixels (e.g. ray.data.read_images): re-encode losslessly
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        image = buf.getvalue()
+    fields = {k: v for k, v in row.items() if k != image_column}
     key = row.get(cfg.id_column) if cfg.id_column else None
     return {
-        "shard": shard_of[_norm(row["path"])] if shard_of is not None else (hf_shard or shard_name),
+        "shard": shard,
         "key": None if key is None else str(key),
         "image": bytes(image) if image is not None else None,
         "image_path": None if path is None else str(path),
         "fields": _fields_json(fields),
     }
+
+
+def _parquet_row(row: dict, cfg: InputConfig, shard_of: dict[str, str]) -> dict:
+    return table_row(row, cfg, shard_of[_norm(row.pop("path"))])  # `path`: added by include_paths
+
+
+def _hf_row(row: dict, cfg: InputConfig) -> dict:
+    return table_row(row, cfg, row.pop("__shard__"))
 
 
 def _norm(path: str) -> str:
@@ -153,7 +168,7 @@ def read_shards(cfg: InputConfig, shards: list[Shard]) -> tuple[ray.data.Dataset
     if fmt == "parquet":
         ds = ray.data.read_parquet(paths, include_paths=True)
         shard_of = {_norm(p): s.name for p, s in zip(paths, shards)}
-        return ds, functools.partial(_table_row, cfg=cfg, shard_of=shard_of, shard_name=None)
+        return ds, functools.partial(_parquet_row, cfg=cfg, shard_of=shard_of)
     if fmt == "hf":
         import datasets
 
@@ -168,7 +183,7 @@ def read_shards(cfg: InputConfig, shards: list[Shard]) -> tuple[ray.data.Dataset
             parts.append(ray.data.from_huggingface(hf).add_column("__shard__", lambda b, n=shard.name: [n] * len(b),
                                                                    batch_format="pyarrow"))
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        return ds, functools.partial(_table_row, cfg=cfg, shard_of=None, shard_name=None)
+        return ds, functools.partial(_hf_row, cfg=cfg)
     raise ValueError(f"input.format: unknown format {fmt}")
 
 

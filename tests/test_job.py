@@ -146,3 +146,22 @@ def test_python_api_run_job_and_generate(tmp_path, tiny_model, ray_address):
         assert row["answer"] and row["question"] and "image" not in row  # input columns kept, image bytes dropped
         assert 1 <= row["num_output_tokens"] <= 3
     assert sorted(r["key"] for r in out) == sorted(pq.read_table(shards / "shard-00000.parquet").column("key").to_pylist())
+
+
+def test_hf_dataset_input(tmp_path, tiny_model, ray_address):
+    import datasets
+
+    import pipeline
+    from training import corpus
+
+    samples = [corpus.sample(corpus.SPLIT_SEEDS["test"], i) for i in range(5)]
+    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                  "answer": datasets.Value("string")})
+    hf = datasets.Dataset.from_dict({"image": [s.image for s in samples], "question": [s.question for s in samples],
+                                     "answer": [s.answer for s in samples]}, features=features)
+    hf.save_to_disk(str(tmp_path / "my-hf-set"))
+    result = pipeline.run_job(job_config(tmp_path, tiny_model, str(tmp_path / "my-hf-set"), "hf"))
+    assert result.rows == 5 and result.errors == 0 and result.shards_written == ["my-hf-set"]
+    table = pq.read_table(tmp_path / "out" / "part-my-hf-set.parquet")
+    assert table.column("key").to_pylist() == [f"my-hf-set:{i}" for i in range(5)]
+    assert table.column("answer").to_pylist() == [s.answer for s in samples]

@@ -36,7 +36,7 @@ def generate_answers(model, processor, items: list[tuple], batch_size: int = 64,
     for j in range(0, len(items), batch_size):
         chunk = items[j:j + batch_size]
         enc = processor(text=[user_prompt(processor, q) for _, q in chunk], images=[im for im, _ in chunk],
-                        padding=True, return_tensors="pt")
+                        padding=True, return_tensors="pt").to(model.device)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
         new = out[:, enc["input_ids"].shape[1]:]
         for row in new.tolist():

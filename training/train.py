@@ -74,16 +74,17 @@ class Batcher:
         return out
 
 
-def train_model(model, batches, steps: int, lr: float, warmup: int, name: str, log_every: int = 50) -> list[float]:
+def train_model(model, batches, steps: int, lr: float, warmup: int, name: str, log_every: int = 50,
+                device: str = "cpu") -> list[float]:
     """AdamW + cosine schedule under bf16 autocast; returns the loss per logged window."""
-    model.train()
+    model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     losses, window, t0 = [], [], time.time()
     for step in range(steps):
-        batch = next(batches)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
             loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--output-dir", default=None)
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for a bigger pair on a GPU")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     out = Path(args.output_dir or cfg["output_dir"])
@@ -150,17 +152,18 @@ def main(argv: list[str] | None = None) -> None:
     target = build_vlm(cfg["target"], tok, **kw)
     t = time.time()
     vision_losses = {"target": pretrain_vision(target.model.vision_tower, processor.image_processor, vc["steps"],
-                                               vc["batch_size"], vc["lr"], cfg["seed"])}
+                                               vc["batch_size"], vc["lr"], cfg["seed"], device=args.device)}
     target.model.vision_tower.requires_grad_(False)  # as LLaVA: the pretrained tower stays frozen
     target_losses = train_model(target, ground_truth_batches(Batcher(processor), tc["batch_size"]),
-                                tc["steps"], tc["lr"], tc["warmup"], "target")
+                                tc["steps"], tc["lr"], tc["warmup"], "target", device=args.device)
     timings["target_s"] = time.time() - t
-    target.save_pretrained(out / "target")
+    target.cpu().save_pretrained(out / "target")
     processor.save_pretrained(out / "target")
 
     dc = cfg["train"]["distill"]
     t = time.time()
-    distill = distillation_set(target, processor, dc["num_samples"], dc["batch_size"])
+    distill = distillation_set(target.to(args.device), processor, dc["num_samples"], dc["batch_size"])
+    target.cpu()
     timings["distill_s"] = time.time() - t
     print(f"[distill] {len(distill)} target answers in {timings['distill_s']:.0f}s", flush=True)
 
@@ -173,13 +176,13 @@ def main(argv: list[str] | None = None) -> None:
         t = time.time()
         if with_image:
             vision_losses[name] = pretrain_vision(model.model.vision_tower, processor.image_processor, vc["steps"],
-                                                  vc["batch_size"], vc["lr"], cfg["seed"])
+                                                  vc["batch_size"], vc["lr"], cfg["seed"], device=args.device)
             model.model.vision_tower.requires_grad_(False)
         drafter_losses[name] = train_model(model, cycle_batches(Batcher(processor, with_image), distill,
                                                                 fc["batch_size"], cfg["seed"]),
-                                           fc["steps"], fc["lr"], fc["warmup"], name)
+                                           fc["steps"], fc["lr"], fc["warmup"], name, device=args.device)
         timings[f"{name}_s"] = time.time() - t
-        model.save_pretrained(out / name)
+        model.cpu().save_pretrained(out / name)
         (processor if with_image else tok).save_pretrained(out / name)
 
     timings["total_s"] = time.time() - t_start

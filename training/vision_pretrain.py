@@ -57,10 +57,11 @@ class SceneProbe(nn.Module):
 
 
 def pretrain_vision(vision_tower, image_processor, steps: int, batch_size: int, lr: float, seed: int,
-                    log_every: int = 50) -> list[float]:
+                    log_every: int = 50, device: str = "cpu") -> list[float]:
     rng = random.Random(seed)
     config = vision_tower.config
-    probe = SceneProbe(config.hidden_size)
+    probe = SceneProbe(config.hidden_size).to(device)
+    vision_tower.to(device)
     cell_of_patch = patch_cells(config.image_size, config.patch_size)
     params = list(vision_tower.parameters()) + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -71,14 +72,15 @@ def pretrain_vision(vision_tower, image_processor, steps: int, batch_size: int, 
     for step in range(steps):
         scenes = [corpus.make_scene(rng) for _ in range(batch_size)]
         pixels = torch.from_numpy(np.stack(image_processor([corpus.render(s) for s in scenes])["pixel_values"]))
-        labels = [scene_labels(s) for s in scenes]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        labels = [{k: v.to(device) for k, v in scene_labels(s).items()} for s in scenes]
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+            pixels = pixels.to(device)
             patches = vision_tower(pixel_values=pixels).last_hidden_state[:, 1:]  # drop [CLS], as the VLM does
             cells, word = probe(patches)
         loss = ce(word.float(), torch.stack([lab["word"] for lab in labels]))
         start = 0
         for name, n in HEADS.items():
-            target = torch.stack([lab[name] for lab in labels])[:, cell_of_patch]  # (batch, patches)
+            target = torch.stack([lab[name] for lab in labels])[:, cell_of_patch.to(device)]  # (batch, patches)
             loss = loss + ce(cells[..., start:start + n].float().reshape(-1, n), target.reshape(-1))
             start += n
         loss.backward()

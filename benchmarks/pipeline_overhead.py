@@ -1,0 +1,103 @@
+"""How much the pipeline costs: the demo job's tokens/s against the bare `hf` backend on the same rows.
+
+    python benchmarks/pipeline_overhead.py [--rows 512] [--batch-size 16] [--threads 2]
+
+Both sides do the same work: decode and preprocess every row, then `model.generate` in batches of
+--batch-size with the same sampling parameters. The bare side runs it in one process with no Ray; the
+job side runs `pipeline.run_job` (Ray Data read -> preprocess -> actor pool -> parquet), start-up
+included. Prints both figures and their ratio; goal: the job reaches >= 85% of the bare figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TMPDIR", "/tmp/specray-bench-ray")
+
+
+def bare(shards: list[str], cfg, batch_size: int, threads: int) -> dict:
+    import pyarrow.parquet as pq
+    import torch
+
+    from actors.hf_backend import HFBackend
+    from actors.request import Request, unpack_arrays
+    from pipeline.generate import sampling_params
+    from pipeline.preprocess import preprocess_row
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    engine = HFBackend(str(Path(cfg.model.target).resolve()))
+    load_s = time.perf_counter() - t0
+    params = sampling_params(cfg)
+    tokens = rows = 0
+    pending: list[Request] = []
+    start = time.perf_counter()
+    for shard in shards:
+        for r in pq.read_table(shard).to_pylist():
+            fields = {k: r[k] for k in ("question", "task", "answer")}
+            row = {"shard": "s", "key": r["key"], "image": r["image"], "image_path": None, "fields": json.dumps(fields)}
+            pre = preprocess_row(row, str(Path(cfg.model.target).resolve()), cfg.task.prompt,
+                                 cfg.preprocess.max_image_pixels)
+            rows += 1
+            pending.append(Request(key=pre["key"], input_ids=pre["input_ids"],
+                                   model_inputs=unpack_arrays(pre["model_inputs"])))
+            if len(pending) == batch_size:
+                tokens += sum(x.num_output_tokens for x in engine.generate(pending, params))
+                pending = []
+    if pending:
+        tokens += sum(x.num_output_tokens for x in engine.generate(pending, params))
+        pending = []
+    wall = time.perf_counter() - start
+    return {"rows": rows, "output_tokens": tokens, "wall_s": wall, "load_s": load_s, "tokens_per_s": tokens / wall}
+
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows-per-shard", type=int, default=128)
+    args = ap.parse_args()
+
+    from pipeline.config import load_config
+    from pipeline.demo_data import write_demo_data
+    from pipeline.job import run_job
+
+    work = Path(tempfile.mkdtemp(prefix="specray-bench-"))
+    try:
+        shards = write_demo_data(str(work / "shards"), num_samples=args.rows, fmt="parquet",
+                                 rows_per_shard=args.rows_per_shard)
+        cfg = load_config(ROOT / "configs/demo.yaml", [
+            f"input.paths=['{work}/shards/*.parquet']", "input.format=parquet", f"output.path={work}/out",
+            f"model.target={ROOT / 'models/target'}", f"resources.batch_size={args.batch_size}",
+            f"resources.cpus_per_actor={args.threads}"])
+        b = bare([s.removeprefix("file://") for s in shards], cfg, args.batch_size, args.threads)
+        t0 = time.perf_counter()
+        job = run_job(cfg)
+        job_wall = time.perf_counter() - t0
+        assert job.rows == args.rows and job.errors == 0, (job.rows, job.errors)
+        job_tps = job.output_tokens / job_wall
+        print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch threads {args.threads}; "
+              f"{args.rows} demo rows, batch {args.batch_size}, model models/target (hf backend, fp32)")
+        print(f"bare hf backend, no Ray : {b['tokens_per_s']:8.1f} tokens/s  ({b['output_tokens']} tokens in "
+              f"{b['wall_s']:.1f}s; model load {b['load_s']:.1f}s not counted)")
+        print(f"pipeline job (run_job)  : {job_tps:8.1f} tokens/s  ({job.output_tokens} tokens in {job_wall:.1f}s, "
+              f"Ray start-up, actor start-up and parquet commit included)")
+        print(f"ratio job / bare        : {job_tps / b['tokens_per_s']:.2f}  (goal >= 0.85)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
