@@ -31,7 +31,7 @@ def bare(shards: list[str], cfg, batch_size: int, threads: int) -> dict:
 
     from actors.hf_backend import HFBackend
     from actors.request import Request, unpack_arrays
-    from pipeline.generate import sampling_params
+    from pipeline.stages import sampling_params
     from pipeline.preprocess import preprocess_row
 
     torch.set_num_threads(threads)

@@ -14,7 +14,7 @@ def __getattr__(name: str):
 
         return getattr(job, name)
     if name == "generate":
-        from pipeline.generate import generate
+        from pipeline.stages import generate
 
         return generate
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

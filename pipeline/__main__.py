@@ -4,6 +4,8 @@ Exit codes: 0 success (error rows included), 1 the job failed, 2 a bad config or
 """
 from __future__ import annotations
 
+import sys
+import traceback
 from typing import Optional
 
 import typer
@@ -19,6 +21,12 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 def _bad_config(err: Exception) -> None:
     typer.echo(f"config error: {err}", err=True)
     raise typer.Exit(EXIT_USAGE)
+
+
+def _job_failed(err: Exception) -> None:
+    traceback.print_exception(err, file=sys.stderr)
+    typer.echo(f"job failed: {type(err).__name__}: {' '.join(str(err).split())[:500]}", err=True)
+    raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()
@@ -53,11 +61,9 @@ def run(config: str, set_: Optional[list[str]] = typer.Option(None, "--set", hel
         msg = str(e)
         if isinstance(e, ConfigError) or msg.split(":", 1)[0].startswith(("input.", "output.", "task.", "model.")):
             _bad_config(e)
-        typer.echo(f"job failed: {type(e).__name__}: {msg}", err=True)
-        raise typer.Exit(EXIT_FAILED)
-    except Exception as e:  # noqa: BLE001 - report one line, exit 1
-        typer.echo(f"job failed: {type(e).__name__}: {' '.join(str(e).split())[:500]}", err=True)
-        raise typer.Exit(EXIT_FAILED)
+        _job_failed(e)
+    except Exception as e:  # noqa: BLE001 - the traceback, then one line, exit 1
+        _job_failed(e)
     typer.echo(summary(result))
 
 

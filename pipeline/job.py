@@ -19,7 +19,7 @@ from pathlib import Path
 import ray
 
 from pipeline.config import JobConfig, dump, load_config
-from pipeline.generate import generate_stages
+from pipeline.stages import generate_stages
 from pipeline.read import Shard, list_shards, read_shards
 from pipeline.write import OutputDir
 

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import ray
 from PIL import Image
 
@@ -180,8 +181,8 @@ def read_shards(cfg: InputConfig, shards: list[Shard]) -> tuple[ray.data.Dataset
                 hf = datasets.load_dataset(shard.path, split=cfg.hf_split)
             if isinstance(hf, datasets.DatasetDict):
                 hf = hf[cfg.hf_split]
-            parts.append(ray.data.from_huggingface(hf).add_column("__shard__", lambda b, n=shard.name: [n] * len(b),
-                                                                   batch_format="pyarrow"))
+            tag = functools.partial(lambda batch, name: pa.array([name] * len(batch)), name=shard.name)
+            parts.append(ray.data.from_huggingface(hf).add_column("__shard__", tag, batch_format="pyarrow"))
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         return ds, functools.partial(_hf_row, cfg=cfg)
     raise ValueError(f"input.format: unknown format {fmt}")
