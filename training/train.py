@@ -24,6 +24,7 @@ import yaml
 
 from training import corpus
 from training.modelpair import build_processor, build_text_lm, build_vlm, user_prompt
+from training.optim import fit
 from training.tokenizer import train_tokenizer
 from training.vision_pretrain import pretrain_vision
 
@@ -76,26 +77,18 @@ class Batcher:
 
 def train_model(model, batches, steps: int, lr: float, warmup: int, name: str, log_every: int = 50,
                 device: str = "cpu") -> list[float]:
-    """AdamW + cosine schedule under bf16 autocast; returns the loss per logged window."""
+    """AdamW + warmup/cosine schedule under bf16 autocast; returns the loss per logged window."""
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    losses, window, t0 = [], [], time.time()
-    for step in range(steps):
+
+    def loss_fn() -> torch.Tensor:
         batch = {k: v.to(device) for k, v in next(batches).items()}
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        window.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            losses.append(sum(window) / len(window))
-            window = []
-            print(f"[{name}] step {step + 1}/{steps} loss {losses[-1]:.4f} ({time.time() - t0:.0f}s)", flush=True)
+            return model(**batch).loss
+
+    losses = fit(model.parameters(), loss_fn, opt, sched, steps, name, log_every)
     model.eval()
     return losses
 

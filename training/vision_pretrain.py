@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from training import corpus
+from training.optim import fit
 
 COLORS = [None, *sorted(corpus.COLORS)]
 SHAPES = [None, *corpus.SHAPES]
@@ -67,15 +68,14 @@ def pretrain_vision(vision_tower, image_processor, steps: int, batch_size: int, 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     ce = nn.CrossEntropyLoss()
-    losses, window = [], []
     vision_tower.train()
-    for step in range(steps):
+
+    def loss_fn() -> torch.Tensor:
         scenes = [corpus.make_scene(rng) for _ in range(batch_size)]
         pixels = torch.from_numpy(np.stack(image_processor([corpus.render(s) for s in scenes])["pixel_values"]))
         labels = [{k: v.to(device) for k, v in scene_labels(s).items()} for s in scenes]
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
-            pixels = pixels.to(device)
-            patches = vision_tower(pixel_values=pixels).last_hidden_state[:, 1:]  # drop [CLS], as the VLM does
+            patches = vision_tower(pixel_values=pixels.to(device)).last_hidden_state[:, 1:]  # drop [CLS], as the VLM does
             cells, word = probe(patches)
         loss = ce(word.float(), torch.stack([lab["word"] for lab in labels]))
         start = 0
@@ -83,15 +83,8 @@ def pretrain_vision(vision_tower, image_processor, steps: int, batch_size: int, 
             target = torch.stack([lab[name] for lab in labels])[:, cell_of_patch.to(device)]  # (batch, patches)
             loss = loss + ce(cells[..., start:start + n].float().reshape(-1, n), target.reshape(-1))
             start += n
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        window.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            losses.append(sum(window) / len(window))
-            window = []
-            print(f"[vision] step {step + 1}/{steps} loss {losses[-1]:.4f}", flush=True)
+        return loss
+
+    losses = fit(params, loss_fn, opt, sched, steps, "vision", log_every)
     vision_tower.eval()
     return losses
