@@ -108,10 +108,11 @@ def decode_step_ms(model, vocab: int, batch: int, prompt_len: int = 80, steps: i
 def evaluate(model_dir: Path, per_task: int, k: int = 4) -> dict:
     torch.set_num_threads(2)
     processor = AutoProcessor.from_pretrained(model_dir / "target")
-    target = AutoModelForImageTextToText.from_pretrained(model_dir / "target").eval()
+    fp32 = {"dtype": torch.float32}  # as the hf reference backend runs on CPU (the files are bf16)
+    target = AutoModelForImageTextToText.from_pretrained(model_dir / "target", **fp32).eval()
     drafters = {
-        "drafter-vlm": (AutoModelForImageTextToText.from_pretrained(model_dir / "drafter-vlm").eval(), True),
-        "drafter-text": (AutoModelForCausalLM.from_pretrained(model_dir / "drafter-text").eval(), False),
+        "drafter-vlm": (AutoModelForImageTextToText.from_pretrained(model_dir / "drafter-vlm", **fp32).eval(), True),
+        "drafter-text": (AutoModelForCausalLM.from_pretrained(model_dir / "drafter-text", **fp32).eval(), False),
     }
     assert AutoTokenizer.from_pretrained(model_dir / "drafter-text").get_vocab() == processor.tokenizer.get_vocab()
     report: dict = {"per_task": per_task, "k": k, "accuracy": {}, "acceptance": {}, "step_ms": {}}

@@ -93,6 +93,12 @@ def train_model(model, batches, steps: int, lr: float, warmup: int, name: str, l
     return losses
 
 
+def save_bf16(model, path: Path) -> None:
+    """Ship bf16 weights (half the bytes); the model in memory becomes the shipped one, rounded."""
+    model.cpu().to(torch.bfloat16).save_pretrained(path)
+    model.float()
+
+
 def ground_truth_batches(batcher: Batcher, batch_size: int, start: int = 0):
     i = start
     while True:
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     target_losses = train_model(target, ground_truth_batches(Batcher(processor), tc["batch_size"]),
                                 tc["steps"], tc["lr"], tc["warmup"], "target", device=args.device)
     timings["target_s"] = time.time() - t
-    target.cpu().save_pretrained(out / "target")
+    save_bf16(target, out / "target")
     processor.save_pretrained(out / "target")
 
     dc = cfg["train"]["distill"]
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                 fc["batch_size"], cfg["seed"]),
                                            fc["steps"], fc["lr"], fc["warmup"], name, device=args.device)
         timings[f"{name}_s"] = time.time() - t
-        model.cpu().save_pretrained(out / name)
+        save_bf16(model, out / name)
         (processor if with_image else tok).save_pretrained(out / name)
 
     timings["total_s"] = time.time() - t_start
