@@ -4,7 +4,8 @@
 
 1. train the byte-level BPE tokenizer on the corpus;
 2. pretrain the target's vision tower on dense scene labels (training.vision_pretrain), freeze it, and
-   train the projector and decoder on ground-truth answers (train split), as LLaVA does;
+   train the projector and decoder on ground-truth answers (train split), as LLaVA does; then
+   fine-tune everything, tower included, at a low learning rate on fresh samples (train.finetune);
 3. generate the target's own greedy answers on fresh train prompts (the distillation set);
 4. train the VLM drafter (its tower pretrained the same way) and the text-only drafter on those answers (sequence-level distillation);
 5. evaluate on the test split and write the model card (training.evaluate).
@@ -120,6 +121,8 @@ def distillation_set(model, processor, num: int, batch_size: int) -> list[tuple]
 
 
 def cycle_batches(batcher: Batcher, items: list[tuple], batch_size: int, seed: int):
+    if len(items) < batch_size:
+        raise ValueError(f"train.distill.num_samples: {len(items)} is fewer than one drafter batch ({batch_size})")
     rng = random.Random(seed)
     order = list(range(len(items)))
     while True:
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--output-dir", default=None)
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda for a bigger pair on a GPU")
+    ap.add_argument("--resume-target", default=None,
+                    help="a trained target folder: skip stages 1-2 and go on from its fine-tune")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     out = Path(args.output_dir or cfg["output_dir"])
@@ -143,19 +148,34 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.time()
     timings = {}
 
-    tok = train_tokenizer(vocab_size=cfg["vocab_size"])
-    processor = build_processor(tok, cfg["image_size"], cfg["patch_size"])
     kw = {"image_size": cfg["image_size"], "patch_size": cfg["patch_size"]}
+    tc, vc, ft = cfg["train"]["target"], cfg["train"]["vision"], cfg["train"]["finetune"]
+    if args.resume_target:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    tc, vc = cfg["train"]["target"], cfg["train"]["vision"]
-    target = build_vlm(cfg["target"], tok, **kw)
+        processor = AutoProcessor.from_pretrained(args.resume_target)
+        tok = processor.tokenizer
+        target = AutoModelForImageTextToText.from_pretrained(args.resume_target, dtype=torch.float32)
+        before = json.loads((Path(args.resume_target).parent / "training.json").read_text())
+        timings.update({k: before["timings"][k] for k in ("target_s",)})
+        target_losses, vision_losses = before["target_losses"], {"target": before.get("vision_losses", {}).get("target")}
+    else:
+        tok = train_tokenizer(vocab_size=cfg["vocab_size"])
+        processor = build_processor(tok, cfg["image_size"], cfg["patch_size"])
+        target = build_vlm(cfg["target"], tok, **kw)
+        t = time.time()
+        vision_losses = {"target": pretrain_vision(target.model.vision_tower, processor.image_processor, vc["steps"],
+                                                   vc["batch_size"], vc["lr"], cfg["seed"], device=args.device)}
+        target.model.vision_tower.requires_grad_(False)  # as LLaVA: the pretrained tower stays frozen
+        target_losses = train_model(target, ground_truth_batches(Batcher(processor), tc["batch_size"]),
+                                    tc["steps"], tc["lr"], tc["warmup"], "target", device=args.device)
+        timings["target_s"] = time.time() - t
     t = time.time()
-    vision_losses = {"target": pretrain_vision(target.model.vision_tower, processor.image_processor, vc["steps"],
-                                               vc["batch_size"], vc["lr"], cfg["seed"], device=args.device)}
-    target.model.vision_tower.requires_grad_(False)  # as LLaVA: the pretrained tower stays frozen
-    target_losses = train_model(target, ground_truth_batches(Batcher(processor), tc["batch_size"]),
-                                tc["steps"], tc["lr"], tc["warmup"], "target", device=args.device)
-    timings["target_s"] = time.time() - t
+    target.model.vision_tower.requires_grad_(True)
+    finetune_losses = train_model(target, ground_truth_batches(Batcher(processor), tc["batch_size"],
+                                                               start=tc["steps"] * tc["batch_size"]),
+                                  ft["steps"], ft["lr"], ft["warmup"], "finetune", device=args.device)
+    timings["finetune_s"] = time.time() - t
     save_bf16(target, out / "target")
     processor.save_pretrained(out / "target")
 
@@ -185,9 +205,11 @@ def main(argv: list[str] | None = None) -> None:
         (processor if with_image else tok).save_pretrained(out / name)
 
     timings["total_s"] = time.time() - t_start
-    record = {"config": cfg, "timings": timings, "target_losses": target_losses, "drafter_losses": drafter_losses,
+    command = "python -m training.train " + " ".join([args.config] + [f"--set {o}" for o in args.overrides])
+    record = {"config": cfg, "timings": timings, "target_losses": target_losses, "finetune_losses": finetune_losses,
+              "drafter_losses": drafter_losses,
               "vision_losses": vision_losses,
-              "command": "python -m training.train " + " ".join([args.config] + [f"--set {o}" for o in args.overrides])}
+              "command": command + (f" --resume-target {args.resume_target}" if args.resume_target else "")}
     (out / "training.json").write_text(json.dumps(record, indent=1))
     print(f"[train] done in {timings['total_s']:.0f}s", flush=True)
     if not args.skip_eval:
