@@ -23,4 +23,4 @@ demo: $(VENV)/.installed
 	$(PY) -m pipeline run configs/demo.yaml
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=8 tests

@@ -167,15 +167,19 @@ def model_card(report: dict, training: dict | None) -> str:
     ]
     if training:
         t = training["timings"]
+        stages = [("vision pretraining + target (tower frozen)", "target_s"), ("end-to-end fine-tune", "finetune_s"),
+                  ("distillation set", "distill_s"), ("VLM drafter", "drafter-vlm_s"), ("text drafter", "drafter-text_s")]
+        total = sum(t.get(k, 0.0) for _, k in stages)
         lines += [
             "## Training",
             "",
-            f"Command: `{training['command']}` (seeded). Wall time on {report['machine']}: "
-            f"{t['total_s'] / 60:.1f} min in all (target {t['target_s'] / 60:.1f} min, distillation set "
-            f"{t['distill_s'] / 60:.1f} min, VLM drafter {t['drafter-vlm_s'] / 60:.1f} min, text drafter "
-            f"{t['drafter-text_s'] / 60:.1f} min). Final training loss: target {training['target_losses'][-1]:.4f}, "
-            f"VLM drafter {training['drafter_losses']['drafter-vlm'][-1]:.4f}, text drafter "
-            f"{training['drafter_losses']['drafter-text'][-1]:.4f}.",
+            f"Command: `{training['command']}` (seeded; `--resume-target` goes on from a trained target). "
+            f"Wall time on {report['machine']}, with other work sharing the two cores: {total / 60:.1f} min in all "
+            "(" + ", ".join(f"{name} {t[k] / 60:.1f} min" for name, k in stages if k in t) + "). "
+            f"Final training loss: target {training['target_losses'][-1]:.4f}"
+            + (f", after fine-tune {training['finetune_losses'][-1]:.4f}" if training.get("finetune_losses") else "")
+            + f", VLM drafter {training['drafter_losses']['drafter-vlm'][-1]:.4f}, text drafter "
+            f"{training['drafter_losses']['drafter-text'][-1]:.4f}. Weights are stored in bf16.",
             "",
         ]
     lines += [
