@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	rm -rf demo-data
 	$(PY) -m pipeline demo-data demo-data --num-samples 64
-	$(PY) -m pipeline run configs/demo.yaml
+	$(PY) -m pipeline run configs/demo.yaml --overwrite
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=8 tests
