@@ -79,7 +79,7 @@ def _output_row(row: dict, index: int, extra: list[str]) -> dict:
     out = {k: row[k] for k in ("shard", "text", "finish_reason", "error")}
     out["key"] = row["key"] if row["key"] is not None else f"{row['shard']}:{index}"
     for k in ("num_prompt_tokens", "num_output_tokens", "num_drafted_tokens", "num_accepted_tokens", "generate_s"):
-        out[k] = row[k].item() if hasattr(row[k], "item") else row[k]
+        out[k] = row[k]
     for name in extra:
         out[name] = fields.get(name)
     return out
