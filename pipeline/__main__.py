@@ -57,11 +57,8 @@ def run(config: str, set_: Optional[list[str]] = typer.Option(None, "--set", hel
 
     try:
         result = run_job(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        msg = str(e)
-        if isinstance(e, ConfigError) or msg.split(":", 1)[0].startswith(("input.", "output.", "task.", "model.")):
-            _bad_config(e)
-        _job_failed(e)
+    except ConfigError as e:  # found only once the job looked at its input (no shard matches, ...)
+        _bad_config(e)
     except Exception as e:  # noqa: BLE001 - the traceback, then one line, exit 1
         _job_failed(e)
     typer.echo(summary(result))

@@ -7,6 +7,7 @@ Every source is turned into the same row shape before preprocessing:
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import os
@@ -19,7 +20,7 @@ import pyarrow as pa
 import ray
 from PIL import Image
 
-from pipeline.config import InputConfig
+from pipeline.config import ConfigError, InputConfig
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 _FORMAT_BY_SUFFIX = {".tar": "webdataset", ".parquet": "parquet"}
@@ -47,23 +48,23 @@ def list_shards(cfg: InputConfig) -> list[Shard]:
         fs, _, _ = fsspec.get_fs_token_paths(pattern)
         matches = fs.glob(pattern) if any(c in pattern for c in "*?[") else [pattern]
         if not matches:
-            raise FileNotFoundError(f"input.paths: nothing matches {pattern}")
+            raise ConfigError(f"input.paths: nothing matches {pattern}")
         for m in sorted(matches):
             if fs.isdir(m):
                 found = sorted(f for f in fs.find(m) if f.endswith((".tar", ".parquet")))
                 if not found:
-                    raise FileNotFoundError(f"input.paths: no .tar or .parquet files under {pattern}")
+                    raise ConfigError(f"input.paths: no .tar or .parquet files under {pattern}")
                 urls += [fs.unstrip_protocol(f) for f in found]
             elif fs.exists(m):
                 urls.append(fs.unstrip_protocol(m))
             else:
-                raise FileNotFoundError(f"input.paths: {m} does not exist")
+                raise ConfigError(f"input.paths: {m} does not exist")
     urls = list(dict.fromkeys(urls))
     names = [_stem(u) for u in urls]
     shards = []
     for url, name in zip(urls, names):
-        if names.count(name) > 1:  # same file name in two folders: keep both, apart
-            name = f"{name}-{abs(hash(url)) % 10**8:08d}"
+        if names.count(name) > 1:  # same file name in two folders: keep both, apart, stably across runs
+            name = f"{name}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
         shards.append(Shard(name=name, path=url))
     return shards
 
@@ -75,7 +76,7 @@ def resolve_format(cfg: InputConfig) -> str:
     formats = {_FORMAT_BY_SUFFIX.get(s) for s in suffixes}
     if len(formats) == 1 and None not in formats:
         return formats.pop()
-    raise ValueError("input.format: cannot tell the format from the paths; set webdataset, parquet or hf")
+    raise ConfigError("input.format: cannot tell the format from the paths; set webdataset, parquet or hf")
 
 
 def _plain(value: Any) -> Any:
@@ -185,7 +186,7 @@ def read_shards(cfg: InputConfig, shards: list[Shard]) -> tuple[ray.data.Dataset
             parts.append(ray.data.from_huggingface(hf).add_column("__shard__", tag, batch_format="pyarrow"))
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         return ds, functools.partial(_hf_row, cfg=cfg)
-    raise ValueError(f"input.format: unknown format {fmt}")
+    raise ConfigError(f"input.format: unknown format {fmt}")
 
 
 class _ShardLookup(dict):

@@ -1,0 +1,30 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import ConfigError, InputConfig
+from pipeline.read import list_shards
+
+LIST = "import sys; from pipeline.config import InputConfig; from pipeline.read import list_shards; " \
+       "print([s.name for s in list_shards(InputConfig(paths=sys.argv[1:]))])"
+
+
+def test_same_file_names_in_two_folders_get_distinct_names_stable_across_runs(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "shard-0.tar").write_bytes(b"")
+    paths = [str(tmp_path / "a" / "*.tar"), str(tmp_path / "b" / "*.tar")]
+    names = [s.name for s in list_shards(InputConfig(paths=paths))]
+    assert len(set(names)) == 2 and all(n.startswith("shard-0-") for n in names)
+    runs = {subprocess.run([sys.executable, "-c", LIST, *paths], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert runs == {f"{names}\n"}  # a rerun must find the same part files to skip
+
+
+def test_missing_input_and_unknown_format_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="^input.paths"):
+        list_shards(InputConfig(paths=[str(tmp_path / "none-*.tar")]))
+    with pytest.raises(ConfigError, match="^input.format"):
+        list_shards(InputConfig(paths=[str(tmp_path / "x.zip")]))
