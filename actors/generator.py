@@ -13,6 +13,22 @@ import torch
 from actors.hf_backend import HFBackend, pick_device
 from actors.request import Request, Result, SamplingParams, one_line, unpack_arrays
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_engine(model_path: str, backend: str, device: str, drafter: str | None = None, dtype: str = "auto",
+                max_batch_size: int = 32, num_draft_tokens: int | str = "auto", decoder: str = "lean",
+                trust_remote_code: bool = False):
+    """The generation backend a config names: `specray` (the speculative engine) or `hf` (model.generate)."""
+    if backend == "hf":
+        return HFBackend(model_path, device=device, dtype=DTYPES.get(dtype), trust_remote_code=trust_remote_code)
+    if backend == "specray":
+        from actors.engine import SpecEngine
+        return SpecEngine(model_path, drafter, device=device, dtype=DTYPES.get(dtype, torch.bfloat16),
+                          max_batch=max_batch_size, num_draft_tokens=num_draft_tokens,
+                          trust_remote_code=trust_remote_code, lean=decoder == "lean")
+    raise ValueError(f"decoding.backend: unknown backend {backend!r}")
+
 OUTPUT_SCHEMA = pa.schema([
     ("shard", pa.string()), ("key", pa.string()), ("fields", pa.string()), ("text", pa.string()),
     ("finish_reason", pa.string()), ("num_prompt_tokens", pa.int32()), ("num_output_tokens", pa.int32()),
@@ -22,13 +38,11 @@ OUTPUT_SCHEMA = pa.schema([
 
 
 class Generator:
-    def __init__(self, model_path: str, backend: str, params: dict, threads: int = 1, gpus: float = 0.0,
-                 trust_remote_code: bool = False):
+    def __init__(self, model_path: str, params: dict, engine: dict, threads: int = 1, gpus: float = 0.0):
         torch.set_num_threads(max(1, threads))
-        if backend != "hf":
-            raise ValueError(f"decoding.backend: unknown backend {backend!r}")
-        self.engine = HFBackend(model_path, device=pick_device(gpus), trust_remote_code=trust_remote_code)
+        self.engine = make_engine(model_path, device=pick_device(gpus), **engine)
         self.params = SamplingParams(**params)
+        self.mixed_shapes = not isinstance(self.engine, HFBackend)  # the engine batches images of any shape
 
     def _run(self, requests: list[Request]) -> list[Result]:
         try:
@@ -55,7 +69,7 @@ class Generator:
                                     error=f"bad model inputs: {one_line(e)}")
                 continue
             requests[i] = Request(key=str(row["key"]), input_ids=list(row["input_ids"]), model_inputs=arrays)
-            shape_key = tuple((k, v.shape[1:]) for k, v in sorted(arrays.items()))
+            shape_key = () if self.mixed_shapes else tuple((k, v.shape[1:]) for k, v in sorted(arrays.items()))
             groups.setdefault(shape_key, []).append(i)
         t0 = time.perf_counter()
         for idx in groups.values():

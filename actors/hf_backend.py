@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from actors.request import Request, Result, SamplingParams
+from actors.request import Request, Result, SamplingParams, finish_text
 
 
 def pick_device(gpus: float) -> str:
@@ -70,8 +70,5 @@ class HFBackend:
             if t in self.eos_ids:
                 tokens, finish = tokens[:i], "stop"
                 break
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        for s in params.stop:
-            if s in text:
-                text, finish = text[: text.index(s)], "stop"
-        return Result(text=text.strip(), finish_reason=finish, num_output_tokens=len(tokens))
+        text, stopped = finish_text(self.tokenizer, tokens, params.stop)
+        return Result(text=text, finish_reason="stop" if stopped else finish, num_output_tokens=len(tokens))

@@ -50,3 +50,13 @@ def one_line(err: BaseException) -> str:
     """An exception as the one-line reason an error row carries."""
     text = " ".join(str(err).split()) or type(err).__name__
     return f"{type(err).__name__}: {text}"[:300]
+
+
+def finish_text(tokenizer, tokens: list[int], stop: list[str]) -> tuple[str, bool]:
+    """A row's output text (special tokens dropped, cut before the first stop string) and whether one was found."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    stopped = False
+    for s in stop:
+        if s in text:
+            text, stopped = text[: text.index(s)], True
+    return text.strip(), stopped

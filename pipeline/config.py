@@ -48,14 +48,16 @@ class TaskConfig(Section):
 
 class ModelConfig(Section):
     target: str
-    drafter: str | None = None  # a path or hub id, `ngram`, or null
+    drafter: str | None = None  # speculation: a small model (VLM or text-only; path or hub id), `ngram`, or null
     trust_remote_code: bool = False
 
 
 class DecodingConfig(Section):
-    backend: Literal["specray", "hf"] = "hf"
-    speculative: bool = False
-    num_draft_tokens: int | Literal["auto"] = 4
+    backend: Literal["specray", "hf"] = "specray"  # hf: plain model.generate, the reference
+    num_draft_tokens: int | Literal["auto"] = "auto"
+    max_batch_size: int = Field(32, ge=1)  # the engine's slots: sequences decoded together
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 for specray; hf: fp32 on CPU
+    decoder: Literal["lean", "hf"] = "lean"  # hf: the generic HF forward (any architecture; slower)
     max_new_tokens: int = Field(64, ge=1, le=8192)
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -67,10 +69,6 @@ class DecodingConfig(Section):
     def _check(self) -> "DecodingConfig":
         if isinstance(self.num_draft_tokens, int) and not 1 <= self.num_draft_tokens <= 32:
             raise ValueError("decoding.num_draft_tokens: must be between 1 and 32, or auto")
-        if self.backend == "hf" and self.speculative:
-            raise ValueError("decoding.speculative: the hf backend is plain model.generate; use backend: specray")
-        if self.backend == "specray":
-            raise ValueError("decoding.backend: 'specray' is not available in this version; use backend: hf")
         return self
 
 
@@ -100,6 +98,13 @@ class JobConfig(Section):
     output: OutputConfig = OutputConfig()
     resources: ResourcesConfig = ResourcesConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
+
+    @model_validator(mode="after")
+    def _backend(self) -> "JobConfig":
+        if self.decoding.backend == "hf" and self.model.drafter is not None:
+            raise ValueError("model.drafter: the hf backend is plain model.generate and does not speculate; "
+                             "use decoding.backend: specray or drafter: null")
+        return self
 
     def check_job(self) -> None:
         """The fields a job needs beyond what pipeline.generate(ds, ...) needs."""

@@ -32,6 +32,16 @@ def sampling_params(cfg: JobConfig) -> SamplingParams:
                           top_k=d.top_k, seed=d.seed, stop=list(d.stop))
 
 
+def engine_kwargs(cfg: JobConfig) -> dict:
+    d = cfg.decoding
+    drafter = cfg.model.drafter
+    if drafter is not None and drafter != "ngram":
+        drafter = _model_path(drafter)
+    return {"backend": d.backend, "drafter": drafter, "dtype": d.dtype, "max_batch_size": d.max_batch_size,
+            "num_draft_tokens": d.num_draft_tokens, "decoder": d.decoder,
+            "trust_remote_code": cfg.model.trust_remote_code}
+
+
 def _normalise_and_preprocess(row: dict, normalise: Callable[[dict], dict], **kwargs) -> dict:
     # one fused task: normalise never fails on bad input (it only moves values), preprocess turns
     # every failure into the row's error
@@ -48,9 +58,8 @@ def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[d
     return ds.map_batches(
         Generator,
         fn_constructor_kwargs={
-            "model_path": model, "backend": cfg.decoding.backend, "params": vars(sampling_params(cfg)),
-            "threads": max(1, round(r.cpus_per_actor)), "gpus": r.gpus_per_actor,
-            "trust_remote_code": cfg.model.trust_remote_code},
+            "model_path": model, "params": vars(sampling_params(cfg)), "engine": engine_kwargs(cfg),
+            "threads": max(1, round(r.cpus_per_actor)), "gpus": r.gpus_per_actor},
         compute=ActorPoolStrategy(size=r.num_actors),
         batch_size=r.batch_size,
         batch_format="pyarrow",

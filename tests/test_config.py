@@ -24,7 +24,9 @@ def test_defaults_fill_the_prompt_from_the_task_kind():
     ({**BASE, "input": {"paths": ["a"], "format": "zip"}}, "input.format"),
     ({**BASE, "task": {"kind": "custom"}}, "task.prompt"),
     ({**BASE, "resources": {"num_actors": 0}}, "resources.num_actors"),
-    ({**BASE, "decoding": {"backend": "hf", "speculative": True}}, "decoding.speculative"),
+    ({**BASE, "model": {"target": "m", "drafter": "d"}, "decoding": {"backend": "hf"}}, "model.drafter"),
+    ({**BASE, "decoding": {"max_batch_size": 0}}, "decoding.max_batch_size"),
+    ({**BASE, "decoding": {"dtype": "int3"}}, "decoding.dtype"),
     ({"input": {"paths": ["a"]}, "output": {"path": "o"}}, "model"),
 ])
 def test_bad_config_names_the_field_in_one_line(raw, field):

@@ -1,0 +1,188 @@
+"""The decoder forward the engine owns: Llama / Qwen2 / Mistral text backbones over a static, slot-indexed KV cache.
+
+Weights come from the loaded Hugging Face model (q/k/v and gate/up fused into one matmul each). The cache is
+one tensor per layer, [slots, kv_heads, max_len, head_dim], and every row has its own length: a forward call
+takes `x` [n, T, hidden] for slots 0..n-1 and `starts` [n] (each row's cached length), writes the new keys and
+values at starts[b] .. starts[b]+T-1 and attends causally within each row. Rows may use fewer than T of their
+positions (ragged drafts, ragged prompts): the padding is written past the row's length, masked, and later
+overwritten. Rolling back a rejected tail is therefore free: the engine just keeps the shorter length.
+The engine keeps live sequences in slots 0..n-1 (`move` compacts them), so no step gathers the cache.
+
+`HFDecoder` gives the same interface for any other architecture by re-running the Hugging Face language
+model over each row's whole sequence: quadratic, slower, but correct.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LEAN_ARCHITECTURES = {"llama", "mistral", "qwen2"}
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)  # the same cast order as transformers' LlamaRMSNorm
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LeanDecoder:
+    def __init__(self, language_model: torch.nn.Module, lm_head: torch.nn.Module, config, device: str,
+                 dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.hidden_size = config.hidden_size
+        self.eps = config.rms_norm_eps
+        self.group = self.num_heads // self.num_kv_heads
+        self.windows = self._windows(config)
+
+        def w(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device=device, dtype=dtype).contiguous()
+
+        self.embed_weight = w(language_model.embed_tokens.weight)
+        self.head_weight = w(lm_head.weight)
+        self.final_norm = w(language_model.norm.weight)
+        self.layers = []
+        for layer in language_model.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            qkv_bias = None
+            if att.q_proj.bias is not None:
+                qkv_bias = w(torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]))
+            self.layers.append({
+                "in_norm": w(layer.input_layernorm.weight),
+                "qkv": w(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])),
+                "qkv_bias": qkv_bias,
+                "o": w(att.o_proj.weight),
+                "o_bias": w(att.o_proj.bias) if att.o_proj.bias is not None else None,
+                "post_norm": w(layer.post_attention_layernorm.weight),
+                "gate_up": w(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                "down": w(mlp.down_proj.weight),
+            })
+        rotary = language_model.rotary_emb
+        self.inv_freq = rotary.inv_freq.detach().float().to(device)
+        self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self.slots = self.max_len = 0
+
+    @staticmethod
+    def _windows(config) -> list[int | None]:
+        window = getattr(config, "sliding_window", None)
+        n = config.num_hidden_layers
+        types = getattr(config, "layer_types", None)
+        if window is None or (config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False)):
+            return [None] * n
+        if types:
+            return [window if t == "sliding_attention" else None for t in types]
+        return [window] * n
+
+    def allocate(self, slots: int, max_len: int) -> None:
+        """(Re)allocate the cache if it is smaller than asked; contents are dropped."""
+        if slots <= self.slots and max_len <= self.max_len:
+            return
+        self.slots, self.max_len = max(slots, self.slots), max(max_len, self.max_len)
+        shape = (self.slots, self.num_kv_heads, self.max_len, self.head_dim)
+        self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        pos = torch.arange(self.max_len, device=self.device, dtype=torch.float32)
+        freqs = pos[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = (emb.cos() * self.rope_scale).to(self.dtype)
+        self.sin = (emb.sin() * self.rope_scale).to(self.dtype)
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Copy the cache rows of slots `src` into slots `dst` (compaction when sequences finish)."""
+        if not src:
+            return
+        s = torch.tensor(src, device=self.device)
+        d = torch.tensor(dst, device=self.device)
+        for cache in (*self.k_cache, *self.v_cache):
+            cache[d] = cache[s]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed_weight)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.head_weight).float()
+
+    def forward(self, x: torch.Tensor, starts: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """x [n, T, hidden] for slots first..first+n-1, starts [n] -> final-normed hidden states [n, T, hidden]."""
+        n, t, _ = x.shape
+        pos = starts[:, None] + torch.arange(t, device=self.device)[None, :]  # [n, T]
+        length = int(pos.max()) + 1
+        keys = torch.arange(length, device=self.device)
+        causal = keys[None, None, :] <= pos[:, :, None]  # [n, T, L]
+        masks = {}
+        for window in set(self.windows):
+            m = causal if window is None else causal & (pos[:, :, None] - keys[None, None, :] < window)
+            # query heads sharing a kv head are stacked along the query axis: [n, 1, group*T, L]
+            masks[window] = m[:, None, None].expand(n, 1, self.group, t, length).reshape(n, 1, self.group * t, length)
+        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # [n, T, 1, head_dim]
+        rows = torch.arange(first, first + n, device=self.device)[:, None].expand(n, t)
+        nq, nkv, hd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim
+        h = x
+        for i, p in enumerate(self.layers):
+            r = _rms_norm(h, p["in_norm"], self.eps)
+            q, k, v = F.linear(r, p["qkv"], p["qkv_bias"]).split([nq, nkv, nkv], dim=-1)
+            q = q.view(n, t, self.num_heads, hd)
+            k = k.view(n, t, self.num_kv_heads, hd)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.k_cache[i][rows, :, pos] = k
+            self.v_cache[i][rows, :, pos] = v.view(n, t, self.num_kv_heads, hd)
+            q = q.view(n, t, self.num_kv_heads, self.group, hd).permute(0, 2, 3, 1, 4)
+            q = q.reshape(n, self.num_kv_heads, self.group * t, hd)
+            a = F.scaled_dot_product_attention(q, self.k_cache[i][first:first + n, :, :length],
+                                               self.v_cache[i][first:first + n, :, :length],
+                                               attn_mask=masks[self.windows[i]])
+            a = a.view(n, self.num_kv_heads, self.group, t, hd).permute(0, 3, 1, 2, 4).reshape(n, t, nq)
+            h = h + F.linear(a, p["o"], p["o_bias"])
+            r = _rms_norm(h, p["post_norm"], self.eps)
+            gate, up = F.linear(r, p["gate_up"]).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, p["down"])
+        return _rms_norm(h, self.final_norm, self.eps)
+
+
+class HFDecoder:
+    """The generic fallback: each row's input embeddings are kept, and every call re-runs the HF model on them."""
+
+    def __init__(self, language_model: torch.nn.Module, lm_head: torch.nn.Module, config, device: str,
+                 dtype: torch.dtype):
+        self.lm, self.head = language_model, lm_head
+        self.device, self.dtype = device, dtype
+        self.hidden_size = config.hidden_size
+        self.slots = self.max_len = 0
+
+    def allocate(self, slots: int, max_len: int) -> None:
+        if slots <= self.slots and max_len <= self.max_len:
+            return
+        self.slots, self.max_len = max(slots, self.slots), max(max_len, self.max_len)
+        self.store = torch.zeros(self.slots, self.max_len, self.hidden_size, device=self.device, dtype=self.dtype)
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        if src:
+            self.store[torch.tensor(dst)] = self.store[torch.tensor(src)]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.embed_tokens(ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden).float()
+
+    def forward(self, x: torch.Tensor, starts: torch.Tensor, first: int = 0) -> torch.Tensor:
+        n, t, _ = x.shape
+        pos = starts[:, None] + torch.arange(t, device=self.device)[None, :]
+        rows = torch.arange(first, first + n, device=self.device)[:, None].expand(n, t)
+        self.store[rows, pos] = x
+        length = int(pos.max()) + 1
+        # right padding: every row's own positions are 0..len-1, so plain causal attention is exact for them
+        mask = (torch.arange(length, device=self.device)[None, :] < (starts + t)[:, None]).long()
+        out = self.lm(inputs_embeds=self.store[first:first + n, :length], attention_mask=mask,
+                      use_cache=False).last_hidden_state
+        return out[rows - first, pos]
