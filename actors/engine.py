@@ -227,7 +227,8 @@ class SpecEngine:
             if s.finish is not None:
                 text, _ = finish_text(self.tokenizer, s.generated, params.stop)
                 results[s.index] = Result(text=text, finish_reason=s.finish, num_output_tokens=len(s.generated),
-                                          num_drafted_tokens=s.drafted, num_accepted_tokens=s.accepted)
+                                          num_drafted_tokens=s.drafted, num_accepted_tokens=s.accepted,
+                                          token_ids=list(s.generated))
         keep = [i for i, s in enumerate(active) if s.finish is None]
         n = len(keep)
         holes = [i for i in range(n) if active[i].finish is not None]

@@ -32,6 +32,7 @@ class Result:
     num_drafted_tokens: int = 0
     num_accepted_tokens: int = 0
     error: str | None = None
+    token_ids: list[int] = field(default_factory=list)  # the generated tokens (EOS excluded)
 
 
 def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:

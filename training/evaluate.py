@@ -27,6 +27,19 @@ from training.modelpair import user_prompt
 TEST_SEED = corpus.SPLIT_SEEDS["test"]
 
 
+def heldout_requests(processor, n: int, start: int = 0, task: str | None = None) -> list:
+    """n engine Requests from the test split (a mix of tasks unless `task` is given), one image each."""
+    from actors.request import Request
+
+    out = []
+    for i in range(start, start + n):
+        s = corpus.sample(TEST_SEED, i, task)
+        enc = processor(text=[user_prompt(processor, s.question)], images=[s.image])
+        out.append(Request(key=s.key, input_ids=[int(t) for t in enc["input_ids"][0]],
+                           model_inputs={"pixel_values": np.asarray(enc["pixel_values"], dtype=np.float32)}))
+    return out
+
+
 @torch.inference_mode()
 def generate_answers(model, processor, items: list[tuple], batch_size: int = 64, max_new_tokens: int = 64,
                      return_ids: bool = False):
