@@ -161,7 +161,11 @@ def test_ngram_drafter_proposes_continuations_and_never_image_tokens():
     drafts, num, _ = d.propose([[7, 8], [10]], 3, GREEDY)
     # row 0: 1 7 8 9 7 8 | 7 8: no earlier "8 7 8"; the latest earlier "7 8" is followed by "7 8" (then the end)
     assert num.tolist()[0] == 2 and drafts[0, :2].tolist() == [7, 8]
-    assert num.tolist()[1] == 1 and drafts[1, 0].item() == 11
+    assert num.tolist()[1] == 2 and drafts[1, :2].tolist() == [11, 10]
+    # an image token in the history (the target emitted one) is never proposed: the proposal stops before it
+    d.admit(0, [[1, 4, 20, 21]], [{}])
+    drafts, num, _ = d.propose([[22, 4, 23, 20]], 4, GREEDY)
+    assert num.tolist() == [2] and drafts[0, :2].tolist() == [21, 22]
 
 
 def test_adaptive_draft_length_follows_acceptance_and_cost():
