@@ -5,6 +5,8 @@ Both sides run in float32: the claim is exactness against the same model at the 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -183,3 +185,12 @@ def test_adaptive_draft_length_follows_acceptance_and_cost():
     assert 1 <= np.mean(simulate(0.6, 0.0010)) <= 4  # a mediocre one: draft short
     tail = simulate(0.1, 0.004)  # a useless, costly one: plain decoding (with occasional probes)
     assert sum(k == 0 for k in tail) >= 17
+
+
+def test_a_prompt_too_long_for_the_model_is_an_error_row_not_a_failed_batch(heldout):
+    requests, oracle = heldout
+    engine = SpecEngine(TARGET, DRAFTERS["vlm"], dtype=torch.float32, max_batch=4)
+    too_long = dataclasses.replace(requests[1], input_ids=requests[1].input_ids + [10] * 250)
+    results = engine.generate([requests[0], too_long, requests[2]], GREEDY)
+    assert results[1].finish_reason == "error" and "256 positions" in results[1].error
+    assert [results[0].text, results[2].text] == [oracle[0].text, oracle[2].text]
