@@ -1,4 +1,4 @@
-"""How much the pipeline costs: the demo job's tokens/s against the bare `hf` backend on the same rows.
+"""How much the pipeline costs: the demo job's tokens/s against its bare backend (`--backend hf|specray`) on the same rows.
 
     python benchmarks/pipeline_overhead.py [--rows 512] [--batch-size 16] [--threads 2]
 
@@ -29,14 +29,14 @@ def bare(shards: list[str], cfg, batch_size: int, threads: int) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from actors.hf_backend import HFBackend
+    from actors.generator import make_engine
     from actors.request import Request, unpack_arrays
-    from pipeline.stages import sampling_params
+    from pipeline.stages import engine_kwargs, sampling_params
     from pipeline.preprocess import preprocess_row
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    engine = HFBackend(str(Path(cfg.model.target).resolve()))
+    engine = make_engine(str(Path(cfg.model.target).resolve()), device="cpu", **engine_kwargs(cfg))
     load_s = time.perf_counter() - t0
     params = sampling_params(cfg)
     tokens = rows = 0
@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows-per-shard", type=int, default=128)
+    ap.add_argument("--backend", choices=["hf", "specray"], default="hf",
+                    help="hf: plain model.generate (fp32); specray: the demo's engine and VLM drafter (bf16)")
     args = ap.parse_args()
 
     from pipeline.config import load_config
@@ -81,7 +83,8 @@ def main() -> None:
         cfg = load_config(ROOT / "configs/demo.yaml", [
             f"input.paths=['{work}/shards/*.parquet']", "input.format=parquet", f"output.path={work}/out",
             f"model.target={ROOT / 'models/target'}", f"resources.batch_size={args.batch_size}",
-            f"resources.cpus_per_actor={args.threads}"])
+            f"resources.cpus_per_actor={args.threads}", f"decoding.backend={args.backend}"]
+            + (["model.drafter=null"] if args.backend == "hf" else [f"model.drafter={ROOT / 'models/drafter-vlm'}"]))
         b = bare([s.removeprefix("file://") for s in shards], cfg, args.batch_size, args.threads)
         t0 = time.perf_counter()
         job = run_job(cfg)
@@ -89,8 +92,8 @@ def main() -> None:
         assert job.rows == args.rows and job.errors == 0, (job.rows, job.errors)
         job_tps = job.output_tokens / job_wall
         print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch threads {args.threads}; "
-              f"{args.rows} demo rows, batch {args.batch_size}, model models/target (hf backend, fp32)")
-        print(f"bare hf backend, no Ray : {b['tokens_per_s']:8.1f} tokens/s  ({b['output_tokens']} tokens in "
+              f"{args.rows} demo rows, batch {args.batch_size}, model models/target ({args.backend} backend)")
+        print(f"bare backend, no Ray    : {b['tokens_per_s']:8.1f} tokens/s  ({b['output_tokens']} tokens in "
               f"{b['wall_s']:.1f}s; model load {b['load_s']:.1f}s not counted)")
         print(f"pipeline job (run_job)  : {job_tps:8.1f} tokens/s  ({job.output_tokens} tokens in {job_wall:.1f}s, "
               f"Ray start-up, actor start-up and parquet commit included)")

@@ -7,7 +7,8 @@ Prints tokens/s for:
   - HF `model.generate` at batch 1 and 16, in float32 and bfloat16 (the baseline is the faster of the two);
   - HF assisted generation (the text-only drafter as assistant) at batch 1, the only batch size it accepts;
   - specray without speculation, and with each drafter (VLM, text-only, n-gram), at batch 1, 16 and 64;
-and for each specray run: the ratio to HF at the same batch (batch 64 against HF's batch 16), the mean number
+and for each specray run: the ratio to HF at the same batch (batch 64 against HF's batch 16), the same ratio for
+the decode phase alone (HF's prefill measured by the same calls with max_new_tokens=1), the mean number
 of tokens per row per round (1.0 without speculation), where the time goes, and how many rows match the
 float32 HF output exactly (bf16 arithmetic may flip near-ties; with float32 the engine is exact, see tests).
 """
@@ -37,12 +38,12 @@ def tokens(results) -> int:
     return sum(r.num_output_tokens for r in results)
 
 
-def run_hf(backend: HFBackend, requests, batch: int):
-    backend.generate(requests[:batch], PARAMS)  # warm-up
+def run_hf(backend: HFBackend, requests, batch: int, params: SamplingParams = PARAMS):
+    backend.generate(requests[:batch], params)  # warm-up
     t = time.perf_counter()
     out = []
     for i in range(0, len(requests), batch):
-        out += backend.generate(requests[i:i + batch], PARAMS)
+        out += backend.generate(requests[i:i + batch], params)
     return out, time.perf_counter() - t
 
 
@@ -81,19 +82,21 @@ def main() -> None:
     ap.add_argument("--models", default=str(ROOT / "models"))
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--k", default="auto", help="num_draft_tokens for the specray runs (int or auto)")
+    ap.add_argument("--task", choices=["caption", "vqa", "position", "ocr"], help="only this task's rows")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     models = Path(args.models)
     from transformers import AutoProcessor
 
-    requests = heldout_requests(AutoProcessor.from_pretrained(models / "target"), args.rows)
+    requests = heldout_requests(AutoProcessor.from_pretrained(models / "target"), args.rows, task=args.task)
     batches = [int(b) for b in args.batches.split(",")]
-    print(f"# {args.rows} test-split rows, greedy, max {PARAMS.max_new_tokens} new tokens; device {args.device} "
+    print(f"# {args.rows} test-split rows ({args.task or 'all tasks'}), greedy, max {PARAMS.max_new_tokens} new tokens; device {args.device} "
           f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); torch {torch.__version__}")
     figures: dict = {"rows": args.rows, "device": args.device, "hf": {}, "specray": {}}
 
     hf_best: dict[int, float] = {}
+    hf_decode: dict[int, float] = {}
     reference = None
     for dtype in (torch.float32, torch.bfloat16):
         hf = HFBackend(str(models / "target"), device=args.device, dtype=dtype)
@@ -102,9 +105,15 @@ def main() -> None:
             if dtype == torch.float32 and b == 16:
                 reference = [r.text for r in out]
             tps = tokens(out) / wall
-            hf_best[b] = max(hf_best.get(b, 0.0), tps)
-            figures["hf"][f"{dtype}".split(".")[1] + f"_b{b}"] = tps
-            print(f"hf generate      {str(dtype).split('.')[1]:8s} batch {b:3d}: {tps:8.1f} tokens/s  ({wall:.1f}s)")
+            # the same call with one new token is the prefill (plus one step): what remains is the decode phase
+            _, prefill = run_hf(hf, requests, b, SamplingParams(max_new_tokens=1))
+            decode_tps = (tokens(out) - len(out)) / max(wall - prefill, 1e-9)
+            if tps > hf_best.get(b, 0.0):
+                hf_best[b], hf_decode[b] = tps, decode_tps
+            figures["hf"][f"{dtype}".split(".")[1] + f"_b{b}"] = {"tokens_per_s": tps, "decode_tokens_per_s": decode_tps,
+                                                                   "prefill_share": prefill / wall}
+            print(f"hf generate      {str(dtype).split('.')[1]:8s} batch {b:3d}: {tps:8.1f} tokens/s  ({wall:.1f}s; "
+                  f"prefill {prefill / wall:.0%}; decode phase {decode_tps:.1f} tokens/s)")
         del hf
     try:
         n_out, wall = run_assisted(models, requests, args.device)
@@ -116,8 +125,8 @@ def main() -> None:
         print(f"hf assisted      batch 1: FAILED ({type(e).__name__}: {str(e)[:160]})")
 
     k = args.k if args.k == "auto" else int(args.k)
-    print(f"\n{'specray':10s} {'drafter':8s} {'batch':>5s} {'tokens/s':>9s} {'vs hf':>6s} {'tok/round':>9s} "
-          f"{'k used':>7s} {'prefill':>7s} {'draft':>6s} {'verify':>6s} {'accept':>6s} {'=hf fp32':>8s}")
+    print(f"\n{'specray':10s} {'drafter':8s} {'batch':>5s} {'tokens/s':>9s} {'vs hf':>6s} {'decode vs hf':>12s} "
+          f"{'tok/round':>9s} {'k used':>7s} {'prefill':>7s} {'draft':>6s} {'verify':>6s} {'accept':>6s} {'=hf fp32':>8s}")
     for name, drafter in (("none", None), ("vlm", models / "drafter-vlm"), ("text", models / "drafter-text"),
                           ("ngram", "ngram")):
         engine = SpecEngine(str(models / "target"), str(drafter) if drafter else None, device=args.device,
@@ -126,17 +135,20 @@ def main() -> None:
             out, wall = run_engine(engine, requests, b)
             st = engine.stats
             tps = tokens(out) / wall
-            base = hf_best[min(b, 16)] if b > 1 else hf_best[1]
+            base = hf_best[min(b, 16)]
+            decode_tps = (tokens(out) - len(out)) / max(wall - st.prefill_s, 1e-9)
+            decode_ratio = decode_tps / hf_decode[min(b, 16)]
             spent = st.prefill_s + st.draft_s + st.verify_s + st.accept_s
             share = {p: getattr(st, f"{p}_s") / spent for p in ("prefill", "draft", "verify", "accept")}
             same = sum(a.text == r for a, r in zip(out, reference))
             hist = st.k_history
             k_used = sum(hist) / len(hist) if hist else 0.0
             figures["specray"][f"{name}_b{b}"] = {
-                "tokens_per_s": tps, "vs_hf": tps / base, "tokens_per_row_round": st.as_dict()["tokens_per_row_round"],
+                "tokens_per_s": tps, "vs_hf": tps / base, "decode_vs_hf": decode_ratio, "tokens_per_row_round": st.as_dict()["tokens_per_row_round"],
                 "mean_k": k_used, "acceptance": st.accepted / st.drafted if st.drafted else None,
                 "time_share": share, "wall_s": wall, "unaccounted_s": wall - spent, "same_as_hf_fp32": same}
-            print(f"{'':10s} {name:8s} {b:5d} {tps:9.1f} {tps / base:5.2f}x {st.as_dict()['tokens_per_row_round']:9.2f} "
+            print(f"{'':10s} {name:8s} {b:5d} {tps:9.1f} {tps / base:5.2f}x {decode_ratio:11.2f}x "
+                  f"{st.as_dict()['tokens_per_row_round']:9.2f} "
                   f"{k_used:7.2f} {share['prefill']:7.0%} {share['draft']:6.0%} {share['verify']:6.0%} "
                   f"{share['accept']:6.0%} {same:4d}/{len(out)}")
         del engine
