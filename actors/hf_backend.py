@@ -22,7 +22,8 @@ class HFBackend:
         self.processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.tokenizer = self.processor.tokenizer
         self.model = AutoModelForImageTextToText.from_pretrained(
-            model_path, dtype=self.dtype, trust_remote_code=trust_remote_code).to(device).eval()
+            model_path, dtype=self.dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+        ).to(device).eval()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = self._eos_ids()
 

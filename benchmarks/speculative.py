@@ -100,7 +100,7 @@ def main() -> None:
     reference = None
     for dtype in (torch.float32, torch.bfloat16):
         hf = HFBackend(str(models / "target"), device=args.device, dtype=dtype)
-        for b in (1, 16):
+        for b in (16, 1):  # batch 16 first: its float32 output is the reference for the agreement columns
             out, wall = run_hf(hf, requests, b)
             if dtype == torch.float32 and b == 16:
                 reference = [r.text for r in out]
@@ -112,8 +112,10 @@ def main() -> None:
                 hf_best[b], hf_decode[b] = tps, decode_tps
             figures["hf"][f"{dtype}".split(".")[1] + f"_b{b}"] = {"tokens_per_s": tps, "decode_tokens_per_s": decode_tps,
                                                                    "prefill_share": prefill / wall}
+            agree = "" if dtype == torch.float32 else \
+                f"; {sum(a.text == r for a, r in zip(out, reference))}/{len(out)} rows = hf fp32"
             print(f"hf generate      {str(dtype).split('.')[1]:8s} batch {b:3d}: {tps:8.1f} tokens/s  ({wall:.1f}s; "
-                  f"prefill {prefill / wall:.0%}; decode phase {decode_tps:.1f} tokens/s)")
+                  f"prefill {prefill / wall:.0%}; decode phase {decode_tps:.1f} tokens/s{agree})")
         del hf
     try:
         n_out, wall = run_assisted(models, requests, args.device)
@@ -152,6 +154,14 @@ def main() -> None:
                   f"{k_used:7.2f} {share['prefill']:7.0%} {share['draft']:6.0%} {share['verify']:6.0%} "
                   f"{share['accept']:6.0%} {same:4d}/{len(out)}")
         del engine
+    # the exact mode: float32, where greedy output must equal HF float32's row for row
+    engine = SpecEngine(str(models / "target"), str(models / "drafter-vlm"), device=args.device,
+                        dtype=torch.float32, num_draft_tokens=k)
+    out, wall = run_engine(engine, requests, 16)
+    same = sum(a.text == r for a, r in zip(out, reference))
+    figures["specray"]["vlm_b16_float32"] = {"tokens_per_s": tokens(out) / wall, "same_as_hf_fp32": same}
+    print(f"{'float32':10s} {'vlm':8s} {16:5d} {tokens(out) / wall:9.1f} {tokens(out) / wall / hf_best[16]:5.2f}x "
+          f"{'':12s} {'':9s} {'':7s} {'':7s} {'':6s} {'':6s} {'':6s} {same:4d}/{len(out)}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1, default=str))
 

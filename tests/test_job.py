@@ -165,3 +165,31 @@ def test_hf_dataset_input(tmp_path, tiny_model, ray_address):
     table = pq.read_table(tmp_path / "out" / "part-my-hf-set.parquet")
     assert table.column("key").to_pylist() == [f"my-hf-set:{i}" for i in range(5)]
     assert table.column("answer").to_pylist() == [s.answer for s in samples]
+
+
+def test_demo_job_speculates_and_matches_the_hf_backend(tmp_path, ray_address):
+    """The demo config (specray engine + the shipped VLM drafter) through the CLI: the same answers as the hf
+    backend (both float32), with drafted and accepted counts per row and the acceptance rate in metrics.json."""
+    root = Path(__file__).resolve().parents[1]
+    shards = tmp_path / "shards"
+    write_demo_data(str(shards), num_samples=24, fmt="webdataset", rows_per_shard=12)
+    texts = {}
+    for backend in ("specray", "hf"):
+        out = tmp_path / f"out-{backend}"
+        sets = [f"input.paths=['{shards}/*.tar']", f"output.path={out}", "decoding.dtype=float32",
+                f"model.target={root / 'models/target'}", f"model.drafter={root / 'models/drafter-vlm'}",
+                "resources.cpus_per_actor=1"]
+        if backend == "hf":
+            sets += ["decoding.backend=hf", "model.drafter=null"]
+        args = [a for s in sets for a in ("--set", s)]
+        done = run_cli("run", str(root / "configs/demo.yaml"), *args, address=ray_address)
+        assert done.returncode == 0, done.stderr[-3000:]
+        table = read_output(out)
+        texts[backend] = dict(zip(table.column("key").to_pylist(), table.column("text").to_pylist()))
+        if backend == "specray":
+            drafted = sum(table.column("num_drafted_tokens").to_pylist())
+            accepted = sum(table.column("num_accepted_tokens").to_pylist())
+            assert drafted > 0 and 0.4 * drafted < accepted <= drafted
+            metrics = json.loads((out / "metrics.json").read_text())
+            assert metrics["acceptance_rate"] == pytest.approx(accepted / drafted)
+    assert len(texts["specray"]) == 24 and texts["specray"] == texts["hf"]
