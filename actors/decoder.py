@@ -111,31 +111,52 @@ class LeanDecoder:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.head_weight).float()
 
-    def forward(self, x: torch.Tensor, starts: torch.Tensor, first: int = 0) -> torch.Tensor:
-        """x [n, T, hidden] for slots first..first+n-1, starts [n] -> final-normed hidden states [n, T, hidden]."""
+    def _masks(self, qpos: torch.Tensor, length: int) -> dict:
+        """Attention masks for queries at positions qpos [n, T] over keys 0..length-1, per sliding window."""
+        n, t = qpos.shape
+        keys = torch.arange(length, device=self.device)
+        causal = keys[None, None, :] <= qpos[:, :, None]  # [n, T, L]
+        masks = {}
+        for window in set(self.windows):
+            m = causal if window is None else causal & (qpos[:, :, None] - keys[None, None, :] < window)
+            # query heads sharing a kv head are stacked along the query axis: [n, 1, group*T, L]
+            masks[window] = m[:, None, None].expand(n, 1, self.group, t, length).reshape(n, 1, self.group * t, length)
+        return masks
+
+    def forward(self, x: torch.Tensor, starts: torch.Tensor, first: int = 0, last: torch.Tensor | None = None,
+                kv_only: bool = False) -> torch.Tensor | None:
+        """x [n, T, hidden] for slots first..first+n-1, starts [n] -> final-normed hidden states [n, T, hidden].
+
+        `last` [n] (an index into T per row): only that position's hidden state is wanted ([n, 1, hidden]), so
+        the final layer's attention and MLP run for it alone. `kv_only`: nothing is wanted but the cache (a
+        drafter's prefill), so the final layer stops once its keys and values are written.
+        """
         n, t, _ = x.shape
         pos = starts[:, None] + torch.arange(t, device=self.device)[None, :]  # [n, T]
         length = int(pos.max()) + 1
-        keys = torch.arange(length, device=self.device)
-        causal = keys[None, None, :] <= pos[:, :, None]  # [n, T, L]
-        masks = {}
-        for window in set(self.windows):
-            m = causal if window is None else causal & (pos[:, :, None] - keys[None, None, :] < window)
-            # query heads sharing a kv head are stacked along the query axis: [n, 1, group*T, L]
-            masks[window] = m[:, None, None].expand(n, 1, self.group, t, length).reshape(n, 1, self.group * t, length)
+        masks = self._masks(pos, length)
         cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # [n, T, 1, head_dim]
         rows = torch.arange(first, first + n, device=self.device)[:, None].expand(n, t)
         nq, nkv, hd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim
+        final = len(self.layers) - 1
         h = x
         for i, p in enumerate(self.layers):
             r = _rms_norm(h, p["in_norm"], self.eps)
             q, k, v = F.linear(r, p["qkv"], p["qkv_bias"]).split([nq, nkv, nkv], dim=-1)
-            q = q.view(n, t, self.num_heads, hd)
             k = k.view(n, t, self.num_kv_heads, hd)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            self.k_cache[i][rows, :, pos] = k
+            self.k_cache[i][rows, :, pos] = k * cos + _rotate_half(k) * sin
             self.v_cache[i][rows, :, pos] = v.view(n, t, self.num_kv_heads, hd)
+            if i == final and kv_only:
+                return None
+            q = q.view(n, t, self.num_heads, hd)
+            if i == final and last is not None:  # from here on only one position per row is needed
+                pick = torch.arange(n, device=self.device)
+                q, h = q[pick, last][:, None], h[pick, last][:, None]
+                c, s = cos[pick, last][:, None], sin[pick, last][:, None]
+                masks, t = self._masks(pos[pick, last][:, None], length), 1
+            else:
+                c, s = cos, sin
+            q = q * c + _rotate_half(q) * s
             q = q.view(n, t, self.num_kv_heads, self.group, hd).permute(0, 2, 3, 1, 4)
             q = q.reshape(n, self.num_kv_heads, self.group * t, hd)
             a = F.scaled_dot_product_attention(q, self.k_cache[i][first:first + n, :, :length],
@@ -175,14 +196,18 @@ class HFDecoder:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden).float()
 
-    def forward(self, x: torch.Tensor, starts: torch.Tensor, first: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, starts: torch.Tensor, first: int = 0, last: torch.Tensor | None = None,
+                kv_only: bool = False) -> torch.Tensor | None:
         n, t, _ = x.shape
         pos = starts[:, None] + torch.arange(t, device=self.device)[None, :]
         rows = torch.arange(first, first + n, device=self.device)[:, None].expand(n, t)
         self.store[rows, pos] = x
+        if kv_only:
+            return None
         length = int(pos.max()) + 1
         # right padding: every row's own positions are 0..len-1, so plain causal attention is exact for them
         mask = (torch.arange(length, device=self.device)[None, :] < (starts + t)[:, None]).long()
         out = self.lm(inputs_embeds=self.store[first:first + n, :length], attention_mask=mask,
                       use_cache=False).last_hidden_state
-        return out[rows - first, pos]
+        out = out[rows - first, pos]
+        return out if last is None else out[torch.arange(n, device=self.device), last][:, None]

@@ -48,7 +48,8 @@ class ModelDrafter:
         if not self.ck.is_vlm:
             prompts = [[t for t in p if t != self.target_image_token] for p in prompts]
         embeds = self.ck.embed_prompts(prompts, arrays)
-        self.dec.forward(embeds, torch.zeros(len(prompts), dtype=torch.long, device=self.device), first=first)
+        self.dec.forward(embeds, torch.zeros(len(prompts), dtype=torch.long, device=self.device), first=first,
+                         kv_only=True)
         for i, p in enumerate(prompts):
             self.prompt_len[first + i], self.cached[first + i] = len(p), 0
 
@@ -69,10 +70,9 @@ class ModelDrafter:
             ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
         counts = torch.tensor([len(p) for p in pending], device=self.device)
         starts = torch.tensor([pl + c for pl, c in zip(self.prompt_len, self.cached[:n])], device=self.device)
-        hidden = self.dec.forward(self.dec.embed(ids.to(self.device)), starts)
-        last = hidden[torch.arange(n, device=self.device), counts - 1]
+        hidden = self.dec.forward(self.dec.embed(ids.to(self.device)), starts, last=counts - 1)
         drafts, probs = [], []
-        tok, q = self._next(self.dec.logits(last), params)
+        tok, q = self._next(self.dec.logits(hidden[:, 0]), params)
         for step in range(k):
             drafts.append(tok)
             probs.append(q)

@@ -145,9 +145,8 @@ class SpecEngine:
         arrays = [s.request.model_inputs for s in new]
         embeds = self.target.embed_prompts(prompts, arrays)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        hidden = self.target.decoder.forward(embeds, torch.zeros_like(lengths), first=first)
-        last = hidden[torch.arange(len(new), device=self.device), lengths - 1]
-        tokens = self._pick(self.target.decoder.logits(last), params).tolist()
+        hidden = self.target.decoder.forward(embeds, torch.zeros_like(lengths), first=first, last=lengths - 1)
+        tokens = self._pick(self.target.decoder.logits(hidden[:, 0]), params).tolist()
         if self.drafter is not None:
             self.drafter.admit(first, prompts, arrays)
         for s, t in zip(new, tokens):
