@@ -1,0 +1,76 @@
+"""The lean decoder against the Hugging Face forward of the same weights: Llama, Qwen2 (q/k/v biases) and Mistral
+(sliding window), for a batched prefill and then ragged continuations (every row at its own length)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from actors.decoder import HFDecoder, LeanDecoder
+from actors.drafters import ModelDrafter
+from actors.request import SamplingParams
+
+SIZES = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+MODELS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**SIZES)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SIZES)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**SIZES, sliding_window=6)),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize("decoder_cls", [LeanDecoder, HFDecoder])
+def test_prefill_and_ragged_continuation_match_the_hf_forward(arch, decoder_cls):
+    torch.manual_seed(0)
+    model = MODELS[arch]().eval()
+    ids = torch.randint(0, SIZES["vocab_size"], (3, 24))
+    with torch.inference_mode():
+        full = model(input_ids=ids).logits
+        dec = decoder_cls(model.model, model.lm_head, model.config, "cpu", torch.float32)
+        dec.allocate(3, 40)
+        prompt = [10, 13, 7]  # a right-padded, ragged prefill: rows 0 and 2 write padding past their length
+        hidden = dec.forward(dec.embed(ids[:, :13]), torch.zeros(3, dtype=torch.long))
+        for b, n in enumerate(prompt):
+            torch.testing.assert_close(dec.logits(hidden[b, :n]), full[b, :n], rtol=1e-4, atol=1e-4)
+        last = dec.forward(dec.embed(ids[:, :13]), torch.zeros(3, dtype=torch.long), last=torch.tensor(prompt) - 1)
+        torch.testing.assert_close(dec.logits(last[:, 0]), full[torch.arange(3), torch.tensor(prompt) - 1],
+                                   rtol=1e-4, atol=1e-4)
+        # continue every row from its own length, 4 tokens each (overwriting the padding)
+        starts = torch.tensor(prompt)
+        step = torch.stack([ids[b, n:n + 4] for b, n in enumerate(prompt)])
+        hidden = dec.forward(dec.embed(step), starts)
+        for b, n in enumerate(prompt):
+            torch.testing.assert_close(dec.logits(hidden[b]), full[b, n:n + 4], rtol=1e-4, atol=1e-4)
+        # roll back: row 1 keeps only 1 of its 4 new tokens, then continues from there
+        starts = torch.tensor([prompt[0] + 4, prompt[1] + 1, prompt[2] + 4])
+        step = torch.stack([ids[b, s:s + 2] for b, s in enumerate(starts.tolist())])
+        hidden = dec.forward(dec.embed(step), starts)
+        for b, s in enumerate(starts.tolist()):
+            torch.testing.assert_close(dec.logits(hidden[b]), full[b, s:s + 2], rtol=1e-4, atol=1e-4)
+
+
+def test_compaction_moves_a_rows_cache_with_it():
+    torch.manual_seed(1)
+    model = MODELS["llama"]().eval()
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 12))
+    with torch.inference_mode():
+        full = model(input_ids=ids).logits
+        dec = LeanDecoder(model.model, model.lm_head, model.config, "cpu", torch.float32)
+        dec.allocate(2, 16)
+        dec.forward(dec.embed(ids[:, :8]), torch.zeros(2, dtype=torch.long))
+        dec.move([1], [0])  # row 0 finished: row 1 moves into slot 0
+        hidden = dec.forward(dec.embed(ids[1:, 8:10]), torch.tensor([8]))
+        torch.testing.assert_close(dec.logits(hidden[0]), full[1, 8:10], rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_drafter_never_proposes_the_image_token():
+    drafter = ModelDrafter.__new__(ModelDrafter)
+    drafter.banned = torch.tensor([4])
+    drafter.generator = torch.Generator().manual_seed(0)
+    logits = torch.zeros(3, 10)
+    logits[:, 4] = 50.0  # the image token is by far the drafter's favourite
+    tokens, _ = drafter._next(logits.clone(), SamplingParams())
+    assert 4 not in tokens.tolist()
+    tokens, probs = drafter._next(logits.clone(), SamplingParams(temperature=1.0))
+    assert 4 not in tokens.tolist() and probs[:, 4].eq(0).all()
