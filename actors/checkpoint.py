@@ -12,6 +12,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 from actors.decoder import LEAN_ARCHITECTURES, HFDecoder, LeanDecoder
 
 
+MROPE_MODELS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"}
+
+
 class _Captured(Exception):
     def __init__(self, embeds: torch.Tensor):
         self.embeds = embeds
@@ -21,13 +24,18 @@ class Checkpoint:
     def __init__(self, path: str, device: str, dtype: torch.dtype, trust_remote_code: bool = False,
                  lean: bool = True):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        text_config = config.get_text_config()
+        rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+        if "mrope_section" in rope or config.model_type in MROPE_MODELS:
+            # positions are not 0..n-1 (multimodal RoPE, e.g. Qwen2-VL): neither decoder knows them
+            raise ValueError(f"{path}: multimodal RoPE models are not supported by the specray backend; "
+                             "use decoding.backend: hf")
         self.is_vlm = hasattr(config, "vision_config")
         auto = AutoModelForImageTextToText if self.is_vlm else AutoModelForCausalLM
         self.model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                           use_safetensors=True).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.device, self.dtype = device, dtype
-        text_config = config.get_text_config()
         self.image_token_id = getattr(config, "image_token_id", None)
         if self.image_token_id is None:
             self.image_token_id = getattr(config, "image_token_index", None)

@@ -74,3 +74,13 @@ def test_a_model_drafter_never_proposes_the_image_token():
     assert 4 not in tokens.tolist()
     tokens, probs = drafter._next(logits.clone(), SamplingParams(temperature=1.0))
     assert 4 not in tokens.tolist() and probs[:, 4].eq(0).all()
+
+
+def test_multimodal_rope_models_are_refused_before_loading(tmp_path):
+    from transformers import Qwen2VLConfig
+
+    from actors.checkpoint import Checkpoint
+
+    Qwen2VLConfig().save_pretrained(tmp_path)  # a config only: the refusal must come before any weights are read
+    with pytest.raises(ValueError, match="multimodal RoPE"):
+        Checkpoint(str(tmp_path), "cpu", torch.float32)
