@@ -2,7 +2,8 @@
 
     admit(first, prompts, arrays)    new sequences enter slots first.. (prefill)
     propose(histories, k, params)   -> drafts [n, k], num_drafts [n], draft_probs [n, k, V] or None
-    commit(accepted)                 the verdict: roll each row back to its accepted prefix
+    commit(accepted)                 the verdict: roll each row back to its accepted prefix (rounds without
+                                     drafting need no call: a model drafter catches up on its next proposal)
     move(src, dst)                   compaction when sequences leave
 
 - ModelDrafter: a small model with its own KV cache, run by the same lean decoder as the target. A VLM
@@ -91,9 +92,6 @@ class ModelDrafter:
         for i, (length, a) in enumerate(zip(lengths, accepted)):
             self.cached[i] = length + min(a, k - 1)  # the last draft was proposed but never fed back
 
-    def skip(self) -> None:
-        """A round without drafting: nothing to roll back (the drafter catches up on its next proposal)."""
-
     def move(self, src: list[int], dst: list[int]) -> None:
         self.dec.move(src, dst)
         for s, d in zip(src, dst):
@@ -145,9 +143,6 @@ class NgramDrafter:
         return drafts.to(self.device), num.to(self.device), None
 
     def commit(self, accepted: list[int]) -> None:
-        pass
-
-    def skip(self) -> None:
         pass
 
     def move(self, src: list[int], dst: list[int]) -> None:

@@ -21,7 +21,7 @@ import torch
 from actors.checkpoint import Checkpoint
 from actors.draft_length import DraftLength
 from actors.drafters import ModelDrafter, NgramDrafter
-from actors.request import Request, Result, SamplingParams, finish_text
+from actors.request import Request, Result, SamplingParams, error_result, finish_text
 from actors.sampling import warp
 from kernels.acceptance import greedy_accept
 from kernels.acceptance import rejection_sample as rejection_sample_torch
@@ -57,10 +57,6 @@ class EngineStats:
         out["mean_batch"] = self.row_rounds / self.rounds if self.rounds else 0.0
         out["tokens_per_row_round"] = self.tokens / self.row_rounds if self.row_rounds else 0.0
         return out
-
-
-def _error(reason: str) -> Result:
-    return Result(text="", finish_reason="error", num_output_tokens=0, error=reason)
 
 
 def _sync(device: str) -> None:
@@ -106,9 +102,9 @@ class SpecEngine:
         queue = []
         for i, r in enumerate(requests):
             if not r.input_ids:
-                results[i] = _error("empty prompt")
+                results[i] = error_result("empty prompt")
             elif limit and len(r.input_ids) + params.max_new_tokens > limit:
-                results[i] = _error(f"prompt ({len(r.input_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                results[i] = error_result(f"prompt ({len(r.input_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
                                     f"exceeds the model's {limit} positions")
             else:
                 queue.append(_Seq(i, r, len(r.input_ids)))
@@ -184,20 +180,22 @@ class SpecEngine:
             accepted, nxt = greedy_accept(drafts, num, logits.argmax(-1))
         else:
             p = warp(logits, params)
-            u = torch.rand(n, k, generator=self.rng, device=self.device)
-            ru = torch.rand(n, generator=self.rng, device=self.device)
-            accept = self._rejection_sample
-            accepted, nxt = accept(drafts, q, p, num, u, ru) if k > 0 else (
-                torch.zeros(n, dtype=torch.int32), torch.multinomial(p[:, 0], 1, generator=self.rng).squeeze(1))
+            if k == 0:
+                accepted = torch.zeros(n, dtype=torch.int32, device=self.device)
+                nxt = torch.multinomial(p[:, 0], 1, generator=self.rng).squeeze(1)
+            else:
+                u = torch.rand(n, k, generator=self.rng, device=self.device)
+                ru = torch.rand(n, generator=self.rng, device=self.device)
+                accepted, nxt = self._rejection_sample(drafts, q, p, num, u, ru)
         accepted_l, nxt_l, num_l, drafts_l = accepted.tolist(), nxt.tolist(), num.tolist(), drafts.tolist()
         for s, a, t, d, m in zip(active, accepted_l, nxt_l, drafts_l, num_l):
             s.drafted += m
             s.accepted += a
             self._extend(s, d[:a] + [t], params)
-        if self.drafter is not None:
-            self.drafter.commit(accepted_l) if k > 0 else self.drafter.skip()
+        if k > 0:
+            self.drafter.commit(accepted_l)
         t3 = time.perf_counter()
-        if k > 0 or self.drafter is not None:
+        if self.drafter is not None:
             self.policy.record(k, t2 - t1, t1 - t0, accepted_l, num_l)
         st = self.stats
         st.draft_s += t1 - t0

@@ -11,7 +11,7 @@ import pyarrow as pa
 import torch
 
 from actors.hf_backend import HFBackend, pick_device
-from actors.request import Request, Result, SamplingParams, one_line, unpack_arrays
+from actors.request import Request, Result, SamplingParams, error_result, one_line, unpack_arrays
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,7 +49,7 @@ class Generator:
             return self.engine.generate(requests, self.params)
         except Exception as e:  # noqa: BLE001 - split and retry; a single failing row becomes an error row
             if len(requests) == 1:
-                return [Result(text="", finish_reason="error", num_output_tokens=0, error=one_line(e))]
+                return [error_result(one_line(e))]
             half = len(requests) // 2
             return self._run(requests[:half]) + self._run(requests[half:])
 
@@ -60,13 +60,12 @@ class Generator:
         requests: dict[int, Request] = {}
         for i, row in enumerate(rows):
             if row["error"] is not None:
-                results[i] = Result(text="", finish_reason="error", num_output_tokens=0, error=row["error"])
+                results[i] = error_result(row["error"])
                 continue
             try:
                 arrays = unpack_arrays(row["model_inputs"])
             except Exception as e:  # noqa: BLE001
-                results[i] = Result(text="", finish_reason="error", num_output_tokens=0,
-                                    error=f"bad model inputs: {one_line(e)}")
+                results[i] = error_result(f"bad model inputs: {one_line(e)}")
                 continue
             requests[i] = Request(key=str(row["key"]), input_ids=list(row["input_ids"]), model_inputs=arrays)
             shape_key = () if self.mixed_shapes else tuple((k, v.shape[1:]) for k, v in sorted(arrays.items()))

@@ -35,6 +35,11 @@ class Result:
     token_ids: list[int] = field(default_factory=list)  # the generated tokens (EOS excluded)
 
 
+def error_result(reason: str) -> Result:
+    """The result of a row that could not be generated: no text, and why."""
+    return Result(text="", finish_reason="error", num_output_tokens=0, error=reason)
+
+
 def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
     """A Request's model_inputs as bytes (.npz): how they cross Ray Data between stages."""
     buf = io.BytesIO()

@@ -104,7 +104,6 @@ class FlatDrafter:
     def seed(self, seed): pass
     def admit(self, first, prompts, arrays): pass
     def commit(self, accepted): pass
-    def skip(self): pass
     def move(self, src, dst): pass
 
     def propose(self, histories, k, params):
