@@ -188,7 +188,7 @@ class HFDecoder:
 
     def move(self, src: list[int], dst: list[int]) -> None:
         if src:
-            self.store[torch.tensor(dst)] = self.store[torch.tensor(src)]
+            self.store[torch.tensor(dst, device=self.device)] = self.store[torch.tensor(src, device=self.device)]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.embed_tokens(ids)
