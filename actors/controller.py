@@ -1,0 +1,161 @@
+"""The controller: how many target and drafter actors, and how many tokens to draft, for a device budget.
+
+It learns three things from the rounds it is shown, and plans from them:
+- verify cost: one target forward over a group of b rows scoring k+1 positions each, fitted as
+  v0 + v1 * b * (k + 1) (least squares over moving averages per b * (k + 1) seen; until rounds with different k have been seen,
+  the cost is taken as flat, which on an accelerator it nearly is; a few rounds at other k, see `explore_k`,
+  give the slope);
+- draft cost: one drafter step over a group, d0 + d1 * b;
+- acceptance: the per-token acceptance rate a (a row that accepted m of k drafts is m successes and, if
+  m < k, one failure), as a moving average that forgets quickly, so a new kind of input shows within a
+  few dozen rounds.
+
+The model of a plan (T targets, D drafters, k): every target keeps G groups of b rows in flight, and a
+group's round is a draft (k steps, on any drafter) followed by a verify (on its target), so
+
+    rounds/s = min(T / V,              targets busy all the time
+                   D / (k * Dstep),    drafters busy all the time
+                   T * G / (k * Dstep + V))   every group waiting only on itself
+    tokens/s = rounds/s * b * (1 - a^(k+1)) / (1 - a)
+
+against co-located actors (drafter and target on one device, one group of G*b rows, draft then verify):
+devices / (k * Dstep(G*b) + V(G*b, k)) rounds/s. It enumerates every plan within the budget
+(targets cost 1 device each, drafters `drafter_cost`, which may be fractional or 0 for CPU drafters), keeps
+the best, and changes its plan only when the best beats the current one by `min_gain` (re-planning on noise
+would thrash actors); every decision, with its reason, goes on the timeline.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str  # disaggregated | colocated
+    targets: int
+    drafters: int
+    k: int
+
+    def devices(self, drafter_cost: float) -> float:
+        return self.targets + (self.drafters * drafter_cost if self.mode == "disaggregated" else 0.0)
+
+
+@dataclass
+class Budget:
+    devices: float
+    drafter_cost: float = 0.25  # devices per drafter actor (a fractional GPU; 0 for a CPU-only drafter)
+    max_drafters: int = 64
+    max_k: int = 8
+
+
+class _Fit:
+    """y = c0 + c1 * x by least squares over bins: one moving average of y per distinct x, so what was learnt
+    at an x the current plan no longer visits is kept (and the slope with it) while recent values count most."""
+
+    def __init__(self, decay: float = 0.8):
+        self.decay = decay
+        self.bins: dict[float, float] = {}
+        self.mx = self.my = self.slope = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        old = self.bins.get(x)
+        self.bins[x] = y if old is None else self.decay * old + (1 - self.decay) * y
+        xs, ys = list(self.bins), list(self.bins.values())
+        self.mx, self.my = sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((x - self.mx) ** 2 for x in xs)
+        self.slope = sum((x - self.mx) * (y - self.my) for x, y in zip(xs, ys)) / sxx if sxx > 0 else 0.0
+
+    def __call__(self, x: float) -> float:
+        if not self.bins:
+            raise ValueError("no measurements yet")
+        if self.slope <= 0:  # one x seen so far (or noise): assume the cost does not grow with x
+            return self.my
+        return max(1e-9, self.my + self.slope * (x - self.mx))
+
+
+class Controller:
+    def __init__(self, budget: Budget, group_rows: int, groups: int = 2, min_gain: float = 0.05,
+                 decay: float = 0.9):
+        self.budget = budget
+        self.b = group_rows
+        self.groups = groups
+        self.min_gain = min_gain
+        self.decay = decay
+        self.verify = _Fit()
+        self.draft = _Fit()
+        self.successes = self.trials = 0.0
+        self.plan: Plan | None = None
+        self.timeline: list[dict] = []
+
+    # ---- measurements ------------------------------------------------------------------------------
+
+    def observe_verify(self, rows: int, k: int, seconds: float) -> None:
+        self.verify.add(rows * (k + 1), seconds)
+
+    def observe_draft_step(self, rows: int, seconds: float) -> None:
+        self.draft.add(rows, seconds)
+
+    def observe_acceptance(self, accepted: list[int], drafted: list[int]) -> None:
+        succ = sum(accepted)
+        fail = sum(1 for a, d in zip(accepted, drafted) if a < d)
+        self.successes = self.decay * self.successes + succ
+        self.trials = self.decay * self.trials + succ + fail
+
+    @property
+    def acceptance(self) -> float:
+        return self.successes / self.trials if self.trials else 0.0
+
+    # ---- the model ---------------------------------------------------------------------------------
+
+    def throughput(self, plan: Plan) -> float:
+        """Predicted output tokens per second of a plan, from the current measurements."""
+        a = min(self.acceptance, 0.999)
+        k = plan.k
+        tokens = (1 - a ** (k + 1)) / (1 - a)
+        if plan.mode == "colocated":
+            rows = self.groups * self.b
+            round_s = self.verify(rows * (k + 1)) + k * self.draft(rows)
+            return plan.targets / round_s * rows * tokens
+        v = self.verify(self.b * (k + 1))
+        if k == 0 or plan.drafters == 0:
+            return plan.targets / self.verify(self.b) * self.b
+        step = self.draft(self.b)
+        rounds = min(plan.targets / v, plan.drafters / (k * step), plan.targets * self.groups / (k * step + v))
+        return rounds * self.b * tokens
+
+    def candidates(self) -> list[Plan]:
+        b = self.budget
+        out = []
+        for targets in range(1, int(b.devices) + 1):
+            out.append(Plan("disaggregated", targets, 0, 0))
+            left = b.devices - targets
+            most = b.max_drafters if b.drafter_cost == 0 else min(b.max_drafters, int(left / b.drafter_cost + 1e-9))
+            for drafters in range(1, most + 1):
+                for k in range(1, b.max_k + 1):
+                    out.append(Plan("disaggregated", targets, drafters, k))
+        for k in range(0, b.max_k + 1):
+            out.append(Plan("colocated", int(b.devices), 0, k))
+        return out
+
+    def best(self, mode: str | None = None) -> tuple[Plan, float]:
+        plans = [p for p in self.candidates() if mode is None or p.mode == mode]
+        scored = [(self.throughput(p), p) for p in plans]
+        rate, plan = max(scored, key=lambda s: (s[0], -s[1].devices(self.budget.drafter_cost)))
+        return plan, rate
+
+    def explore_k(self, k: int, draw: float) -> int:
+        """The k for one group's round: mostly the plan's, sometimes a neighbour, so the cost fit sees a slope."""
+        if k == 0 or draw >= 0.1:
+            return k
+        return max(1, k - 2) if draw < 0.05 else min(self.budget.max_k, k + 2)
+
+    def decide(self, now: float) -> Plan:
+        """Re-plan from the current measurements; returns the plan to run (the current one unless beaten)."""
+        plan, rate = self.best()
+        current = self.throughput(self.plan) if self.plan is not None else 0.0
+        if self.plan is None or rate > current * (1 + self.min_gain):
+            reason = "first plan" if self.plan is None else f"predicted {rate / current:.2f}x the current plan"
+            self.plan = plan
+            self.timeline.append({"t": round(now, 3), **asdict(plan), "predicted_tokens_per_s": round(rate, 1),
+                                  "acceptance": round(self.acceptance, 3), "reason": reason})
+        return self.plan
