@@ -231,7 +231,7 @@ def svg_plot(points: list[tuple[str, float]], chosen: str, colocated: float, pat
     bar = (width - 2 * pad) / len(points)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
              f'font-size="9">', f'<text x="{pad}" y="16" font-size="13">tokens/s per targets:drafters split '
-             f'(red: the controller\'s choice; line: co-located)</text>']
+             f'(red: the controller\'s choice; dashed line: co-located, best k)</text>']
     for i, (label, v) in enumerate(points):
         h = (height - 2 * pad) * v / top
         x = pad + i * bar
@@ -241,7 +241,9 @@ def svg_plot(points: list[tuple[str, float]], chosen: str, colocated: float, pat
         parts.append(f'<text x="{x:.1f}" y="{height - pad + 12}" transform="rotate(60 {x:.1f} {height - pad + 12})">'
                      f'{label}</text>')
     y = height - pad - (height - 2 * pad) * colocated / top
-    parts.append(f'<line x1="{pad}" x2="{width - pad}" y1="{y:.1f}" y2="{y:.1f}" stroke="#333" stroke-dasharray="4"/>')
+    line = "#d33" if chosen == "colocated" else "#333"  # red when the controller chose co-location
+    parts.append(f'<line x1="{pad}" x2="{width - pad}" y1="{y:.1f}" y2="{y:.1f}" stroke="{line}" stroke-width="2" '
+                 f'stroke-dasharray="4"/>')
     parts.append("</svg>")
     Path(path).write_text("\n".join(parts))
 
@@ -314,7 +316,8 @@ def main() -> None:
         print(f"  t={d['t']:7.1f}s  {d['mode']:13s} {d['targets']}:{d['drafters']} k={d['k']}  "
               f"a={d['acceptance']:.2f}  {d['reason']}")
     if args.svg:
-        svg_plot([(label, rate) for label, rate, _ in results], f"{final.targets}:{final.drafters}", colo, args.svg)
+        chosen = "colocated" if final.mode == "colocated" else f"{final.targets}:{final.drafters}"
+        svg_plot([(label, rate) for label, rate, _ in results], chosen, colo, args.svg)
         print(f"plot: {args.svg}")
 
 
