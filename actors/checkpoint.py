@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from actors.decoder import LEAN_ARCHITECTURES, HFDecoder, LeanDecoder
+from actors.request import shape_key, stack_arrays
 
 
 MROPE_MODELS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"}
@@ -63,12 +64,9 @@ class Checkpoint:
         out = torch.empty(len(prompts), width, self.decoder.hidden_size, device=self.device, dtype=self.dtype)
         groups: dict[tuple, list[int]] = {}
         for i, a in enumerate(arrays):
-            groups.setdefault(tuple((k, v.shape[1:]) for k, v in sorted(a.items())), []).append(i)
+            groups.setdefault(shape_key(a), []).append(i)
         for idx in groups.values():
-            inputs = {}
-            for name in arrays[idx[0]]:
-                t = torch.cat([torch.from_numpy(arrays[i][name]) for i in idx]).to(self.device)
-                inputs[name] = t.to(self.dtype) if t.is_floating_point() else t
+            inputs = stack_arrays([arrays[i] for i in idx], self.dtype, self.device)
             out[idx] = self._vlm_embeds(ids[idx], inputs)
         return out
 

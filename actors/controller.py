@@ -2,13 +2,12 @@
 
 It learns three things from the rounds it is shown, and plans from them:
 - verify cost: one target forward over a group of b rows scoring k+1 positions each, fitted as
-  v0 + v1 * b * (k + 1) (least squares over moving averages per b * (k + 1) seen; until rounds with different k have been seen,
+  v0 + v1 * b * (k + 1) (actors/estimates.py: moving averages per b * (k + 1) seen, a line between; until rounds with different k have been seen,
   the cost is taken as flat, which on an accelerator it nearly is; a few rounds at other k, see `explore_k`,
   give the slope);
 - draft cost: one drafter step over a group, d0 + d1 * b;
-- acceptance: the per-token acceptance rate a (a row that accepted m of k drafts is m successes and, if
-  m < k, one failure), as a moving average that forgets quickly, so a new kind of input shows within a
-  few dozen rounds.
+- acceptance: the per-token acceptance rate a, as a moving average that forgets quickly, so a new kind
+  of input shows within a few dozen rounds.
 
 The model of a plan (T targets, D drafters, k): every target keeps G groups of b rows in flight, and a
 group's round is a draft (k steps, on any drafter) followed by a verify (on its target), so
@@ -27,6 +26,8 @@ would thrash actors); every decision, with its reason, goes on the timeline.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+from actors.estimates import Acceptance, CostLine
 
 
 @dataclass(frozen=True)
@@ -48,31 +49,6 @@ class Budget:
     max_k: int = 8
 
 
-class _Fit:
-    """y = c0 + c1 * x by least squares over bins: one moving average of y per distinct x, so what was learnt
-    at an x the current plan no longer visits is kept (and the slope with it) while recent values count most."""
-
-    def __init__(self, decay: float = 0.8):
-        self.decay = decay
-        self.bins: dict[float, float] = {}
-        self.mx = self.my = self.slope = 0.0
-
-    def add(self, x: float, y: float) -> None:
-        old = self.bins.get(x)
-        self.bins[x] = y if old is None else self.decay * old + (1 - self.decay) * y
-        xs, ys = list(self.bins), list(self.bins.values())
-        self.mx, self.my = sum(xs) / len(xs), sum(ys) / len(ys)
-        sxx = sum((x - self.mx) ** 2 for x in xs)
-        self.slope = sum((x - self.mx) * (y - self.my) for x, y in zip(xs, ys)) / sxx if sxx > 0 else 0.0
-
-    def __call__(self, x: float) -> float:
-        if not self.bins:
-            raise ValueError("no measurements yet")
-        if self.slope <= 0:  # one x seen so far (or noise): assume the cost does not grow with x
-            return self.my
-        return max(1e-9, self.my + self.slope * (x - self.mx))
-
-
 class Controller:
     def __init__(self, budget: Budget, group_rows: int, groups: int = 2, min_gain: float = 0.05,
                  decay: float = 0.9):
@@ -80,10 +56,9 @@ class Controller:
         self.b = group_rows
         self.groups = groups
         self.min_gain = min_gain
-        self.decay = decay
-        self.verify = _Fit()
-        self.draft = _Fit()
-        self.successes = self.trials = 0.0
+        self.verify = CostLine(decay=0.8)
+        self.draft = CostLine(decay=0.8)
+        self.accept = Acceptance(decay)
         self.plan: Plan | None = None
         self.timeline: list[dict] = []
 
@@ -96,14 +71,11 @@ class Controller:
         self.draft.add(rows, seconds)
 
     def observe_acceptance(self, accepted: list[int], drafted: list[int]) -> None:
-        succ = sum(accepted)
-        fail = sum(1 for a, d in zip(accepted, drafted) if a < d)
-        self.successes = self.decay * self.successes + succ
-        self.trials = self.decay * self.trials + succ + fail
+        self.accept.observe(accepted, drafted)
 
     @property
     def acceptance(self) -> float:
-        return self.successes / self.trials if self.trials else 0.0
+        return self.accept.rate
 
     # ---- the model ---------------------------------------------------------------------------------
 

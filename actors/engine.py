@@ -50,10 +50,9 @@ class EngineStats:
     tokens: int = 0
     drafted: int = 0
     accepted: int = 0
-    k_history: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        out = {k: v for k, v in vars(self).items() if k != "k_history"}
+        out = dict(vars(self))
         out["mean_batch"] = self.row_rounds / self.rounds if self.rounds else 0.0
         out["tokens_per_row_round"] = self.tokens / self.row_rounds if self.row_rounds else 0.0
         return out
@@ -205,7 +204,6 @@ class SpecEngine:
         st.row_rounds += n
         st.drafted += sum(num_l)
         st.accepted += sum(accepted_l)
-        st.k_history.append(k)
 
     def _rejection_sample(self, drafts, q, p, num, u, ru):
         if self.use_triton:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import torch
 
 from actors.hf_backend import HFBackend, pick_device
-from actors.request import Request, Result, SamplingParams, error_result, one_line, unpack_arrays
+from actors.request import Request, Result, SamplingParams, error_result, one_line, shape_key, unpack_arrays
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,8 +68,7 @@ class Generator:
                 results[i] = error_result(f"bad model inputs: {one_line(e)}")
                 continue
             requests[i] = Request(key=str(row["key"]), input_ids=list(row["input_ids"]), model_inputs=arrays)
-            shape_key = () if self.mixed_shapes else tuple((k, v.shape[1:]) for k, v in sorted(arrays.items()))
-            groups.setdefault(shape_key, []).append(i)
+            groups.setdefault(() if self.mixed_shapes else shape_key(arrays), []).append(i)
         t0 = time.perf_counter()
         for idx in groups.values():
             for i, result in zip(idx, self._run([requests[i] for i in idx])):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from actors.request import Request, Result, SamplingParams, finish_text
+from actors.request import Request, Result, SamplingParams, finish_text, stack_arrays
 
 
 def pick_device(gpus: float) -> str:
@@ -41,11 +41,8 @@ class HFBackend:
         for i, r in enumerate(requests):
             ids[i, width - len(r.input_ids):] = torch.tensor(r.input_ids)
             mask[i, width - len(r.input_ids):] = 1
-        inputs = {"input_ids": ids, "attention_mask": mask}
-        for name in requests[0].model_inputs:
-            tensor = torch.cat([torch.from_numpy(r.model_inputs[name]) for r in requests])
-            inputs[name] = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
-        return {k: v.to(self.device) for k, v in inputs.items()}
+        inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        return inputs | stack_arrays([r.model_inputs for r in requests], self.dtype, self.device)
 
     @torch.inference_mode()
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Result]:

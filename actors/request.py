@@ -40,6 +40,22 @@ def error_result(reason: str) -> Result:
     return Result(text="", finish_reason="error", num_output_tokens=0, error=reason)
 
 
+def shape_key(arrays: dict[str, np.ndarray]) -> tuple:
+    """Requests whose image tensors share this key can be stacked into one batch."""
+    return tuple((k, v.shape[1:]) for k, v in sorted(arrays.items()))
+
+
+def stack_arrays(arrays: list[dict[str, np.ndarray]], dtype, device) -> dict:
+    """Same-shaped requests' image tensors as one batch of torch tensors (floats in the model's dtype)."""
+    import torch
+
+    out = {}
+    for name in arrays[0]:
+        t = torch.cat([torch.from_numpy(a[name]) for a in arrays]).to(device)
+        out[name] = t.to(dtype) if t.is_floating_point() else t
+    return out
+
+
 def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
     """A Request's model_inputs as bytes (.npz): how they cross Ray Data between stages."""
     buf = io.BytesIO()

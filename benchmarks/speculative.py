@@ -143,7 +143,7 @@ def main() -> None:
             spent = st.prefill_s + st.draft_s + st.verify_s + st.accept_s
             share = {p: getattr(st, f"{p}_s") / spent for p in ("prefill", "draft", "verify", "accept")}
             same = sum(a.text == r for a, r in zip(out, reference))
-            hist = st.k_history
+            hist = engine.policy.history
             k_used = sum(hist) / len(hist) if hist else 0.0
             figures["specray"][f"{name}_b{b}"] = {
                 "tokens_per_s": tps, "vs_hf": tps / base, "decode_vs_hf": decode_ratio, "tokens_per_row_round": st.as_dict()["tokens_per_row_round"],
