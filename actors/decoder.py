@@ -30,6 +30,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _swap(obj, attrs: tuple[str, ...], state: dict | None) -> dict:
+    old = {a: getattr(obj, a, None) for a in attrs}
+    for a in attrs:
+        setattr(obj, a, (state or {}).get(a, 0 if a in ("slots", "max_len") else None))
+    return old
+
+
 class LeanDecoder:
     def __init__(self, language_model: torch.nn.Module, lm_head: torch.nn.Module, config, device: str,
                  dtype: torch.dtype):
@@ -95,6 +102,13 @@ class LeanDecoder:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = (emb.cos() * self.rope_scale).to(self.dtype)
         self.sin = (emb.sin() * self.rope_scale).to(self.dtype)
+
+    CACHE = ("slots", "max_len", "k_cache", "v_cache", "cos", "sin")
+
+    def swap_cache(self, state: dict | None) -> dict:
+        """Put another cache in place (None: an empty one, grown by the next allocate); returns the one taken
+        out. One set of weights serves several caches this way: a target's groups, a drafter's channels."""
+        return _swap(self, self.CACHE, state)
 
     def move(self, src: list[int], dst: list[int]) -> None:
         """Copy the cache rows of slots `src` into slots `dst` (compaction when sequences finish)."""
@@ -185,6 +199,11 @@ class HFDecoder:
             return
         self.slots, self.max_len = max(slots, self.slots), max(max_len, self.max_len)
         self.store = torch.zeros(self.slots, self.max_len, self.hidden_size, device=self.device, dtype=self.dtype)
+
+    CACHE = ("slots", "max_len", "store")
+
+    def swap_cache(self, state: dict | None) -> dict:
+        return _swap(self, self.CACHE, state)
 
     def move(self, src: list[int], dst: list[int]) -> None:
         if src:

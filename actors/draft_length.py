@@ -47,7 +47,8 @@ class DraftLength:
         self.history.append(k)
         return k
 
-    def record(self, k: int, verify_s: float, draft_s: float, accepted: list[int], num_drafts: list[int]) -> None:
+    def record(self, k: int, verify_s: float, draft_s: float, accepted: list[int], num_drafts: list[int],
+               rows: int = 0) -> None:
         d = self.decay
         self.verify_s.add(k, verify_s)
         if k == 0:

@@ -2,9 +2,13 @@
 
     admit(first, prompts, arrays)    new sequences enter slots first.. (prefill)
     propose(histories, k, params)   -> drafts [n, k], num_drafts [n], draft_probs [n, k, V] or None
+    submit(...) / collect(handle)    the same, split so that a remote drafter (actors/remote_drafter.py) drafts
+                                     while the target verifies another group; collect adds the draft seconds
     commit(accepted)                 the verdict: roll each row back to its accepted prefix (rounds without
                                      drafting need no call: a model drafter catches up on its next proposal)
     move(src, dst)                   compaction when sequences leave
+    swap_state(state)                put another set of sequences in place (None: empty); returns the old set,
+                                     so one drafter serves several groups (a drafter server's channels)
 
 - ModelDrafter: a small model with its own KV cache, run by the same lean decoder as the target. A VLM
   drafter sees the image through its own tower; a text-only drafter sees the prompt without image tokens.
@@ -17,6 +21,7 @@ never looks at image tokens.
 from __future__ import annotations
 
 import array
+import time
 
 import numpy as np
 import torch
@@ -26,7 +31,36 @@ from actors.request import SamplingParams
 from actors.sampling import warp
 
 
-class ModelDrafter:
+def make_drafter(spec: str, tokenizer, image_token_id: int | None, device: str, dtype: torch.dtype,
+                 trust_remote_code: bool = False, lean: bool = True):
+    """The drafter `model.drafter` names, checked against the target's tokenizer and image token."""
+    if spec == "ngram":
+        return NgramDrafter(image_token_id, device=device)
+    ck = Checkpoint(spec, device, dtype, trust_remote_code=trust_remote_code, lean=lean)
+    if ck.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"model.drafter: {spec} does not share the target's tokenizer")
+    if ck.is_vlm and ck.image_token_id != image_token_id:
+        raise ValueError(f"model.drafter: {spec} uses a different image token than the target")
+    banned = {t for t in (image_token_id, ck.image_token_id) if t is not None}
+    return ModelDrafter(ck, banned, image_token_id)
+
+
+class LocalDrafter:
+    """submit/collect for a drafter in the engine's own process: it drafts at once (nothing overlaps)."""
+    remote = False
+
+    def submit(self, histories: list[list[int]], k: int, params: SamplingParams):
+        t0 = time.perf_counter()
+        drafts, num, probs = self.propose(histories, k, params)
+        if drafts.device.type == "cuda":
+            torch.cuda.synchronize()
+        return drafts, num, probs, time.perf_counter() - t0
+
+    def collect(self, handle):
+        return handle
+
+
+class ModelDrafter(LocalDrafter):
     def __init__(self, checkpoint: Checkpoint, banned: set[int], image_token_id: int | None):
         self.ck = checkpoint
         self.dec = checkpoint.decoder
@@ -92,13 +126,21 @@ class ModelDrafter:
         for i, (length, a) in enumerate(zip(lengths, accepted)):
             self.cached[i] = length + min(a, k - 1)  # the last draft was proposed but never fed back
 
+    def swap_state(self, state: dict | None) -> dict:
+        old = {"cache": self.dec.swap_cache(None if state is None else state["cache"]),
+               "prompt_len": self.prompt_len, "cached": self.cached, "round": getattr(self, "_round", None)}
+        state = state or {}
+        self.prompt_len, self.cached = state.get("prompt_len", []), state.get("cached", [])
+        self._round = state.get("round")
+        return old
+
     def move(self, src: list[int], dst: list[int]) -> None:
         self.dec.move(src, dst)
         for s, d in zip(src, dst):
             self.prompt_len[d], self.cached[d] = self.prompt_len[s], self.cached[s]
 
 
-class NgramDrafter:
+class NgramDrafter(LocalDrafter):
     def __init__(self, image_token_id: int | None, max_ngram: int = 3, device: str = "cpu"):
         self.image_token_id = image_token_id
         self.max_ngram = max_ngram
@@ -144,6 +186,11 @@ class NgramDrafter:
 
     def commit(self, accepted: list[int]) -> None:
         pass
+
+    def swap_state(self, state: dict | None) -> dict:
+        old = {"prompts": self.prompts}
+        self.prompts = (state or {}).get("prompts", [])
+        return old
 
     def move(self, src: list[int], dst: list[int]) -> None:
         for s, d in zip(src, dst):

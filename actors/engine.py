@@ -20,7 +20,7 @@ import torch
 
 from actors.checkpoint import Checkpoint
 from actors.draft_length import DraftLength
-from actors.drafters import ModelDrafter, NgramDrafter
+from actors.drafters import make_drafter
 from actors.request import Request, Result, SamplingParams, error_result, finish_text
 from actors.sampling import warp
 from kernels.acceptance import greedy_accept
@@ -39,10 +39,22 @@ class _Seq:
 
 
 @dataclass
+class _Lane:
+    """A group of sequences with its own slots, target cache and drafter (verified one group at a time)."""
+    index: int
+    slots: int
+    drafter: object | None
+    active: list[_Seq] = field(default_factory=list)
+    cache: dict | None = None  # the target's cache while another lane's is in the decoder
+    pending: tuple | None = None  # (k, handle): the draft in flight
+
+
+@dataclass
 class EngineStats:
     """Where the time goes (seconds), and the speculation counters, accumulated over the engine's life."""
     prefill_s: float = 0.0
-    draft_s: float = 0.0
+    draft_s: float = 0.0  # drafter compute (for a remote drafter, as its server measured it)
+    wait_s: float = 0.0  # time the target waited for drafts (a local drafter: its compute; remote: not hidden)
     verify_s: float = 0.0
     accept_s: float = 0.0
     rounds: int = 0
@@ -55,6 +67,7 @@ class EngineStats:
         out = dict(vars(self))
         out["mean_batch"] = self.row_rounds / self.rounds if self.rounds else 0.0
         out["tokens_per_row_round"] = self.tokens / self.row_rounds if self.row_rounds else 0.0
+        out["overlap"] = max(0.0, 1 - self.wait_s / self.draft_s) if self.draft_s else None
         return out
 
 
@@ -77,25 +90,27 @@ class SpecEngine:
         self.policy = DraftLength(fixed, max_k=self.max_k)
         self.stats = EngineStats()
         self.use_triton = device == "cuda"
+        self._current: _Lane | None = None  # the lane whose cache is in the target's decoder
+        self._lane_caches: dict[int, dict | None] = {}
 
     def _drafter(self, spec: str | None, trust_remote_code: bool, lean: bool):
-        image = self.target.image_token_id
         if spec is None:
             return None
-        if spec == "ngram":
-            return NgramDrafter(image, device=self.device)
-        ck = Checkpoint(spec, self.device, self.dtype, trust_remote_code=trust_remote_code, lean=lean)
-        if ck.tokenizer.get_vocab() != self.tokenizer.get_vocab():
-            raise ValueError(f"model.drafter: {spec} does not share the target's tokenizer")
-        if ck.is_vlm and ck.image_token_id != image:
-            raise ValueError(f"model.drafter: {spec} uses a different image token than the target")
-        banned = {t for t in (image, ck.image_token_id) if t is not None}
-        return ModelDrafter(ck, banned, image)
+        return make_drafter(spec, self.tokenizer, self.target.image_token_id, self.device, self.dtype,
+                            trust_remote_code=trust_remote_code, lean=lean)
 
     # ---- the loop ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(self, requests: list[Request], params: SamplingParams) -> list[Result]:
+    def generate(self, requests: list[Request], params: SamplingParams, drafters: list | None = None,
+                 policy=None) -> list[Result]:
+        """Results in request order. By default one group of up to max_batch rows with the engine's own drafter.
+
+        `drafters`: one drafter per group instead (remote channels, actors/remote_drafter.py; None for a group
+        without speculation); the slots are split between the groups, and while one group is being verified
+        the next group's draft is in flight. `policy` picks k per round and learns from the rounds
+        (default: the engine's DraftLength).
+        """
         results: list[Result | None] = [None] * len(requests)
         limit = self.target.max_positions
         queue = []
@@ -110,43 +125,69 @@ class SpecEngine:
         if not queue:
             return results  # type: ignore[return-value]
         queue.reverse()  # pop() from the end admits in request order
+        policy = policy or self.policy
+        drafters = [self.drafter] if drafters is None else drafters
         slots = min(self.max_batch, len(queue))
-        max_len = max(s.prompt_len for s in queue) + params.max_new_tokens + self.max_k + 2
-        self.target.decoder.allocate(slots, max_len)
-        if self.drafter is not None:
-            self.drafter.allocate(slots, max_len)
-            self.drafter.seed(params.seed)
+        per_lane = -(-slots // len(drafters))
+        lanes = [_Lane(i, min(per_lane, slots - i * per_lane), d) for i, d in enumerate(drafters)
+                 if slots - i * per_lane > 0]
+        max_k = max(self.max_k, getattr(policy, "max_k", 0))
+        max_len = max(s.prompt_len for s in queue) + params.max_new_tokens + max_k + 2
         self.rng = torch.Generator(device=self.device).manual_seed(params.seed)
-        active: list[_Seq] = []
-        # prefill in groups: a call per freed slot would pay the vision tower's and the decoder's fixed costs per
-        # row; waiting until a quarter of the slots are free costs a few rounds at 3/4 occupancy instead
-        min_admit = max(1, slots // 4)
-        while queue or active:
-            free = slots - len(active)
-            if queue and free and (not active or free >= min(min_admit, len(queue))):
-                take = [queue.pop() for _ in range(min(slots - len(active), len(queue)))]
-                self._admit(active, take, params)
-                active = self._retire(active, results, params)
-            if active:
-                self._round(active, params)
-                active = self._retire(active, results, params)
+        for lane in lanes:
+            lane.cache = self._lane_caches.get(lane.index)
+            self._enter(lane)
+            self.target.decoder.allocate(lane.slots, max_len)
+            if lane.drafter is not None:
+                lane.drafter.allocate(lane.slots, max_len)
+                lane.drafter.seed(params.seed + lane.index)
+        try:
+            while queue or any(lane.active for lane in lanes):
+                for lane in lanes:
+                    if lane.pending is not None:
+                        self._finish(lane, policy, params)
+                        self._retire(lane, results, params)
+                    free = lane.slots - len(lane.active)
+                    # prefill in groups: a call per freed slot would pay the vision tower's and the decoder's fixed
+                    # costs per row; waiting until a quarter of the slots are free costs a few rounds instead
+                    if queue and free and (not lane.active or free >= min(max(1, lane.slots // 4), len(queue))):
+                        self._admit(lane, [queue.pop() for _ in range(min(free, len(queue)))], params)
+                        self._retire(lane, results, params)
+                    if lane.active:
+                        self._start(lane, policy, params)
+        finally:  # lane 0's cache goes back in the decoder; all are kept for the next call (allocate only grows)
+            self._enter(lanes[0])
+            for lane in lanes[1:]:
+                self._lane_caches[lane.index] = lane.cache
+            self._current = None
         return results  # type: ignore[return-value]
 
-    def _admit(self, active: list[_Seq], new: list[_Seq], params: SamplingParams) -> None:
+    def _enter(self, lane: "_Lane") -> None:
+        """Put the lane's target cache in the decoder (one set of weights, one cache per group)."""
+        if self._current is lane:
+            return
+        old = self.target.decoder.swap_cache(lane.cache) if self._current is not None or lane.index else None
+        if self._current is not None:
+            self._current.cache = old
+        lane.cache = None
+        self._current = lane
+
+    def _admit(self, lane: "_Lane", new: list[_Seq], params: SamplingParams) -> None:
+        self._enter(lane)
         _sync(self.device)
         t0 = time.perf_counter()
-        first = len(active)
+        first = len(lane.active)
         prompts = [s.request.input_ids for s in new]
         arrays = [s.request.model_inputs for s in new]
         embeds = self.target.embed_prompts(prompts, arrays)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         hidden = self.target.decoder.forward(embeds, torch.zeros_like(lengths), first=first, last=lengths - 1)
         tokens = self._pick(self.target.decoder.logits(hidden[:, 0]), params).tolist()
-        if self.drafter is not None:
-            self.drafter.admit(first, prompts, arrays)
+        if lane.drafter is not None:
+            lane.drafter.admit(first, prompts, arrays)
         for s, t in zip(new, tokens):
             self._extend(s, [t], params)
-        active.extend(new)
+        lane.active.extend(new)
         _sync(self.device)
         self.stats.prefill_s += time.perf_counter() - t0
 
@@ -155,17 +196,28 @@ class SpecEngine:
             return logits.argmax(-1)
         return torch.multinomial(warp(logits, params), 1, generator=self.rng).squeeze(1)
 
-    def _round(self, active: list[_Seq], params: SamplingParams) -> None:
-        n = len(active)
-        k = self.policy.choose() if self.drafter is not None else 0
-        histories = [s.generated for s in active]
-        _sync(self.device)
+    def _start(self, lane: "_Lane", policy, params: SamplingParams) -> None:
+        """Choose k and send the lane's draft request (a local drafter drafts right away)."""
+        k = policy.choose() if lane.drafter is not None else 0
+        handle = lane.drafter.submit([s.generated for s in lane.active], k, params) if k > 0 else None
+        lane.pending = (k, handle)
+
+    def _finish(self, lane: "_Lane", policy, params: SamplingParams) -> None:
+        """Collect the lane's drafts, verify them in one target forward, accept, commit."""
+        active, n = lane.active, len(lane.active)
+        (k, handle), lane.pending = lane.pending, None
         t0 = time.perf_counter()
-        if k > 0:
-            drafts, num, q = self.drafter.propose(histories, k, params)
-        else:
+        draft_s = 0.0
+        if handle is not None:
+            drafts, num, q, draft_s = lane.drafter.collect(handle)
+            k = drafts.shape[1]  # 0 when a remote drafter was lost and none could take over
+            if not lane.drafter.remote:
+                t0 -= draft_s  # a local drafter drafted in _start: nothing of it was hidden
+        if handle is None or k == 0:
             drafts = torch.zeros(n, 0, dtype=torch.long, device=self.device)
             num, q = torch.zeros(n, dtype=torch.long, device=self.device), None
+        wait_s = time.perf_counter() - t0
+        self._enter(lane)
         _sync(self.device)
         t1 = time.perf_counter()
         last = torch.tensor([s.generated[-1] for s in active], device=self.device)
@@ -192,12 +244,13 @@ class SpecEngine:
             s.accepted += a
             self._extend(s, d[:a] + [t], params)
         if k > 0:
-            self.drafter.commit(accepted_l)
+            lane.drafter.commit(accepted_l)
         t3 = time.perf_counter()
-        if self.drafter is not None:
-            self.policy.record(k, t2 - t1, t1 - t0, accepted_l, num_l)
+        if lane.drafter is not None:
+            policy.record(k, t2 - t1, draft_s, accepted_l, num_l, rows=n)
         st = self.stats
-        st.draft_s += t1 - t0
+        st.draft_s += draft_s
+        st.wait_s += wait_s
         st.verify_s += t2 - t1
         st.accept_s += t3 - t2
         st.rounds += 1
@@ -230,10 +283,11 @@ class SpecEngine:
             s.finish = "stop"
         self.stats.tokens += len(s.generated) - before
 
-    def _retire(self, active: list[_Seq], results: list[Result | None], params: SamplingParams) -> list[_Seq]:
+    def _retire(self, lane: "_Lane", results: list[Result | None], params: SamplingParams) -> None:
         """Finished rows leave; the last live rows move into their slots so live rows stay in 0..n-1."""
+        active = lane.active
         if all(s.finish is None for s in active):
-            return active
+            return
         for s in active:
             if s.finish is not None:
                 text, _ = finish_text(self.tokenizer, s.generated, params.stop)
@@ -244,10 +298,11 @@ class SpecEngine:
         n = len(keep)
         holes = [i for i in range(n) if active[i].finish is not None]
         movers = [i for i in keep if i >= n]
+        self._enter(lane)
         self.target.decoder.move(movers, holes)
-        if self.drafter is not None:
-            self.drafter.move(movers, holes)
+        if lane.drafter is not None:
+            lane.drafter.move(movers, holes)
         new = list(active[:n])
         for src, dst in zip(movers, holes):
             new[dst] = active[src]
-        return new
+        lane.active = new

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from actors.drafters import NgramDrafter
+from actors.drafters import LocalDrafter, NgramDrafter
 from actors.draft_length import DraftLength
 from actors.engine import SpecEngine
 from actors.hf_backend import HFBackend
@@ -93,7 +93,7 @@ def test_stop_strings_and_max_new_tokens(heldout):
     assert all(g.num_output_tokens == 3 for g in engine.generate(long_rows, SamplingParams(max_new_tokens=3)))
 
 
-class FlatDrafter:
+class FlatDrafter(LocalDrafter):
     """A deliberately wrong drafter: proposes uniformly from a fixed set of tokens. The acceptance rule must undo it."""
 
     def __init__(self, support: torch.Tensor):
