@@ -30,6 +30,13 @@ from dataclasses import asdict, dataclass
 from actors.estimates import Acceptance, CostLine
 
 
+def explore_k(k: int, draw: float, max_k: int) -> int:
+    """The k for one group's round: mostly the plan's, sometimes a neighbour, so the cost fit sees a slope."""
+    if k == 0 or draw >= 0.1:
+        return k
+    return max(1, k - 2) if draw < 0.05 else min(max_k, k + 2)
+
+
 @dataclass(frozen=True)
 class Plan:
     mode: str  # disaggregated | colocated
@@ -116,10 +123,7 @@ class Controller:
         return plan, rate
 
     def explore_k(self, k: int, draw: float) -> int:
-        """The k for one group's round: mostly the plan's, sometimes a neighbour, so the cost fit sees a slope."""
-        if k == 0 or draw >= 0.1:
-            return k
-        return max(1, k - 2) if draw < 0.05 else min(self.budget.max_k, k + 2)
+        return explore_k(k, draw, self.budget.max_k)
 
     def decide(self, now: float) -> Plan:
         """Re-plan from the current measurements; returns the plan to run (the current one unless beaten)."""

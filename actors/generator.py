@@ -44,9 +44,12 @@ class Generator:
         self.params = SamplingParams(**params)
         self.mixed_shapes = not isinstance(self.engine, HFBackend)  # the engine batches images of any shape
 
+    def _generate(self, requests: list[Request]) -> list[Result]:
+        return self.engine.generate(requests, self.params)
+
     def _run(self, requests: list[Request]) -> list[Result]:
         try:
-            return self.engine.generate(requests, self.params)
+            return self._generate(requests)
         except Exception as e:  # noqa: BLE001 - split and retry; a single failing row becomes an error row
             if len(requests) == 1:
                 return [error_result(one_line(e))]

@@ -79,11 +79,31 @@ class OutputConfig(Section):
 
 
 class ResourcesConfig(Section):
+    mode: Literal["colocated", "disaggregated"] = "colocated"  # disaggregated: drafter and target pools (autoscaler.*)
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     batch_size: int = Field(16, ge=1)
     preprocess_cpus: float = Field(0.5, gt=0)
+
+
+class AutoscalerConfig(Section):
+    """The pools of `resources.mode: disaggregated`: targets (resources.cpus/gpus_per_actor each) and drafters."""
+    devices: float = Field(2.0, gt=0)  # the budget, in device units: a target takes 1, a drafter drafter_cost
+    drafter_cost: float = Field(0.5, ge=0)  # 0: drafters take no device (CPU-only drafters)
+    policy: Literal["auto", "fixed"] = "auto"  # auto: the controller decides; fixed: targets/drafters/k below
+    targets: int = Field(1, ge=1)  # fixed policy
+    drafters: int = Field(1, ge=0)  # fixed policy
+    k: int = Field(4, ge=0, le=32)  # fixed policy (0: no speculation)
+    max_drafters: int = Field(8, ge=0)
+    max_k: int = Field(8, ge=1, le=32)
+    groups: int = Field(2, ge=1, le=8)  # groups of sequences in flight per target (draft one, verify another)
+    interval_s: float = Field(5.0, gt=0)  # how often the controller re-plans
+    drafter_cpus: float = Field(1.0, gt=0)  # also the drafter's torch threads
+    drafter_gpus: float = Field(0.0, ge=0)
+    drafter_resources: dict[str, float] = {}  # custom node resources, e.g. {drafter_node: 1}
+    target_resources: dict[str, float] = {}
+    drain_timeout_s: float = Field(60.0, gt=0)  # a draining drafter is removed at the latest after this
 
 
 class PreprocessConfig(Section):
@@ -97,6 +117,7 @@ class JobConfig(Section):
     decoding: DecodingConfig = DecodingConfig()
     output: OutputConfig = OutputConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    autoscaler: AutoscalerConfig = AutoscalerConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
 
     @model_validator(mode="after")
@@ -104,6 +125,16 @@ class JobConfig(Section):
         if self.decoding.backend == "hf" and self.model.drafter is not None:
             raise ValueError("model.drafter: the hf backend is plain model.generate and does not speculate; "
                              "use decoding.backend: specray or drafter: null")
+        if self.resources.mode == "disaggregated":
+            if self.decoding.backend != "specray":
+                raise ValueError("resources.mode: disaggregated pools need decoding.backend: specray")
+            if self.model.drafter is None:
+                raise ValueError("model.drafter: resources.mode disaggregated needs a drafter (a path or ngram)")
+            a = self.autoscaler
+            if a.policy == "fixed" and a.targets + a.drafters * a.drafter_cost > a.devices + 1e-9:
+                raise ValueError(f"autoscaler.targets: {a.targets} targets and {a.drafters} drafters need "
+                                 f"{a.targets + a.drafters * a.drafter_cost:g} devices; autoscaler.devices is "
+                                 f"{a.devices:g}")
         return self
 
     def check_job(self) -> None:

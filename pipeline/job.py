@@ -19,7 +19,7 @@ from pathlib import Path
 import ray
 
 from pipeline.config import JobConfig, dump, load_config
-from pipeline.stages import generate_stages
+from pipeline.stages import generate_stages, start_pools
 from pipeline.read import Shard, list_shards, read_shards
 from pipeline.write import OutputDir
 
@@ -96,9 +96,16 @@ def _ensure_ray(cfg: JobConfig) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return
-    r = cfg.resources
-    cpus = max(os.cpu_count() or 1, math.ceil(r.num_actors * r.cpus_per_actor + 2 * r.preprocess_cpus + 1))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    r, a = cfg.resources, cfg.autoscaler
+    actors, resources = r.num_actors * r.cpus_per_actor, {}
+    if r.mode == "disaggregated":  # room for the largest plan the budget allows
+        targets = int(a.devices)
+        drafters = a.max_drafters if a.drafter_cost == 0 else min(a.max_drafters, int(a.devices / a.drafter_cost))
+        actors = targets * r.cpus_per_actor + drafters * a.drafter_cpus
+        for name, amount in [*a.target_resources.items(), *a.drafter_resources.items()]:
+            resources[name] = resources.get(name, 0) + amount * max(targets, drafters)  # one node has them all
+    cpus = max(os.cpu_count() or 1, math.ceil(actors + 2 * r.preprocess_cpus + 1))
+    ray.init(num_cpus=cpus, resources=resources or None, include_dashboard=False, log_to_driver=False)
 
 
 def run_job(config: str | Path | dict | JobConfig, overrides: list[str] | None = None) -> JobResult:
@@ -112,13 +119,19 @@ def run_job(config: str | Path | dict | JobConfig, overrides: list[str] | None =
     done = out.committed()
     pending = [s for s in shards if s.name not in done]
     skipped = [s.name for s in shards if s.name in done]
-    tally, written = _Tally(), []
+    tally, written, pool_report = _Tally(), [], None
     if pending:
         _ensure_ray(cfg)
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ds, normalise = read_shards(cfg.input, pending)
-        written = _stream(generate_stages(ds, cfg, normalise), out, cfg, pending, tally)
+        pools = start_pools(cfg) if cfg.resources.mode == "disaggregated" else None
+        try:
+            written = _stream(generate_stages(ds, cfg, normalise, pools), out, cfg, pending, tally)
+        finally:
+            if pools is not None:
+                pool_report = ray.get(pools.shutdown.remote())
+                ray.kill(pools)
     wall = time.time() - start
     metrics = {
         "rows": tally.rows,
@@ -133,6 +146,7 @@ def run_job(config: str | Path | dict | JobConfig, overrides: list[str] | None =
         "wall_s": wall,
         "tokens_per_s": tally.output_tokens / wall if wall > 0 else 0.0,
         "stage_s": {"generate_actor_busy": tally.generate_s},
+        "pools": pool_report,  # disaggregated mode: the controller's decisions and the actors over time
         "shards_written": written,
         "shards_skipped": skipped,
         "rows_in_output": out.count_rows(),

@@ -2,13 +2,16 @@
 
     rows (shard, key, image | image_path, fields)
       -> preprocess (CPU tasks: decode, validate, prompt, processor)  [pipeline.preprocess]
-      -> generate   (an actor pool, one engine per actor)              [actors.generator]
+      -> generate   colocated: an actor pool, one engine (and drafter) per actor   [actors.generator]
+                    disaggregated: routers handing batches to the target pool,
+                    whose groups draft on the drafter pool (both sized by the controller)  [actors.pools]
       -> rows (shard, key, fields, text, finish_reason, token counts, error)
 """
 from __future__ import annotations
 
 import functools
 import json
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +19,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from actors.generator import Generator
+from actors.pools import PoolManager, PoolSpec
 from actors.request import SamplingParams
 from pipeline.config import JobConfig, load_config
 from pipeline.preprocess import preprocess_row
@@ -48,18 +52,74 @@ def _normalise_and_preprocess(row: dict, normalise: Callable[[dict], dict], **kw
     return preprocess_row(normalise(row), **kwargs)
 
 
-def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[dict], dict]) -> ray.data.Dataset:
-    """Source rows in (`normalise` maps them to pipeline.read's row shape), output rows out."""
+def _generator_kwargs(cfg: JobConfig) -> dict:
+    r = cfg.resources
+    return {"model_path": _model_path(cfg.model.target), "params": vars(sampling_params(cfg)),
+            "engine": engine_kwargs(cfg), "threads": max(1, round(r.cpus_per_actor)), "gpus": r.gpus_per_actor}
+
+
+def start_pools(cfg: JobConfig):
+    """The pool manager of a disaggregated job (it starts the target and drafter actors); kill it when done."""
+    a, r = cfg.autoscaler, cfg.resources
+    kwargs = _generator_kwargs(cfg)
+    drafter = kwargs["engine"]["drafter"]
+    spec = PoolSpec(
+        target_kwargs={**kwargs, "drafter": drafter},
+        target_options={"num_cpus": r.cpus_per_actor, "num_gpus": r.gpus_per_actor,
+                        "resources": dict(a.target_resources)},
+        drafter_kwargs={"spec": drafter, "target": kwargs["model_path"], "gpus": a.drafter_gpus,
+                        "dtype": cfg.decoding.dtype, "threads": max(1, round(a.drafter_cpus)),
+                        "trust_remote_code": cfg.model.trust_remote_code, "lean": cfg.decoding.decoder == "lean"},
+        drafter_options={"num_cpus": a.drafter_cpus, "num_gpus": a.drafter_gpus,
+                         "resources": dict(a.drafter_resources)},
+        budget={"devices": a.devices, "drafter_cost": a.drafter_cost, "max_drafters": a.max_drafters,
+                "max_k": a.max_k},
+        policy=a.policy, fixed={"targets": a.targets, "drafters": a.drafters, "k": a.k}, groups=a.groups,
+        group_rows=-(-cfg.decoding.max_batch_size // a.groups), interval_s=a.interval_s,
+        drain_timeout_s=a.drain_timeout_s)
+    name = f"specray-pools-{uuid.uuid4().hex[:8]}"
+    namespace = ray.get_runtime_context().namespace
+    return ray.remote(PoolManager).options(name=name, num_cpus=0, max_concurrency=64).remote(spec, name, namespace)
+
+
+class Router:
+    """The generate stage of a disaggregated job: each batch goes to a target actor the pool manager picks.
+    A target lost mid-batch (killed, node removed) is reported and the batch is redone on another one, so every
+    row comes out exactly once."""
+
+    def __init__(self, manager, attempts: int = 8):
+        self.manager, self.attempts = manager, attempts
+
+    def __call__(self, batch):
+        for _ in range(self.attempts):
+            target_id, target = ray.get(self.manager.acquire.remote())
+            try:
+                out = ray.get(target.generate_batch.remote(batch))
+            except ray.exceptions.RayActorError as e:
+                ray.get(self.manager.release.remote(target_id, failed=str(e).splitlines()[0][:200] or "lost"))
+                continue
+            self.manager.release.remote(target_id)
+            return out
+        raise RuntimeError(f"no target actor completed the batch in {self.attempts} attempts")
+
+
+def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[dict], dict],
+                    pools=None) -> ray.data.Dataset:
+    """Source rows in (`normalise` maps them to pipeline.read's row shape), output rows out. A disaggregated
+    config needs `pools` (start_pools)."""
     model = _model_path(cfg.model.target)
     r = cfg.resources
     ds = ds.map(_normalise_and_preprocess, num_cpus=r.preprocess_cpus, fn_kwargs={
         "normalise": normalise, "model_path": model, "prompt_template": cfg.task.prompt,
         "max_pixels": cfg.preprocess.max_image_pixels, "trust_remote_code": cfg.model.trust_remote_code})
+    if r.mode == "disaggregated":
+        routers = max(2, 2 * int(cfg.autoscaler.devices))  # two batches per target: the next one is waiting
+        return ds.map_batches(Router, fn_constructor_kwargs={"manager": pools},
+                              compute=ActorPoolStrategy(size=routers), batch_size=r.batch_size,
+                              batch_format="pyarrow", num_cpus=0.01)
     return ds.map_batches(
         Generator,
-        fn_constructor_kwargs={
-            "model_path": model, "params": vars(sampling_params(cfg)), "engine": engine_kwargs(cfg),
-            "threads": max(1, round(r.cpus_per_actor)), "gpus": r.gpus_per_actor},
+        fn_constructor_kwargs=_generator_kwargs(cfg),
         compute=ActorPoolStrategy(size=r.num_actors),
         batch_size=r.batch_size,
         batch_format="pyarrow",
@@ -84,4 +144,5 @@ def generate(ds: ray.data.Dataset, config) -> ray.data.Dataset:
     are used (input.image_column / image_path_column / id_column name the row's columns).
     """
     cfg = load_config(config)
-    return generate_stages(ds, cfg, functools.partial(table_row, cfg=cfg.input, shard="")).map(_to_user)
+    pools = start_pools(cfg) if cfg.resources.mode == "disaggregated" else None  # lives as long as the driver
+    return generate_stages(ds, cfg, functools.partial(table_row, cfg=cfg.input, shard=""), pools).map(_to_user)
