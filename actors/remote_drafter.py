@@ -185,8 +185,8 @@ class RemoteDrafter:
                 self.dead.add(server[0])
                 self.bound = None
             else:
-                q = None if probs is None else torch.from_numpy(probs).to(self.device)
-                return (torch.from_numpy(drafts).to(self.device), torch.from_numpy(num).to(self.device), q, seconds)
+                q = None if probs is None else torch.tensor(probs, device=self.device)
+                return (torch.tensor(drafts, device=self.device), torch.tensor(num, device=self.device), q, seconds)
             self.failovers += 1
             handle = self.submit(histories, k, params)
         self.bound = None
