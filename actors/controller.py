@@ -125,6 +125,19 @@ class Controller:
     def explore_k(self, k: int, draw: float) -> int:
         return explore_k(k, draw, self.budget.max_k)
 
+    def model(self) -> dict:
+        """What the plans are predicted from, and the best plan of each kind (for the record)."""
+        out = {"verify_s_by_row_positions": {str(int(x)): round(y, 5) for x, y in sorted(self.verify.bins.items())},
+               "draft_step_s_by_rows": {str(int(x)): round(y, 5) for x, y in sorted(self.draft.bins.items())},
+               "acceptance": round(self.acceptance, 4)}
+        if self.verify.bins and self.draft.bins:
+            for name, keep in (("best_disaggregated", lambda p: p.mode == "disaggregated" and p.k > 0),
+                               ("best_colocated", lambda p: p.mode == "colocated" and p.k > 0),
+                               ("best_plain", lambda p: p.k == 0)):
+                rate, plan = max((self.throughput(p), p) for p in self.candidates() if keep(p))
+                out[name] = {**asdict(plan), "predicted_tokens_per_s": round(rate, 1)}
+        return out
+
     def decide(self, now: float) -> Plan:
         """Re-plan from the current measurements; returns the plan to run (the current one unless beaten)."""
         plan, rate = self.best()
@@ -133,5 +146,6 @@ class Controller:
             reason = "first plan" if self.plan is None else f"predicted {rate / current:.2f}x the current plan"
             self.plan = plan
             self.timeline.append({"t": round(now, 3), **asdict(plan), "predicted_tokens_per_s": round(rate, 1),
-                                  "acceptance": round(self.acceptance, 3), "reason": reason})
+                                  "acceptance": round(self.acceptance, 3), "reason": reason,
+                                  "model": self.model()})
         return self.plan

@@ -47,4 +47,8 @@ class CostLine:
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         sxx = sum((v - mx) ** 2 for v in xs)
         slope = sum((v - mx) * (y - my) for v, y in zip(xs, ys)) / sxx if sxx > 0 else 0.0
-        return max(1e-9, my + max(0.0, slope) * (x - mx))
+        line = my + max(0.0, slope) * (x - mx)
+        low = min(xs)
+        if x < low and low > 0:  # below the data a steep noisy line can reach 0; a cost v0 + v1 x with v0 >= 0 cannot
+            line = max(line, self.bins[low] * x / low)  # fall faster than in proportion to x
+        return max(1e-9, line)

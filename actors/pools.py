@@ -35,6 +35,41 @@ import ray
 from actors.controller import Budget, Controller, Plan
 
 
+class TargetActor:
+    """The shell of a target actor: the manager starts it without importing torch (which costs it seconds of a
+    busy CPU before the first actor could start); the engine is imported and built in the actor."""
+
+    def __init__(self, **kwargs):
+        from actors.target import Target
+        self.impl = Target(**kwargs)
+
+    def ping(self) -> str:
+        return self.impl.ping()
+
+    def generate_batch(self, batch):
+        return self.impl(batch)
+
+
+class DrafterActor:
+    """The shell of a drafter actor (actors/remote_drafter.py's DrafterServer), for the same reason."""
+
+    def __init__(self, **kwargs):
+        from actors.remote_drafter import DrafterServer
+        self.impl = DrafterServer(**kwargs)
+
+    def ping(self) -> str:
+        return self.impl.ping()
+
+    def step(self, channel: str, ops: list, histories: list, k: int, params):
+        return self.impl.step(channel, ops, histories, k, params)
+
+    def release(self, channel: str) -> None:
+        self.impl.release(channel)
+
+    def active_channels(self) -> int:
+        return self.impl.active_channels()
+
+
 @dataclass
 class _Member:
     id: str
@@ -46,6 +81,7 @@ class _Member:
     drain_since: float = 0.0
     inflight: int = 0
     batches: int = 0
+    node: str = ""
 
 
 @dataclass
@@ -78,6 +114,7 @@ class PoolManager:
         self.counts: list[dict] = []
         self.stats = {"verify_s": 0.0, "draft_s": 0.0, "wait_s": 0.0, "rounds": 0, "failovers": 0}
         self.waiting = 0  # routers waiting for a target (queue depth)
+        self.rounds_since_plan = 0  # rounds measured under the current plan (re-plan only on enough of them)
         if spec.policy == "fixed":
             f = spec.fixed
             self.plan = Plan("disaggregated", f["targets"], f["drafters"] if f["k"] else 0, f["k"])
@@ -103,17 +140,13 @@ class PoolManager:
         self.events.append({"t": self._now(), "event": kind, **info})
 
     def _start(self, kind: str) -> _Member:
-        from actors.remote_drafter import DrafterServer
-        from actors.target import Target
-
         mid = f"{kind}-{next(self.ids)}"
         if kind == "target":
-            cls, opts = ray.remote(Target), self.spec.target_options
-            handle = cls.options(max_restarts=0, **opts).remote(
+            handle = ray.remote(TargetActor).options(max_restarts=0, **self.spec.target_options).remote(
                 target_id=mid, manager=self.name, namespace=self.namespace, **self.spec.target_kwargs)
         else:
-            cls, opts = ray.remote(DrafterServer), self.spec.drafter_options
-            handle = cls.options(max_restarts=0, **opts).remote(**self.spec.drafter_kwargs)
+            handle = ray.remote(DrafterActor).options(max_restarts=0, **self.spec.drafter_options).remote(
+                **self.spec.drafter_kwargs)
         member = _Member(mid, handle, handle.ping.remote(), time.time())
         (self.targets if kind == "target" else self.drafters)[mid] = member
         self._event("start", actor=mid)
@@ -170,9 +203,10 @@ class PoolManager:
                 done, _ = ray.wait([m.ready_ref], timeout=0)
                 if done:
                     try:
-                        ray.get(done[0])
+                        m.node = ray.get(done[0])
                         m.ready = True
-                        self._event("ready", actor=m.id, startup_s=round(time.time() - m.started, 2))
+                        self._event("ready", actor=m.id, node=m.node[:12],
+                                    startup_s=round(time.time() - m.started, 2))
                     except Exception as e:  # noqa: BLE001 - it died while starting
                         self._lost(pool, m, e)
 
@@ -221,12 +255,16 @@ class PoolManager:
                 last_plan = time.time()
                 self._health()  # outside the lock: pings may wait on busy actors
                 with self.lock:
-                    if self.spec.policy == "auto" and self.controller.verify.bins:
+                    if self.spec.policy == "auto" and self.rounds_since_plan >= 30 and self.controller.draft.bins:
+                        before = self.plan
                         self.plan = self.controller.decide(self._now())
+                        if self.plan != before:
+                            self.rounds_since_plan = 0
                     self._apply()
-                    self.counts.append({"t": self._now(), "targets": self._count(self.targets),
-                                        "drafters": self._count(self.drafters), "queue": self.waiting,
-                                        "k": self.plan.k, "mode": self.plan.mode})
+                    targets, drafters = self._count(self.targets), self._count(self.drafters)
+                    self.counts.append({"t": self._now(), "targets": targets, "drafters": drafters,
+                                        "drafters_per_target": round(drafters / targets, 3) if targets else None,
+                                        "queue": self.waiting, "k": self.plan.k, "mode": self.plan.mode})
             except Exception as e:  # noqa: BLE001 - the control loop must not die; the error is on the record
                 self._event("control_error", error=str(e)[:300])
 
@@ -299,6 +337,7 @@ class PoolManager:
             c.observe_acceptance(m["accepted"], m["drafted"])
         for key in ("verify_s", "draft_s", "wait_s", "rounds", "failovers"):
             self.stats[key] += m.get(key, 0)
+        self.rounds_since_plan += m.get("rounds", 0)
 
     # ---- control and record ------------------------------------------------------------------------
 
@@ -307,6 +346,7 @@ class PoolManager:
         with self.lock:
             self.spec.policy = "fixed"
             self.plan = Plan(mode, targets, drafters, k)
+            self.rounds_since_plan = 0
             self._event("plan", reason="set by the user", **asdict(self.plan))
             self._apply()
 
@@ -317,9 +357,10 @@ class PoolManager:
                                 for m in self.targets.values()},
                     "drafters": {m.id: {"ready": m.ready, "draining": m.draining} for m in self.drafters.values()}}
 
-    def drafter_handles(self) -> dict:
+    def node_of(self, actor_id: str) -> str | None:
         with self.lock:
-            return {m.id: m.handle for m in self.drafters.values()}
+            m = self.targets.get(actor_id) or self.drafters.get(actor_id)
+            return m.node if m is not None else None
 
     def report(self) -> dict:
         with self.lock:
@@ -328,6 +369,7 @@ class PoolManager:
             return {"plan": asdict(self.plan), "policy": self.spec.policy, "budget": asdict(self.budget),
                     "groups_per_target": self.spec.groups,
                     "decisions": list(self.controller.timeline), "events": list(self.events),
+                    "model": self.controller.model(),
                     "actors_over_time": list(self.counts), "acceptance": round(self.controller.acceptance, 4),
                     "overlap": None if overlap is None else round(overlap, 4),
                     "target_verify_s": round(s["verify_s"], 3), "draft_s": round(s["draft_s"], 3),

@@ -48,8 +48,8 @@ class DrafterServer:
         self.busy_s = 0.0
         self.calls = 0
 
-    def ping(self) -> bool:
-        return True
+    def ping(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def active_channels(self) -> int:
         return len(self.channels)

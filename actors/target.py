@@ -66,18 +66,18 @@ class Target(Generator):
                 "wait_s": 0.0, "rounds": 0, "failovers": 0}
 
     def ping(self) -> str:
-        return self.target_id
+        return ray.get_runtime_context().get_node_id()
 
     def generate_batch(self, batch):
         return self(batch)
 
-    def sync(self, wait: bool = False) -> None:
+    def sync(self, wait: bool = False, now: bool = False) -> None:
         """Hand the measurements to the manager and pick up new orders (without waiting, unless asked)."""
         if self.pending is not None:
             done, _ = ray.wait([self.pending], timeout=None if wait else 0)
             if done:
                 self.orders, self.pending = ray.get(done[0]), None
-        if self.pending is None and (wait or time.time() - self.last_sync > 1.0):
+        if self.pending is None and (wait or now or time.time() - self.last_sync > 1.0):
             e = self.engine.stats
             m, self.measured = self.measured, self._fresh()
             m["draft_s"], m["wait_s"] = e.draft_s - self._seen[0], e.wait_s - self._seen[1]
@@ -114,4 +114,4 @@ class Target(Generator):
                 if c is not None:
                     self.measured["failovers"] += c.failovers
                     c.close()
-            self.sync()
+            self.sync(now=True)  # the batch's last measurements, without waiting for the answer
