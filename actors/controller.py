@@ -68,6 +68,9 @@ class Controller:
         self.accept = Acceptance(decay)
         self.plan: Plan | None = None
         self.timeline: list[dict] = []
+        self.measured: dict[Plan, float] = {}  # tokens/s actually achieved by plans that ran (when reported)
+        self.previous: Plan | None = None  # the plan a change replaced, until the change is confirmed
+        self.rejected: dict[Plan, float] = {}  # plans that measured worse than the one they replaced: acceptance then
 
     # ---- measurements ------------------------------------------------------------------------------
 
@@ -116,8 +119,13 @@ class Controller:
             out.append(Plan("colocated", int(b.devices), 0, k))
         return out
 
+    def observe_rate(self, tokens_per_s: float) -> None:
+        """The tokens/s the current plan actually achieved over a settled interval (all its actors up)."""
+        old = self.measured.get(self.plan)
+        self.measured[self.plan] = tokens_per_s if old is None else 0.5 * old + 0.5 * tokens_per_s
+
     def best(self, mode: str | None = None) -> tuple[Plan, float]:
-        plans = [p for p in self.candidates() if mode is None or p.mode == mode]
+        plans = [p for p in self.candidates() if (mode is None or p.mode == mode) and p not in self.rejected]
         scored = [(self.throughput(p), p) for p in plans]
         rate, plan = max(scored, key=lambda s: (s[0], -s[1].devices(self.budget.drafter_cost)))
         return plan, rate
@@ -134,18 +142,41 @@ class Controller:
             for name, keep in (("best_disaggregated", lambda p: p.mode == "disaggregated" and p.k > 0),
                                ("best_colocated", lambda p: p.mode == "colocated" and p.k > 0),
                                ("best_plain", lambda p: p.k == 0)):
-                rate, plan = max((self.throughput(p), p) for p in self.candidates() if keep(p))
+                rate, plan = max(((self.throughput(p), p) for p in self.candidates() if keep(p)),
+                                 key=lambda s: s[0])
                 out[name] = {**asdict(plan), "predicted_tokens_per_s": round(rate, 1)}
         return out
 
+    def _record(self, now: float, plan: Plan, rate: float, reason: str) -> None:
+        self.timeline.append({"t": round(now, 3), **asdict(plan), "predicted_tokens_per_s": round(rate, 1),
+                              "acceptance": round(self.acceptance, 3), "reason": reason, "model": self.model()})
+
     def decide(self, now: float) -> Plan:
-        """Re-plan from the current measurements; returns the plan to run (the current one unless beaten)."""
+        """Re-plan from the current measurements; returns the plan to run (the current one unless beaten).
+
+        Decided by the model, confirmed by measurement: where the achieved rates are reported (observe_rate), a
+        change that turns out slower than the plan it replaced is reverted and that plan is set aside until the
+        acceptance moves by more than 0.1 (the model's costs are fitted on one plan and can mislead on another:
+        on a shared host, say, where a "device" is not independent of the others)."""
+        a = self.acceptance
+        self.rejected = {p: at for p, at in self.rejected.items() if abs(a - at) <= 0.1}
+        if self.previous is not None:
+            now_rate, before = self.measured.get(self.plan), self.measured.get(self.previous)
+            if now_rate is None:
+                return self.plan  # the change is not measured yet
+            if now_rate < before * (1 - self.min_gain):
+                self.rejected[self.plan] = a
+                self._record(now, self.previous, before, f"reverted: the new plan measured {now_rate:.1f} tokens/s, "
+                                                         f"the one it replaced {before:.1f}")
+                self.plan, self.previous = self.previous, None
+                return self.plan
+            self.previous = None
         plan, rate = self.best()
         current = self.throughput(self.plan) if self.plan is not None else 0.0
         if self.plan is None or rate > current * (1 + self.min_gain):
             reason = "first plan" if self.plan is None else f"predicted {rate / current:.2f}x the current plan"
+            if self.plan in self.measured:
+                self.previous = self.plan
             self.plan = plan
-            self.timeline.append({"t": round(now, 3), **asdict(plan), "predicted_tokens_per_s": round(rate, 1),
-                                  "acceptance": round(self.acceptance, 3), "reason": reason,
-                                  "model": self.model()})
+            self._record(now, plan, rate, reason)
         return self.plan

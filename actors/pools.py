@@ -124,7 +124,9 @@ class PoolManager:
             left = b.devices - targets
             drafters = max(1, min(b.max_drafters, int(left / b.drafter_cost) if b.drafter_cost else targets))
             self.plan = Plan("disaggregated", targets, drafters, min(4, b.max_k))
+        self.controller.plan = self.plan
         self._event("plan", reason="probe plan" if spec.policy == "auto" else "fixed policy", **asdict(self.plan))
+        self.window = {"tokens": 0, "since": None}  # tokens reported since the current plan's actors were all up
         self.stop = threading.Event()
         with self.lock:
             self._apply()
@@ -255,18 +257,47 @@ class PoolManager:
                 last_plan = time.time()
                 self._health()  # outside the lock: pings may wait on busy actors
                 with self.lock:
+                    self._measure_rate()
                     if self.spec.policy == "auto" and self.rounds_since_plan >= 30 and self.controller.draft.bins:
                         before = self.plan
                         self.plan = self.controller.decide(self._now())
                         if self.plan != before:
                             self.rounds_since_plan = 0
+                            self.window = {"tokens": 0, "since": None}
                     self._apply()
                     targets, drafters = self._count(self.targets), self._count(self.drafters)
                     self.counts.append({"t": self._now(), "targets": targets, "drafters": drafters,
                                         "drafters_per_target": round(drafters / targets, 3) if targets else None,
-                                        "queue": self.waiting, "k": self.plan.k, "mode": self.plan.mode})
+                                        "queue": self._queue(), "k": self.plan.k, "mode": self.plan.mode})
             except Exception as e:  # noqa: BLE001 - the control loop must not die; the error is on the record
                 self._event("control_error", error=str(e)[:300])
+
+    def _settled(self) -> bool:
+        """All of the plan's actors are up, none is starting or draining."""
+        p = self.plan
+        drafters = p.drafters if p.mode == "disaggregated" and p.k > 0 else 0
+        members = [*self.targets.values(), *self.drafters.values()]
+        return (all(m.ready and not m.draining for m in members) and len(self.targets) == p.targets
+                and len(self.drafters) == drafters)
+
+    def _measure_rate(self) -> None:
+        """The current plan's achieved tokens/s over the last interval, for the controller to confirm a change."""
+        w, now = self.window, time.time()
+        if not self._settled():
+            self.window = {"tokens": 0, "since": None}
+            return
+        if w["since"] is None:
+            self.window = {"tokens": 0, "since": now}
+        elif now - w["since"] >= self.spec.interval_s:
+            rate = w["tokens"] / (now - w["since"])
+            if self._queue() > 0:  # batches are queueing: the rate is the plan's, not the input's
+                self.controller.observe_rate(rate)
+                self._event("measured", tokens_per_s=round(rate, 1), **asdict(self.plan))
+            self.window = {"tokens": 0, "since": now}
+
+    def _queue(self) -> int:
+        """Batches waiting: routers waiting for a target, and batches queued behind a target's current one."""
+        return self.waiting + sum(max(0, m.inflight - 1) for m in self.targets.values())
 
     @staticmethod
     def _count(pool: dict) -> int:
@@ -337,6 +368,8 @@ class PoolManager:
             c.observe_acceptance(m["accepted"], m["drafted"])
         for key in ("verify_s", "draft_s", "wait_s", "rounds", "failovers"):
             self.stats[key] += m.get(key, 0)
+        if self.window["since"] is not None:
+            self.window["tokens"] += m.get("tokens", 0)
         self.rounds_since_plan += m.get("rounds", 0)
 
     # ---- control and record ------------------------------------------------------------------------

@@ -81,13 +81,14 @@ class Target(Generator):
             e = self.engine.stats
             m, self.measured = self.measured, self._fresh()
             m["draft_s"], m["wait_s"] = e.draft_s - self._seen[0], e.wait_s - self._seen[1]
-            self._seen = (e.draft_s, e.wait_s)
+            m["tokens"] = e.tokens - self._seen[2]
+            self._seen = (e.draft_s, e.wait_s, e.tokens)
             self.pending = self.manager.assignment.remote(self.target_id, m)
             self.last_sync = time.time()
             if wait:
                 self.orders, self.pending = ray.get(self.pending), None
 
-    _seen = (0.0, 0.0)
+    _seen = (0.0, 0.0, 0)
 
     def _lanes(self, mode: str, groups: int) -> list | None:
         if mode == "colocated":

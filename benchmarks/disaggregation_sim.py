@@ -74,7 +74,7 @@ def simulate(costs: Costs, budget: Budget, rows: int, duration: float, acceptanc
         heapq.heappush(events, (t, seq, kind, payload))
 
     tokens_at: list[tuple[float, int]] = []
-    state = {"plan": None, "epoch": 0}
+    state = {"plan": None, "epoch": 0, "started": 0.0}
     draft_queue: list[int] = []  # group ids waiting for a drafter
     free_drafters: list[int] = []
     target_queue: dict[int, list[int]] = {}
@@ -88,6 +88,7 @@ def simulate(costs: Costs, budget: Budget, rows: int, duration: float, acceptanc
         a round's tokens count only when its verify completes)."""
         state["epoch"] += 1
         state["plan"] = p
+        state["started"] = now
         delay = startup if now > 0 else 0.0
         for d in (draft_queue, free_drafters, target_queue, target_busy, group_target, group_k):
             d.clear()
@@ -136,6 +137,7 @@ def simulate(costs: Costs, budget: Budget, rows: int, duration: float, acceptanc
         targets = max(1, int(budget.devices // 2))
         drafters = int((budget.devices - targets) / budget.drafter_cost) if budget.drafter_cost else targets
         p0 = Plan("disaggregated", targets, max(1, min(drafters, budget.max_drafters)), 4)
+        controller.plan = p0  # as the pool manager does: the probe plan is the current plan
         push(interval, "decide")
     start(p0, 0.0)
     while events:
@@ -143,6 +145,8 @@ def simulate(costs: Costs, budget: Budget, rows: int, duration: float, acceptanc
         if now > duration:
             break
         if kind == "decide":
+            if now - state["started"] >= startup + interval:  # settled for a whole interval: report the rate
+                controller.observe_rate(sum(n for t, n in tokens_at if t > now - interval) / interval)
             new, old = controller.decide(now), state["plan"]
             if (new.mode, new.targets, new.drafters) != (old.mode, old.targets, old.drafters):
                 start(new, now)  # actors change: they restart

@@ -55,3 +55,45 @@ def test_every_candidate_plan_fits_the_budget_and_stable_measurements_do_not_chu
     for t in range(10):
         ctl.decide(float(t))
     assert len(ctl.timeline) == 1
+
+
+def test_cost_line_does_not_fall_faster_than_in_proportion_below_its_data():
+    """A steep noisy line through two bins would predict a near-zero cost for a smaller x (and an absurd plan);
+    below the data the cost falls at most in proportion to x."""
+    from actors.estimates import CostLine
+
+    c = CostLine()
+    c.add(20, 0.02)
+    c.add(40, 0.06)
+    assert c(5) == pytest.approx(0.02 * 5 / 20)
+    assert c(30) == pytest.approx(0.04)
+    assert c(60) == pytest.approx(0.10)
+
+
+def test_a_change_that_measures_slower_than_the_plan_it_replaced_is_reverted():
+    """The model prefers plan B; B runs and its achieved rate is reported lower than A's: the controller goes
+    back to A and sets B aside, until the acceptance moves."""
+    from actors.controller import Budget, Controller, Plan
+
+    c = Controller(Budget(devices=2, drafter_cost=1.0, max_k=4), group_rows=8)
+    for k in range(0, 5):
+        for _ in range(3):
+            c.observe_verify(8, k, 0.010 + 0.001 * 8 * (k + 1))
+            c.observe_verify(16, k, 0.010 + 0.001 * 16 * (k + 1))
+    for rows in (8, 16):
+        c.observe_draft_step(rows, 0.004)
+    c.observe_acceptance([4] * 8, [4] * 8)
+    a = Plan("disaggregated", 1, 1, 4)
+    c.plan = a
+    c.observe_rate(300.0)
+    b = c.decide(1.0)
+    assert b != a and c.previous == a
+    assert c.decide(2.0) == b  # not measured yet: keep running it
+    c.observe_rate(200.0)
+    assert c.decide(3.0) == a and b in c.rejected
+    assert "reverted" in c.timeline[-1]["reason"]
+    assert c.decide(4.0) != b  # set aside ...
+    for _ in range(40):
+        c.observe_acceptance([0] * 8, [4] * 8)
+    c.decide(5.0)
+    assert not c.rejected  # ... until the acceptance moves
