@@ -68,7 +68,7 @@ class Controller:
         self.accept = Acceptance(decay)
         self.plan: Plan | None = None
         self.timeline: list[dict] = []
-        self.measured: dict[Plan, float] = {}  # tokens/s actually achieved by plans that ran (when reported)
+        self.measured: dict[Plan, tuple[float, float]] = {}  # plan -> (achieved tokens/s, acceptance then)
         self.previous: Plan | None = None  # the plan a change replaced, until the change is confirmed
         self.rejected: dict[Plan, float] = {}  # plans that measured worse than the one they replaced: acceptance then
 
@@ -119,10 +119,18 @@ class Controller:
             out.append(Plan("colocated", int(b.devices), 0, k))
         return out
 
-    def observe_rate(self, tokens_per_s: float) -> None:
-        """The tokens/s the current plan actually achieved over a settled interval (all its actors up)."""
+    def observe_rate(self, tokens_per_s: float, acceptance_before: float) -> None:
+        """The tokens/s the current plan achieved over a settled interval (all its actors up), and the
+        acceptance estimate when that interval began: an interval over which the acceptance moved measures the
+        input's change, not the plan, and is not kept."""
+        a = self.acceptance
+        if abs(a - acceptance_before) > 0.05:
+            self.measured.pop(self.plan, None)
+            return
         old = self.measured.get(self.plan)
-        self.measured[self.plan] = tokens_per_s if old is None else 0.5 * old + 0.5 * tokens_per_s
+        if old is not None and abs(old[1] - a) <= 0.05:
+            tokens_per_s = 0.5 * old[0] + 0.5 * tokens_per_s
+        self.measured[self.plan] = (tokens_per_s, a)
 
     def best(self, mode: str | None = None) -> tuple[Plan, float]:
         plans = [p for p in self.candidates() if (mode is None or p.mode == mode) and p not in self.rejected]
@@ -164,7 +172,8 @@ class Controller:
             now_rate, before = self.measured.get(self.plan), self.measured.get(self.previous)
             if now_rate is None:
                 return self.plan  # the change is not measured yet
-            if now_rate < before * (1 - self.min_gain):
+            (now_rate, a_now), (before, a_before) = now_rate, before
+            if abs(a_now - a_before) <= 0.05 and now_rate < before * (1 - self.min_gain):
                 self.rejected[self.plan] = a
                 self._record(now, self.previous, before, f"reverted: the new plan measured {now_rate:.1f} tokens/s, "
                                                          f"the one it replaced {before:.1f}")

@@ -287,13 +287,13 @@ class PoolManager:
             self.window = {"tokens": 0, "since": None}
             return
         if w["since"] is None:
-            self.window = {"tokens": 0, "since": now}
+            self.window = {"tokens": 0, "since": now, "acceptance": self.controller.acceptance}
         elif now - w["since"] >= self.spec.interval_s:
             rate = w["tokens"] / (now - w["since"])
             if self._queue() > 0:  # batches are queueing: the rate is the plan's, not the input's
-                self.controller.observe_rate(rate)
+                self.controller.observe_rate(rate, w["acceptance"])
                 self._event("measured", tokens_per_s=round(rate, 1), **asdict(self.plan))
-            self.window = {"tokens": 0, "since": now}
+            self.window = {"tokens": 0, "since": now, "acceptance": self.controller.acceptance}
 
     def _queue(self) -> int:
         """Batches waiting: routers waiting for a target, and batches queued behind a target's current one."""

@@ -74,7 +74,7 @@ def simulate(costs: Costs, budget: Budget, rows: int, duration: float, acceptanc
         heapq.heappush(events, (t, seq, kind, payload))
 
     tokens_at: list[tuple[float, int]] = []
-    state = {"plan": None, "epoch": 0, "started": 0.0}
+    state = {"plan": None, "epoch": 0, "started": 0.0, "acceptance": 0.0}
     draft_queue: list[int] = []  # group ids waiting for a drafter
     free_drafters: list[int] = []
     target_queue: dict[int, list[int]] = {}
@@ -146,8 +146,10 @@ def simulate(costs: Costs, budget: Budget, rows: int, duration: float, acceptanc
             break
         if kind == "decide":
             if now - state["started"] >= startup + interval:  # settled for a whole interval: report the rate
-                controller.observe_rate(sum(n for t, n in tokens_at if t > now - interval) / interval)
+                controller.observe_rate(sum(n for t, n in tokens_at if t > now - interval) / interval,
+                                        state["acceptance"])
             new, old = controller.decide(now), state["plan"]
+            state["acceptance"] = controller.acceptance  # the next interval's start
             if (new.mode, new.targets, new.drafters) != (old.mode, old.targets, old.drafters):
                 start(new, now)  # actors change: they restart
             elif new.k != old.k and (new.k == 0) == (old.k == 0):

@@ -85,11 +85,11 @@ def test_a_change_that_measures_slower_than_the_plan_it_replaced_is_reverted():
     c.observe_acceptance([4] * 8, [4] * 8)
     a = Plan("disaggregated", 1, 1, 4)
     c.plan = a
-    c.observe_rate(300.0)
+    c.observe_rate(300.0, c.acceptance)
     b = c.decide(1.0)
     assert b != a and c.previous == a
     assert c.decide(2.0) == b  # not measured yet: keep running it
-    c.observe_rate(200.0)
+    c.observe_rate(200.0, c.acceptance)
     assert c.decide(3.0) == a and b in c.rejected
     assert "reverted" in c.timeline[-1]["reason"]
     assert c.decide(4.0) != b  # set aside ...
