@@ -17,6 +17,7 @@ from typing import Callable
 
 import ray
 from ray.data import ActorPoolStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.generator import Generator
 from actors.pools import PoolManager, PoolSpec
@@ -78,8 +79,10 @@ def start_pools(cfg: JobConfig):
         group_rows=-(-cfg.decoding.max_batch_size // a.groups), interval_s=a.interval_s,
         drain_timeout_s=a.drain_timeout_s)
     name = f"specray-pools-{uuid.uuid4().hex[:8]}"
-    namespace = ray.get_runtime_context().namespace
-    return ray.remote(PoolManager).options(name=name, num_cpus=0, max_concurrency=64).remote(spec, name, namespace)
+    ctx = ray.get_runtime_context()
+    here = NodeAffinitySchedulingStrategy(ctx.get_node_id(), soft=False)  # the driver's node: it lives as long
+    return ray.remote(PoolManager).options(name=name, num_cpus=0, max_concurrency=64, scheduling_strategy=here
+                                           ).remote(spec, name, ctx.namespace)
 
 
 class Router:
