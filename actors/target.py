@@ -58,6 +58,7 @@ class Target(Generator):
         self.measured = self._fresh()
         self.pending = None
         self.last_sync = 0.0
+        self._seen = (0.0, 0.0, 0)  # engine draft_s, wait_s, tokens at the last report
         self.orders = ray.get(self.manager.assignment.remote(target_id))
 
     @staticmethod
@@ -87,8 +88,6 @@ class Target(Generator):
             self.last_sync = time.time()
             if wait:
                 self.orders, self.pending = ray.get(self.pending), None
-
-    _seen = (0.0, 0.0, 0)
 
     def _lanes(self, mode: str, groups: int) -> list | None:
         if mode == "colocated":
