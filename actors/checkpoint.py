@@ -1,9 +1,18 @@
 """A checkpoint as the engine uses it: tokenizer, prompt embedding (the model's own vision tower and projector for
 a VLM), and a decoder (the lean one for Llama-family backbones, the generic HF one otherwise).
 
+Compression is applied here: weight-only quantization of the lean decoder's linears (kernels/quant.py) and
+visual-token pruning of the prompt embeddings (actors/visual_tokens.py). Once the lean decoder holds its own
+copy of the weights, the Hugging Face decoder layers are dropped (only the vision tower, the projector and
+the embedding are still run through the HF model), so a checkpoint holds its decoder weights once.
+
 Loading is safetensors-only; remote code runs only when the config asks for it.
 """
 from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -11,6 +20,47 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 
 from actors.decoder import LEAN_ARCHITECTURES, HFDecoder, LeanDecoder
 from actors.request import shape_key, stack_arrays
+from actors.visual_tokens import VisualTokenPruner
+
+WEIGHT_BITS = {"none": None, "int8": 8, "int4": 4}
+
+
+@dataclass(frozen=True)
+class Compression:
+    """What to compress in one checkpoint (the config's `compression` section, resolved per model)."""
+    weights: str = "none"  # none | int8 | int4
+    group_size: int = 64  # int4
+    visual_keep: float = 1.0  # fraction of image tokens kept
+    visual_method: str = "attention"  # attention | diversity
+    visual_merge: bool = False  # fold pruned tokens into their nearest kept token
+
+    @property
+    def bits(self) -> int | None:
+        return WEIGHT_BITS[self.weights]
+
+
+class PromptEmbeds(NamedTuple):
+    embeds: torch.Tensor  # [n, width, hidden], right-padded
+    lengths: list[int]  # tokens per row the decoder sees
+    positions: torch.Tensor | None = None  # [n, width] rotary positions (pruned prompts only)
+    offsets: list[int] | None = None  # per row: the prompt's length minus `lengths` (pruned image tokens)
+
+
+SELF_DRAFTERS = {"self-int8": "int8", "self-int4": "int4"}  # model.drafter: the target, quantized, drafts for itself
+
+
+def resolve_compression(section: dict | None, drafter: str | None) -> tuple[Compression, Compression]:
+    """(target's, drafter's) Compression from the config's compression section (`apply_to` picks the models).
+    A self-speculation drafter is the target's weights at its own precision over the target's pruned prompt."""
+    c = section or {}
+    apply_to = c.get("apply_to", "target")
+    full = Compression(c.get("weights", "none"), c.get("group_size", 64), c.get("visual_keep", 1.0),
+                       c.get("visual_method", "attention"), c.get("visual_merge", False))
+    target = full if apply_to in ("target", "both") else Compression(group_size=full.group_size)
+    if drafter in SELF_DRAFTERS:
+        return target, Compression(SELF_DRAFTERS[drafter], full.group_size, target.visual_keep, target.visual_method,
+                                   target.visual_merge)
+    return target, full if apply_to in ("drafter", "both") else Compression(group_size=full.group_size)
 
 
 MROPE_MODELS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"}
@@ -23,7 +73,7 @@ class _Captured(Exception):
 
 class Checkpoint:
     def __init__(self, path: str, device: str, dtype: torch.dtype, trust_remote_code: bool = False,
-                 lean: bool = True):
+                 lean: bool = True, compression: Compression | None = None, self_draft_bits: int | None = None):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         text_config = config.get_text_config()
         rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
@@ -44,6 +94,22 @@ class Checkpoint:
         head = self.model.get_output_embeddings()
         self.lean = lean and text_config.model_type in LEAN_ARCHITECTURES
         self.decoder = (LeanDecoder if self.lean else HFDecoder)(self.language_model, head, text_config, device, dtype)
+        self.compression = compression = compression or Compression()
+        if (compression.bits or self_draft_bits) and not self.lean:
+            raise ValueError(f"compression.weights: quantization needs the lean decoder (decoding.decoder: lean and a "
+                             f"Llama-family model); {path} has {text_config.model_type}")
+        # self-speculation: a quantized copy of the dense decoder, made before the target's own is quantized
+        self.self_draft_group = compression.group_size
+        self.self_decoder = self.decoder.quantized_copy(self_draft_bits, compression.group_size) if self_draft_bits else None
+        self.quantized = self.decoder.quantize(compression.bits, compression.group_size) if compression.bits else None
+        if self.lean:  # the lean decoder has its own copy of every decoder weight
+            self.language_model.layers = torch.nn.ModuleList()
+        self.pruner = None
+        if compression.visual_keep < 1:
+            if not self.is_vlm:
+                raise ValueError(f"compression.visual_tokens: {path} is not a vision-language model")
+            self.pruner = VisualTokenPruner(self.model, config, compression.visual_keep, compression.visual_method,
+                                            compression.visual_merge)
         self.max_positions = getattr(text_config, "max_position_embeddings", None)
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
@@ -51,24 +117,74 @@ class Checkpoint:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
+    def with_decoder(self, decoder) -> "Checkpoint":
+        """The same checkpoint (tokenizer, tower, prompt embedding) over another decoder: self-speculation's drafter."""
+        other = copy.copy(self)
+        other.decoder = decoder
+        return other
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this checkpoint holds (the decoder's, the tower's, the projector's; shared tensors
+        counted once)."""
+        dense = [*self.model.parameters(), *getattr(self.decoder, "dense_tensors", list)()]
+        seen = {(t.data_ptr(), t.numel()): t.numel() * t.element_size() for t in dense}
+        return sum(seen.values()) + getattr(self.decoder, "quant_bytes", int)()
+
     @torch.inference_mode()
-    def embed_prompts(self, prompts: list[list[int]], arrays: list[dict[str, np.ndarray]]) -> torch.Tensor:
-        """Right-padded input embeddings [n, max_len, hidden] of prompts (with their images, for a VLM)."""
+    def embed_prompts(self, prompts: list[list[int]], arrays: list[dict[str, np.ndarray]]) -> PromptEmbeds:
+        """Right-padded input embeddings [n, max_len, hidden] of prompts (with their images, for a VLM); with
+        visual-token pruning, only the kept tokens, at their original rotary positions."""
         width = max(map(len, prompts))
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
         ids = ids.to(self.device)
+        lengths = [len(p) for p in prompts]
         if not self.is_vlm or not arrays or not arrays[0]:
-            return self.decoder.embed(ids)
+            return PromptEmbeds(self.decoder.embed(ids), lengths)
         out = torch.empty(len(prompts), width, self.decoder.hidden_size, device=self.device, dtype=self.dtype)
+        positions, pruned = torch.zeros_like(ids), list(lengths)
         groups: dict[tuple, list[int]] = {}
         for i, a in enumerate(arrays):
             groups.setdefault(shape_key(a), []).append(i)
         for idx in groups.values():
             inputs = stack_arrays([arrays[i] for i in idx], self.dtype, self.device)
-            out[idx] = self._vlm_embeds(ids[idx], inputs)
-        return out
+            handle = self.pruner.hook() if self.pruner is not None else None
+            try:
+                out[idx] = self._vlm_embeds(ids[idx], inputs)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            if self.pruner is not None:  # the encoder's attention just captured belongs to this group
+                self._prune(out, ids, idx, pruned, positions)
+        if self.pruner is None:
+            return PromptEmbeds(out, lengths)
+        width = max(pruned)
+        return PromptEmbeds(out[:, :width], pruned, positions[:, :width], [a - b for a, b in zip(lengths, pruned)])
+
+    def _prune(self, out: torch.Tensor, ids: torch.Tensor, idx: list[int], lengths: list[int],
+               positions: torch.Tensor) -> None:
+        """Drop the pruned image tokens of rows idx in place: kept tokens move left (their original positions go in
+        `positions`), lengths shrink."""
+        is_image = ids[idx] == self.image_token_id  # [g, width]
+        counts = is_image.sum(1)
+        if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
+            raise ValueError("compression.visual_tokens: every prompt needs one image's tokens to prune")
+        m = int(counts[0])
+        image_at = is_image.nonzero()[:, 1].view(len(idx), m)  # [g, m]
+        rows = torch.tensor(idx, device=self.device)
+        kept = self.pruner.select(out[rows[:, None], image_at])  # [g, n]
+        if self.pruner.merge_pruned:
+            merged = self.pruner.merge(out[rows[:, None], image_at], kept)
+            out[rows[:, None], image_at.gather(1, kept)] = merged
+        keep = ~is_image  # text tokens stay...
+        keep.scatter_(1, image_at.gather(1, kept), True)  # ...and so do the kept image tokens
+        for j, i in enumerate(idx):
+            keep_pos = keep[j][:lengths[i]].nonzero().squeeze(1)
+            n = len(keep_pos)
+            out[i, :n] = out[i, keep_pos]
+            positions[i, :n] = keep_pos
+            lengths[i] = n
 
     def _vlm_embeds(self, ids: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's own multimodal merge (vision tower, projector, placeholder scatter), stopped at the decoder's

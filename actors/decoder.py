@@ -13,8 +13,12 @@ model over each row's whole sequence: quadratic, slower, but correct.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
+
+from kernels.quant import QuantLinear, quantize
 
 LEAN_ARCHITECTURES = {"llama", "mistral", "qwen2"}
 
@@ -23,6 +27,13 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)  # the same cast order as transformers' LlamaRMSNorm
+
+
+def _linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    """A dense weight (F.linear) or a QuantLinear."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, b)
+    return w(x) if b is None else w(x) + b
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -77,6 +88,49 @@ class LeanDecoder:
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.slots = self.max_len = 0
+        self.quantized: dict | None = None
+
+    LINEARS = ("qkv", "o", "gate_up", "down")
+
+    def quantize(self, bits: int, group_size: int = 64) -> dict:
+        """Hold every layer's linear weights quantized (weight-only: kernels/quant.py); the embedding, the head and
+        the norms stay as they are. int4 groups that do not divide a layer's input channels are halved until they
+        do. Returns what was done (bits, group sizes used, bytes before and after)."""
+        before, groups = self.linear_bytes(), set()
+        for p in self.layers:
+            for name in self.LINEARS:
+                w = p[name]
+                g = group_size
+                while bits == 4 and w.shape[1] % g:
+                    g //= 2
+                p[name] = QuantLinear(quantize(w, bits, g), self.device)
+                groups.add(g if bits == 4 else w.shape[1])
+        self.quantized = {"bits": bits, "group_sizes": sorted(groups), "linear_bytes_before": before,
+                          "linear_bytes": self.linear_bytes()}
+        return self.quantized
+
+    def quantized_copy(self, bits: int, group_size: int = 64) -> "LeanDecoder":
+        """Another decoder over the same embedding, head and norms with quantized linears and its own (empty)
+        cache: the drafter of self-speculation."""
+        other = copy.copy(self)
+        other.layers = [dict(p) for p in self.layers]
+        other.swap_cache(None)
+        other.quantize(bits, group_size)
+        return other
+
+    def linear_bytes(self) -> int:
+        return sum(w.nbytes if isinstance(w, QuantLinear) else w.numel() * w.element_size()
+                   for p in self.layers for w in (p[n] for n in self.LINEARS))
+
+    def dense_tensors(self) -> list[torch.Tensor]:
+        """Every unquantized weight tensor (some are the HF model's own: the embedding, a tied head, the norm)."""
+        out = [self.embed_weight, self.head_weight, self.final_norm]
+        for p in self.layers:
+            out += [t for t in p.values() if isinstance(t, torch.Tensor)]
+        return out
+
+    def quant_bytes(self) -> int:
+        return sum(w.nbytes for p in self.layers for w in p.values() if isinstance(w, QuantLinear))
 
     @staticmethod
     def _windows(config) -> list[int | None]:
@@ -102,8 +156,11 @@ class LeanDecoder:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = (emb.cos() * self.rope_scale).to(self.dtype)
         self.sin = (emb.sin() * self.rope_scale).to(self.dtype)
+        self.rope_offset = torch.zeros(self.slots, dtype=torch.long, device=self.device)
 
-    CACHE = ("slots", "max_len", "k_cache", "v_cache", "cos", "sin")
+    # rope_offset[slot]: a row's rotary position minus its cache index (> 0 after pruned image tokens, whose
+    # kept neighbours keep their original positions while the cache holds them contiguously)
+    CACHE = ("slots", "max_len", "k_cache", "v_cache", "cos", "sin", "rope_offset")
 
     def swap_cache(self, state: dict | None) -> dict:
         """Put another cache in place (None: an empty one, grown by the next allocate); returns the one taken
@@ -116,8 +173,12 @@ class LeanDecoder:
             return
         s = torch.tensor(src, device=self.device)
         d = torch.tensor(dst, device=self.device)
-        for cache in (*self.k_cache, *self.v_cache):
+        for cache in (*self.k_cache, *self.v_cache, self.rope_offset):
             cache[d] = cache[s]
+
+    def set_offsets(self, first: int, offsets: list[int]) -> None:
+        """Rotary position minus cache index of the rows just admitted at slots first.. (0: an unpruned prompt)."""
+        self.rope_offset[first:first + len(offsets)] = torch.tensor(offsets, device=self.device)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embed_weight)
@@ -138,25 +199,28 @@ class LeanDecoder:
         return masks
 
     def forward(self, x: torch.Tensor, starts: torch.Tensor, first: int = 0, last: torch.Tensor | None = None,
-                kv_only: bool = False) -> torch.Tensor | None:
+                kv_only: bool = False, positions: torch.Tensor | None = None) -> torch.Tensor | None:
         """x [n, T, hidden] for slots first..first+n-1, starts [n] -> final-normed hidden states [n, T, hidden].
 
         `last` [n] (an index into T per row): only that position's hidden state is wanted ([n, 1, hidden]), so
         the final layer's attention and MLP run for it alone. `kv_only`: nothing is wanted but the cache (a
-        drafter's prefill), so the final layer stops once its keys and values are written.
+        drafter's prefill), so the final layer stops once its keys and values are written. `positions` [n, T]:
+        the tokens' rotary positions, when they are not their cache indices (a prefill of a pruned prompt; the
+        caller then sets rope_offset for the tokens that follow).
         """
         n, t, _ = x.shape
         pos = starts[:, None] + torch.arange(t, device=self.device)[None, :]  # [n, T]
         length = int(pos.max()) + 1
         masks = self._masks(pos, length)
-        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # [n, T, 1, head_dim]
+        rpos = positions if positions is not None else pos + self.rope_offset[first:first + n, None]
+        cos, sin = self.cos[rpos][:, :, None], self.sin[rpos][:, :, None]  # [n, T, 1, head_dim]
         rows = torch.arange(first, first + n, device=self.device)[:, None].expand(n, t)
         nq, nkv, hd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim
         final = len(self.layers) - 1
         h = x
         for i, p in enumerate(self.layers):
             r = _rms_norm(h, p["in_norm"], self.eps)
-            q, k, v = F.linear(r, p["qkv"], p["qkv_bias"]).split([nq, nkv, nkv], dim=-1)
+            q, k, v = _linear(r, p["qkv"], p["qkv_bias"]).split([nq, nkv, nkv], dim=-1)
             k = k.view(n, t, self.num_kv_heads, hd)
             self.k_cache[i][rows, :, pos] = k * cos + _rotate_half(k) * sin
             self.v_cache[i][rows, :, pos] = v.view(n, t, self.num_kv_heads, hd)
@@ -177,10 +241,10 @@ class LeanDecoder:
                                                self.v_cache[i][first:first + n, :, :length],
                                                attn_mask=masks[self.windows[i]])
             a = a.view(n, self.num_kv_heads, self.group, t, hd).permute(0, 3, 1, 2, 4).reshape(n, t, nq)
-            h = h + F.linear(a, p["o"], p["o_bias"])
+            h = h + _linear(a, p["o"], p["o_bias"])
             r = _rms_norm(h, p["post_norm"], self.eps)
-            gate, up = F.linear(r, p["gate_up"]).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, p["down"])
+            gate, up = _linear(r, p["gate_up"]).chunk(2, dim=-1)
+            h = h + _linear(F.silu(gate) * up, p["down"])
         return _rms_norm(h, self.final_norm, self.eps)
 
 
@@ -209,6 +273,10 @@ class HFDecoder:
         if src:
             self.store[torch.tensor(dst, device=self.device)] = self.store[torch.tensor(src, device=self.device)]
 
+    def set_offsets(self, first: int, offsets: list[int]) -> None:
+        if any(offsets):
+            raise ValueError("compression.visual_tokens: pruning needs the lean decoder (decoding.decoder: lean)")
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.embed_tokens(ids)
 
@@ -216,7 +284,7 @@ class HFDecoder:
         return self.head(hidden).float()
 
     def forward(self, x: torch.Tensor, starts: torch.Tensor, first: int = 0, last: torch.Tensor | None = None,
-                kv_only: bool = False) -> torch.Tensor | None:
+                kv_only: bool = False, positions: torch.Tensor | None = None) -> torch.Tensor | None:
         n, t, _ = x.shape
         pos = starts[:, None] + torch.arange(t, device=self.device)[None, :]
         rows = torch.arange(first, first + n, device=self.device)[:, None].expand(n, t)

@@ -26,17 +26,31 @@ import time
 import numpy as np
 import torch
 
-from actors.checkpoint import Checkpoint
+from actors.checkpoint import SELF_DRAFTERS, Checkpoint, Compression
 from actors.request import SamplingParams
 from actors.sampling import warp
 
 
 def make_drafter(spec: str, tokenizer, image_token_id: int | None, device: str, dtype: torch.dtype,
-                 trust_remote_code: bool = False, lean: bool = True):
-    """The drafter `model.drafter` names, checked against the target's tokenizer and image token."""
+                 trust_remote_code: bool = False, lean: bool = True, compression: Compression | None = None,
+                 target: Checkpoint | str | None = None):
+    """The drafter `model.drafter` names, checked against the target's tokenizer and image token.
+
+    `self-int8` / `self-int4`: the target drafts for itself with quantized weights. Given the target's
+    Checkpoint (built with self_draft_bits), the drafter shares its tower, embedding and head and adds only
+    the quantized linears; given the target's path (a drafter server), it loads the target quantized."""
     if spec == "ngram":
         return NgramDrafter(image_token_id, device=device)
-    ck = Checkpoint(spec, device, dtype, trust_remote_code=trust_remote_code, lean=lean)
+    if spec in SELF_DRAFTERS:
+        if isinstance(target, Checkpoint) and target.self_decoder is not None:
+            ck = target.with_decoder(target.self_decoder)
+        elif isinstance(target, str):
+            ck = Checkpoint(target, device, dtype, trust_remote_code=trust_remote_code, lean=lean,
+                            compression=compression or Compression(SELF_DRAFTERS[spec]))
+        else:
+            raise ValueError(f"model.drafter: {spec} needs the target model")
+        return ModelDrafter(ck, {image_token_id} - {None}, image_token_id)
+    ck = Checkpoint(spec, device, dtype, trust_remote_code=trust_remote_code, lean=lean, compression=compression)
     if ck.tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"model.drafter: {spec} does not share the target's tokenizer")
     if ck.is_vlm and ck.image_token_id != image_token_id:
@@ -82,11 +96,12 @@ class ModelDrafter(LocalDrafter):
     def admit(self, first: int, prompts: list[list[int]], arrays: list[dict[str, np.ndarray]]) -> None:
         if not self.ck.is_vlm:
             prompts = [[t for t in p if t != self.target_image_token] for p in prompts]
-        embeds = self.ck.embed_prompts(prompts, arrays)
-        self.dec.forward(embeds, torch.zeros(len(prompts), dtype=torch.long, device=self.device), first=first,
-                         kv_only=True)
-        for i, p in enumerate(prompts):
-            self.prompt_len[first + i], self.cached[first + i] = len(p), 0
+        pe = self.ck.embed_prompts(prompts, arrays)
+        self.dec.set_offsets(first, pe.offsets or [0] * len(prompts))
+        self.dec.forward(pe.embeds, torch.zeros(len(prompts), dtype=torch.long, device=self.device), first=first,
+                         kv_only=True, positions=pe.positions)
+        for i, n in enumerate(pe.lengths):
+            self.prompt_len[first + i], self.cached[first + i] = n, 0
 
     def _next(self, logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits[:, self.banned] = float("-inf")

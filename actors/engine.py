@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from actors.checkpoint import Checkpoint
+from actors.checkpoint import SELF_DRAFTERS, Checkpoint, resolve_compression
 from actors.draft_length import DraftLength
 from actors.drafters import make_drafter
 from actors.request import Request, Result, SamplingParams, error_result, finish_text
@@ -79,10 +79,13 @@ def _sync(device: str) -> None:
 class SpecEngine:
     def __init__(self, target: str, drafter: str | None = None, device: str = "cpu",
                  dtype: torch.dtype = torch.bfloat16, max_batch: int = 32, num_draft_tokens: int | str = 4,
-                 trust_remote_code: bool = False, lean: bool = True):
+                 trust_remote_code: bool = False, lean: bool = True, compression: dict | None = None):
         self.device, self.dtype = device, dtype
         self.max_batch = max_batch
-        self.target = Checkpoint(target, device, dtype, trust_remote_code=trust_remote_code, lean=lean)
+        self.compression, self.drafter_compression = resolve_compression(compression, drafter)
+        self_bits = self.drafter_compression.bits if drafter in SELF_DRAFTERS else None
+        self.target = Checkpoint(target, device, dtype, trust_remote_code=trust_remote_code, lean=lean,
+                                 compression=self.compression, self_draft_bits=self_bits)
         self.tokenizer = self.target.tokenizer
         self.drafter = self._drafter(drafter, trust_remote_code, lean)
         fixed = None if num_draft_tokens == "auto" else int(num_draft_tokens)
@@ -97,7 +100,8 @@ class SpecEngine:
         if spec is None:
             return None
         return make_drafter(spec, self.tokenizer, self.target.image_token_id, self.device, self.dtype,
-                            trust_remote_code=trust_remote_code, lean=lean)
+                            trust_remote_code=trust_remote_code, lean=lean, compression=self.drafter_compression,
+                            target=self.target)
 
     # ---- the loop ----------------------------------------------------------------------------------
 
@@ -162,6 +166,35 @@ class SpecEngine:
             self._current = None
         return results  # type: ignore[return-value]
 
+    @torch.inference_mode()
+    def agreement(self, requests: list[Request], references: list[list[int]], batch: int = 16) -> list[int]:
+        """Per row, how many of a reference output's tokens (plus its end of sequence) this engine's target picks
+        greedily when fed the reference's own prefix: teacher-forced token agreement, free of the cascade that
+        one early difference causes in free-running output. Uses the decoder's cache (call between generates)."""
+        eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else min(self.target.eos_ids)
+        dec, out = self.target.decoder, []
+        for j in range(0, len(requests), batch):
+            reqs, refs = requests[j:j + batch], [list(r) + [eos] for r in references[j:j + batch]]
+            pe = self.target.embed_prompts([r.input_ids for r in reqs], [r.model_inputs for r in reqs])
+            n, width = len(reqs), max(a + len(b) for a, b in zip(pe.lengths, refs))
+            x = torch.zeros(n, width, dec.hidden_size, device=self.device, dtype=self.dtype)
+            positions = torch.zeros(n, width, dtype=torch.long, device=self.device)
+            offsets = pe.offsets or [0] * n
+            for i, (length, ref) in enumerate(zip(pe.lengths, refs)):
+                x[i, :length] = pe.embeds[i, :length]
+                x[i, length:length + len(ref) - 1] = dec.embed(torch.tensor(ref[:-1], device=self.device))
+                positions[i, :length] = (pe.positions[i, :length] if pe.positions is not None
+                                         else torch.arange(length, device=self.device))
+                positions[i, length:] = torch.arange(length, width, device=self.device) + offsets[i]
+            dec.allocate(n, width + 1)
+            dec.set_offsets(0, offsets)
+            picks = dec.logits(dec.forward(x, torch.zeros(n, dtype=torch.long, device=self.device),
+                                           positions=positions)).argmax(-1)
+            for i, (length, ref) in enumerate(zip(pe.lengths, refs)):
+                got = picks[i, length - 1:length - 1 + len(ref)]
+                out.append(int((got == torch.tensor(ref, device=self.device)).sum()))
+        return out
+
     def _enter(self, lane: "_Lane") -> None:
         """Put the lane's target cache in the decoder (one set of weights, one cache per group)."""
         if self._current is lane:
@@ -179,9 +212,13 @@ class SpecEngine:
         first = len(lane.active)
         prompts = [s.request.input_ids for s in new]
         arrays = [s.request.model_inputs for s in new]
-        embeds = self.target.embed_prompts(prompts, arrays)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        hidden = self.target.decoder.forward(embeds, torch.zeros_like(lengths), first=first, last=lengths - 1)
+        pe = self.target.embed_prompts(prompts, arrays)  # shorter rows when visual tokens are pruned
+        for s, n in zip(new, pe.lengths):
+            s.prompt_len = n
+        lengths = torch.tensor(pe.lengths, device=self.device)
+        self.target.decoder.set_offsets(first, pe.offsets or [0] * len(new))
+        hidden = self.target.decoder.forward(pe.embeds, torch.zeros_like(lengths), first=first, last=lengths - 1,
+                                             positions=pe.positions)
         tokens = self._pick(self.target.decoder.logits(hidden[:, 0]), params).tolist()
         if lane.drafter is not None:
             lane.drafter.admit(first, prompts, arrays)

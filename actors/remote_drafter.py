@@ -22,6 +22,7 @@ import ray
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+from actors.checkpoint import resolve_compression
 from actors.drafters import make_drafter
 from actors.request import SamplingParams
 
@@ -34,7 +35,7 @@ class DrafterServer:
     """A drafter model behind a Ray actor. Channels are independent: each has its own cache and slots."""
 
     def __init__(self, spec: str, target: str, gpus: float = 0.0, dtype: str = "auto", threads: int = 1,
-                 trust_remote_code: bool = False, lean: bool = True):
+                 trust_remote_code: bool = False, lean: bool = True, compression: dict | None = None):
         torch.set_num_threads(max(1, threads))
         device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
         dtype = {"float32": torch.float32, "float16": torch.float16}.get(dtype, torch.bfloat16)
@@ -43,7 +44,9 @@ class DrafterServer:
         image = getattr(config, "image_token_index", None) if image is None else image
         tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
         self.device = device
-        self.drafter = make_drafter(spec, tokenizer, image, device, dtype, trust_remote_code, lean)
+        _, drafter_compression = resolve_compression(compression, spec)
+        self.drafter = make_drafter(spec, tokenizer, image, device, dtype, trust_remote_code, lean,
+                                    compression=drafter_compression, target=target)
         self.channels: dict[str, dict] = {}
         self.busy_s = 0.0
         self.calls = 0

@@ -1,0 +1,149 @@
+"""Weight-only quantization of linear layers: int8 per output channel, int4 per group of input channels.
+
+    int8   w ≈ q · s[n]                      q in [-127, 127], one scale per output row (symmetric)
+    int4   w ≈ (q - 8) · s[n, g] + z[n, g]   q in [0, 15], a scale and a zero per row and group of
+                                             `group_size` input channels (asymmetric: z = min + 8 s)
+
+`QuantizedWeight` is the portable form (int8 [N, K], or two int4 per byte [N, K/2]: low nibble = even k);
+`linear_reference` is the torch reference every kernel is tested against; `QuantLinear` is what a decoder
+holds, and it picks the kernel for the device when it is built:
+
+- CUDA: the Triton kernel (kernels/quant_triton.py), dequantizing tiles in registers.
+- CPU: PyTorch's packed weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) for
+  few rows (decode and verify: each weight byte is read once per row, and the bytes are 2-4x fewer), and
+  dequantize-then-GEMM in bf16 for many rows (prefill: compute-bound, the dequantization is amortized).
+  Activations go through bf16 in both: the packed kernels are slow in fp32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class QuantizedWeight:
+    bits: int  # 8 or 4
+    group_size: int  # input channels per scale (int8: K, one scale per output row)
+    shape: tuple[int, int]  # (N, K) of the dense weight
+    qweight: torch.Tensor  # int8 [N, K] | uint8 [N, K // 2]
+    scales: torch.Tensor  # float32 [N, K // group_size]
+    zeros: torch.Tensor | None  # float32 [N, K // group_size] (int4)
+
+
+def quantize(weight: torch.Tensor, bits: int, group_size: int = 64) -> QuantizedWeight:
+    """Round-to-nearest quantization of a dense [N, K] weight (computed in float32)."""
+    w = weight.detach().float()
+    n, k = w.shape
+    if bits == 8:
+        scale = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-8)
+        q = (w / scale).round().clamp(-127, 127).to(torch.int8)
+        return QuantizedWeight(8, k, (n, k), q, scale, None)
+    if bits != 4:
+        raise ValueError(f"bits must be 8 or 4, not {bits}")
+    if k % group_size or group_size % 2:
+        raise ValueError(f"int4 group size {group_size} does not divide the layer's {k} input channels")
+    g = w.view(n, k // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).view(n, k)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return QuantizedWeight(4, group_size, (n, k), packed.contiguous(), scale, lo + 8 * scale)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> uint8 [N, K] values 0..15."""
+    return torch.stack([packed & 15, packed >> 4], -1).view(packed.shape[0], -1)
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    n, k = qw.shape
+    if qw.bits == 8:
+        return (qw.qweight.float() * qw.scales).to(dtype)
+    q = unpack_int4(qw.qweight).float().view(n, k // qw.group_size, qw.group_size)
+    return ((q - 8) * qw.scales[..., None] + qw.zeros[..., None]).view(n, k).to(dtype)
+
+
+def linear_reference(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ dequantize(qw).T in float32: what every kernel must compute."""
+    out = x.float() @ dequantize(qw).T
+    return out if bias is None else out + bias.float()
+
+
+# ---- the CPU path ---------------------------------------------------------------------------------
+
+CPU_PACKED_MAX_ROWS = 16  # above this many rows, dequantize-then-GEMM is faster (benchmarks/compression.py)
+
+
+def _cpu_int4_layout_ok(n: int) -> bool:
+    return n % 64 == 0  # the packed layout this file reads back (blocks of 64 output rows)
+
+
+def _cpu_int4_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """PyTorch's CPU int4 pack (blocks of 64 rows; per k, byte j holds rows j and j+32) -> uint8 [N, K]."""
+    blocks = packed.view(n // 64, k, 32)
+    rows = torch.cat([blocks & 15, blocks >> 4], -1)  # [N/64, K, 64]
+    return rows.transpose(1, 2).reshape(n, k)
+
+
+class QuantLinear:
+    """y = x @ W.T (+ bias) with W held quantized; call it like F.linear's weight."""
+
+    def __init__(self, qw: QuantizedWeight, device: str, bias: torch.Tensor | None = None):
+        self.bits, self.group_size, self.shape = qw.bits, qw.group_size, qw.shape
+        self.device = torch.device(device)
+        self.bias = bias
+        n, k = qw.shape
+        if self.device.type == "cuda":
+            self.qw = QuantizedWeight(qw.bits, qw.group_size, qw.shape, qw.qweight.to(device),
+                                      qw.scales.to(device), None if qw.zeros is None else qw.zeros.to(device))
+            self.kernel = "triton"
+        elif qw.bits == 8:
+            self.q = qw.qweight.contiguous()
+            self.scale = qw.scales[:, 0].to(torch.bfloat16).contiguous()
+            self.kernel = "cpu-int8"
+        elif _cpu_int4_layout_ok(n):
+            q = unpack_int4(qw.qweight)
+            self.packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            if not torch.equal(_cpu_int4_unpack(self.packed, n, k), q):
+                raise RuntimeError("PyTorch's CPU int4 pack layout changed; kernels/quant.py reads it back")
+            self.scales_zeros = torch.stack([qw.scales, qw.zeros], -1).transpose(0, 1).to(torch.bfloat16).contiguous()
+            self.kernel = "cpu-int4"
+        else:  # no packed kernel for this shape: keep the portable form and dequantize per call
+            self.qw = qw
+            self.kernel = "cpu-dequant"
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [getattr(self, a) for a in ("q", "scale", "packed", "scales_zeros") if hasattr(self, a)]
+        if hasattr(self, "qw"):
+            tensors += [t for t in (self.qw.qweight, self.qw.scales, self.qw.zeros) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight [N, K]."""
+        n, k = self.shape
+        if self.kernel == "cpu-int8":
+            return self.q.to(dtype) * self.scale[:, None].to(dtype)
+        if self.kernel == "cpu-int4":
+            q = _cpu_int4_unpack(self.packed, n, k).to(dtype).view(n, k // self.group_size, self.group_size)
+            sz = self.scales_zeros.transpose(0, 1).to(dtype)  # [N, groups, 2]
+            return ((q - 8) * sz[..., 0:1] + sz[..., 1:2]).view(n, k)
+        return dequantize(self.qw, dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, shape[-1])
+        if self.kernel == "triton":
+            from kernels.quant_triton import quant_linear
+            out = quant_linear(x2, self.qw)
+        elif x2.shape[0] > CPU_PACKED_MAX_ROWS or self.kernel == "cpu-dequant":
+            out = F.linear(x2.to(torch.bfloat16), self.dense(torch.bfloat16))
+        elif self.kernel == "cpu-int8":
+            out = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.q, self.scale)
+        else:
+            out = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.packed,
+                                                    self.group_size, self.scales_zeros)
+        out = out.to(dtype).view(*shape[:-1], self.shape[0])
+        return out if self.bias is None else out + self.bias
