@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from actors.checkpoint import SELF_DRAFTERS, Checkpoint, Compression
+from actors.checkpoint import SELF_DRAFTERS, WEIGHT_BITS, Checkpoint, Compression
 from actors.request import SamplingParams
 from actors.sampling import warp
 
@@ -42,7 +42,13 @@ def make_drafter(spec: str, tokenizer, image_token_id: int | None, device: str, 
     if spec == "ngram":
         return NgramDrafter(image_token_id, device=device)
     if spec in SELF_DRAFTERS:
-        if isinstance(target, Checkpoint) and target.self_decoder is not None:
+        if isinstance(target, Checkpoint):
+            if target.self_decoder is None:  # asked for after the target was loaded (a target actor's plan)
+                if target.quantized is not None:
+                    raise ValueError(f"model.drafter: {spec} needs the target's dense weights, and "
+                                     "compression.weights already quantized them")
+                target.self_decoder = target.decoder.quantized_copy(WEIGHT_BITS[SELF_DRAFTERS[spec]],
+                                                                    target.self_draft_group)
             ck = target.with_decoder(target.self_decoder)
         elif isinstance(target, str):
             ck = Checkpoint(target, device, dtype, trust_remote_code=trust_remote_code, lean=lean,

@@ -82,8 +82,9 @@ class SpecEngine:
                  trust_remote_code: bool = False, lean: bool = True, compression: dict | None = None):
         self.device, self.dtype = device, dtype
         self.max_batch = max_batch
-        self.compression, self.drafter_compression = resolve_compression(compression, drafter)
-        self_bits = self.drafter_compression.bits if drafter in SELF_DRAFTERS else None
+        self.compression_section = compression
+        self.compression, drafter_compression = resolve_compression(compression, drafter)
+        self_bits = drafter_compression.bits if drafter in SELF_DRAFTERS else None
         self.target = Checkpoint(target, device, dtype, trust_remote_code=trust_remote_code, lean=lean,
                                  compression=self.compression, self_draft_bits=self_bits)
         self.tokenizer = self.target.tokenizer
@@ -99,8 +100,9 @@ class SpecEngine:
     def _drafter(self, spec: str | None, trust_remote_code: bool, lean: bool):
         if spec is None:
             return None
+        _, compression = resolve_compression(self.compression_section, spec)
         return make_drafter(spec, self.tokenizer, self.target.image_token_id, self.device, self.dtype,
-                            trust_remote_code=trust_remote_code, lean=lean, compression=self.drafter_compression,
+                            trust_remote_code=trust_remote_code, lean=lean, compression=compression,
                             target=self.target)
 
     # ---- the loop ----------------------------------------------------------------------------------

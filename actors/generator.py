@@ -6,6 +6,8 @@ memory) is split in halves and retried, down to single rows, so one bad row cann
 from __future__ import annotations
 
 import time
+import zlib
+from dataclasses import replace
 
 import pyarrow as pa
 import torch
@@ -18,7 +20,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def make_engine(model_path: str, backend: str, device: str, drafter: str | None = None, dtype: str = "auto",
                 max_batch_size: int = 32, num_draft_tokens: int | str = "auto", decoder: str = "lean",
-                trust_remote_code: bool = False):
+                trust_remote_code: bool = False, compression: dict | None = None):
     """The generation backend a config names: `specray` (the speculative engine) or `hf` (model.generate)."""
     if backend == "hf":
         return HFBackend(model_path, device=device, dtype=DTYPES.get(dtype), trust_remote_code=trust_remote_code)
@@ -26,7 +28,7 @@ def make_engine(model_path: str, backend: str, device: str, drafter: str | None 
         from actors.engine import SpecEngine
         return SpecEngine(model_path, drafter, device=device, dtype=DTYPES.get(dtype, torch.bfloat16),
                           max_batch=max_batch_size, num_draft_tokens=num_draft_tokens,
-                          trust_remote_code=trust_remote_code, lean=decoder == "lean")
+                          trust_remote_code=trust_remote_code, lean=decoder == "lean", compression=compression)
     raise ValueError(f"decoding.backend: unknown backend {backend!r}")
 
 OUTPUT_SCHEMA = pa.schema([
@@ -34,15 +36,41 @@ OUTPUT_SCHEMA = pa.schema([
     ("finish_reason", pa.string()), ("num_prompt_tokens", pa.int32()), ("num_output_tokens", pa.int32()),
     ("num_drafted_tokens", pa.int32()), ("num_accepted_tokens", pa.int32()), ("error", pa.string()),
     ("generate_s", pa.float64()),
+    # compression.evaluate, sampled rows only: reference tokens (+ end), how many the job's model agreed with
+    # (teacher-forced), and whether the two greedy outputs are the same text
+    ("eval_tokens", pa.int32()), ("eval_agreed", pa.int32()), ("eval_exact", pa.bool_()),
 ])
 
 
+def evaluated(key: str, fraction: float) -> bool:
+    """Whether a row is in compression.evaluate's sample: a stable hash of its key, not its position."""
+    return zlib.crc32(key.encode()) < fraction * 2**32
+
+
 class Generator:
-    def __init__(self, model_path: str, params: dict, engine: dict, threads: int = 1, gpus: float = 0.0):
+    def __init__(self, model_path: str, params: dict, engine: dict, threads: int = 1, gpus: float = 0.0,
+                 evaluate: float | None = None):
         torch.set_num_threads(max(1, threads))
         self.engine = make_engine(model_path, device=pick_device(gpus), **engine)
         self.params = SamplingParams(**params)
         self.mixed_shapes = not isinstance(self.engine, HFBackend)  # the engine batches images of any shape
+        self.evaluate = evaluate
+        # compression.evaluate: the uncompressed target, decoding plainly, is the reference
+        self.reference = make_engine(model_path, device=pick_device(gpus),
+                                     **dict(engine, drafter=None, compression=None)) if evaluate else None
+
+    def _evaluate(self, requests: dict[int, Request], results: list[Result | None]) -> dict[int, tuple[int, int, bool]]:
+        """Greedy agreement with the uncompressed target on the sampled rows: {row: (tokens, agreed, exact)}."""
+        picked = [i for i, r in requests.items() if results[i].error is None and evaluated(r.key, self.evaluate)]
+        if not picked:
+            return {}
+        reqs = [requests[i] for i in picked]
+        greedy = replace(self.params, temperature=0.0)
+        refs = self.reference.generate(reqs, greedy)
+        mine = [results[i] for i in picked] if self.params.temperature == 0 else self.engine.generate(reqs, greedy)
+        ok = [j for j, r in enumerate(refs) if r.error is None and mine[j].error is None]
+        agreed = self.engine.agreement([reqs[j] for j in ok], [refs[j].token_ids for j in ok])
+        return {picked[j]: (len(refs[j].token_ids) + 1, a, mine[j].text == refs[j].text) for j, a in zip(ok, agreed)}
 
     def _generate(self, requests: list[Request]) -> list[Result]:
         return self.engine.generate(requests, self.params)
@@ -77,10 +105,12 @@ class Generator:
             for i, result in zip(idx, self._run([requests[i] for i in idx])):
                 results[i] = result
         per_row = (time.perf_counter() - t0) / max(1, len(requests))
+        evals = self._evaluate(requests, results) if self.reference is not None else {}
         out = [{"shard": row["shard"], "key": row["key"], "fields": row["fields"], "text": r.text,
                 "finish_reason": r.finish_reason, "num_prompt_tokens": row["num_prompt_tokens"],
                 "num_output_tokens": r.num_output_tokens, "num_drafted_tokens": r.num_drafted_tokens,
                 "num_accepted_tokens": r.num_accepted_tokens, "error": r.error,
-                "generate_s": per_row if i in requests else 0.0}
+                "generate_s": per_row if i in requests else 0.0,
+                **dict(zip(("eval_tokens", "eval_agreed", "eval_exact"), evals.get(i, (None, None, None))))}
                for i, (row, r) in enumerate(zip(rows, results))]
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)

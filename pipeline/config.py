@@ -106,6 +106,35 @@ class AutoscalerConfig(Section):
     drain_timeout_s: float = Field(60.0, gt=0)  # a draining drafter is removed at the latest after this
 
 
+class VisualTokensConfig(Section):
+    keep: float = Field(1.0, gt=0, le=1)  # fraction of each image's tokens the decoder sees (1: no pruning)
+    method: Literal["attention", "diversity"] = "attention"  # [CLS] attention (FasterVLM) | max-min subset (ToDRE)
+    merge: bool = False  # fold each pruned token into its nearest kept token instead of dropping it
+
+
+class CompressionConfig(Section):
+    weights: Literal["none", "int8", "int4"] = "none"  # weight-only quantization of the decoder's linears
+    group_size: int = Field(64, ge=8, le=1024)  # int4: input channels per scale and zero (a power of two)
+    apply_to: Literal["target", "drafter", "both"] = "target"  # which model's weights and visual tokens
+    visual_tokens: VisualTokensConfig = VisualTokensConfig()
+    evaluate: bool = False  # measure agreement with the uncompressed target on a sample of the job's rows
+    evaluate_fraction: float = Field(0.05, gt=0, le=1)  # the sample: rows whose key hashes into this fraction
+
+    @model_validator(mode="after")
+    def _check(self) -> "CompressionConfig":
+        if self.group_size & (self.group_size - 1):
+            raise ValueError(f"compression.group_size: must be a power of two, not {self.group_size}")
+        return self
+
+    def active(self) -> bool:
+        return self.weights != "none" or self.visual_tokens.keep < 1
+
+    def engine_section(self) -> dict:
+        v = self.visual_tokens
+        return {"weights": self.weights, "group_size": self.group_size, "apply_to": self.apply_to,
+                "visual_keep": v.keep, "visual_method": v.method, "visual_merge": v.merge}
+
+
 class PreprocessConfig(Section):
     max_image_pixels: int = Field(40_000_000, ge=1)  # larger images are refused (decompression bombs)
 
@@ -119,9 +148,24 @@ class JobConfig(Section):
     resources: ResourcesConfig = ResourcesConfig()
     autoscaler: AutoscalerConfig = AutoscalerConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
+    compression: CompressionConfig = CompressionConfig()
 
     @model_validator(mode="after")
     def _backend(self) -> "JobConfig":
+        c, drafter = self.compression, self.model.drafter
+        self_draft = drafter is not None and drafter.startswith("self-")
+        if self_draft and drafter not in ("self-int8", "self-int4"):
+            raise ValueError(f"model.drafter: {drafter!r} is not a self-speculation drafter (self-int8 or self-int4)")
+        if c.active() or c.evaluate or self_draft:
+            field = "compression.weights" if c.weights != "none" else (
+                "compression.visual_tokens" if c.visual_tokens.keep < 1 else
+                "compression.evaluate" if c.evaluate else "model.drafter")
+            if self.decoding.backend != "specray":
+                raise ValueError(f"{field}: compression needs decoding.backend: specray")
+            if self.decoding.decoder != "lean":
+                raise ValueError(f"{field}: compression needs decoding.decoder: lean")
+        if c.active() and c.apply_to != "target" and (drafter is None or drafter == "ngram" or self_draft):
+            raise ValueError(f"compression.apply_to: {c.apply_to} needs a drafter model (model.drafter is {drafter})")
         if self.decoding.backend == "hf" and self.model.drafter is not None:
             raise ValueError("model.drafter: the hf backend is plain model.generate and does not speculate; "
                              "use decoding.backend: specray or drafter: null")

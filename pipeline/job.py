@@ -49,6 +49,29 @@ class _Tally:
         self.generate_s = 0.0
         self.reasons: dict[str, int] = {}
         self.finish: dict[str, int] = {}
+        self.eval_rows = self.eval_tokens = self.eval_agreed = self.eval_exact = 0
+
+    def add_evaluation(self, record: dict) -> None:
+        if record.get("eval_tokens") is not None:
+            self.eval_rows += 1
+            self.eval_tokens += record["eval_tokens"]
+            self.eval_agreed += record["eval_agreed"]
+            self.eval_exact += bool(record["eval_exact"])
+
+    def compression(self, cfg: JobConfig) -> dict:
+        """metrics.json's compression: the settings, and with compression.evaluate the measured agreement."""
+        c = cfg.compression
+        out = {"weights": c.weights, "group_size": c.group_size if c.weights == "int4" else None,
+               "apply_to": c.apply_to, "visual_tokens": c.visual_tokens.model_dump(),
+               "self_speculation": cfg.model.drafter if (cfg.model.drafter or "").startswith("self-") else None,
+               "evaluation": None}
+        if c.evaluate:
+            out["evaluation"] = {
+                "sample_fraction": c.evaluate_fraction, "rows": self.eval_rows,
+                "token_agreement": self.eval_agreed / self.eval_tokens if self.eval_tokens else None,
+                "exact_match_agreement": self.eval_exact / self.eval_rows if self.eval_rows else None,
+                "reference": "the uncompressed target, greedy, plain decoding; token agreement is teacher-forced"}
+        return out
 
     def add(self, row: dict) -> None:
         self.rows += 1
@@ -147,6 +170,7 @@ def run_job(config: str | Path | dict | JobConfig, overrides: list[str] | None =
         "tokens_per_s": tally.output_tokens / wall if wall > 0 else 0.0,
         "stage_s": {"generate_actor_busy": tally.generate_s},
         "pools": pool_report,  # disaggregated mode: the controller's decisions and the actors over time
+        "compression": tally.compression(cfg),
         "shards_written": written,
         "shards_skipped": skipped,
         "rows_in_output": out.count_rows(),
@@ -181,6 +205,7 @@ def _stream(ds: ray.data.Dataset, out: OutputDir, cfg: JobConfig, pending: list[
                 current, rows = record["shard"], []
             row = _output_row(record, len(rows), extra)
             tally.add(row)
+            tally.add_evaluation(record)
             rows.append(row)
     if current is not None:
         commit()

@@ -44,7 +44,7 @@ def engine_kwargs(cfg: JobConfig) -> dict:
         drafter = _model_path(drafter)
     return {"backend": d.backend, "drafter": drafter, "dtype": d.dtype, "max_batch_size": d.max_batch_size,
             "num_draft_tokens": d.num_draft_tokens, "decoder": d.decoder,
-            "trust_remote_code": cfg.model.trust_remote_code}
+            "trust_remote_code": cfg.model.trust_remote_code, "compression": cfg.compression.engine_section()}
 
 
 def _normalise_and_preprocess(row: dict, normalise: Callable[[dict], dict], **kwargs) -> dict:
@@ -56,7 +56,8 @@ def _normalise_and_preprocess(row: dict, normalise: Callable[[dict], dict], **kw
 def _generator_kwargs(cfg: JobConfig) -> dict:
     r = cfg.resources
     return {"model_path": _model_path(cfg.model.target), "params": vars(sampling_params(cfg)),
-            "engine": engine_kwargs(cfg), "threads": max(1, round(r.cpus_per_actor)), "gpus": r.gpus_per_actor}
+            "engine": engine_kwargs(cfg), "threads": max(1, round(r.cpus_per_actor)), "gpus": r.gpus_per_actor,
+            "evaluate": cfg.compression.evaluate_fraction if cfg.compression.evaluate else None}
 
 
 def start_pools(cfg: JobConfig):
@@ -70,7 +71,8 @@ def start_pools(cfg: JobConfig):
                         "resources": dict(a.target_resources)},
         drafter_kwargs={"spec": drafter, "target": kwargs["model_path"], "gpus": a.drafter_gpus,
                         "dtype": cfg.decoding.dtype, "threads": max(1, round(a.drafter_cpus)),
-                        "trust_remote_code": cfg.model.trust_remote_code, "lean": cfg.decoding.decoder == "lean"},
+                        "trust_remote_code": cfg.model.trust_remote_code, "lean": cfg.decoding.decoder == "lean",
+                        "compression": cfg.compression.engine_section()},
         drafter_options={"num_cpus": a.drafter_cpus, "num_gpus": a.drafter_gpus,
                          "resources": dict(a.drafter_resources)},
         budget={"devices": a.devices, "drafter_cost": a.drafter_cost, "max_drafters": a.max_drafters,

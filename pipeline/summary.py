@@ -32,6 +32,10 @@ def summary(result: JobResult, n: int = 5) -> str:
     if m.get("acceptance_rate") is not None:
         lines.append(f"speculation: {m['accepted_tokens']}/{m['drafted_tokens']} drafted tokens accepted "
                      f"({m['acceptance_rate']:.1%})")
+    ev = (m.get("compression") or {}).get("evaluation")
+    if ev and ev.get("rows"):
+        lines.append(f"compression: {ev['token_agreement']:.2%} token agreement, {ev['exact_match_agreement']:.1%} "
+                     f"identical outputs vs the uncompressed target ({ev['rows']} sampled rows)")
     if m.get("errors_by_reason"):
         lines.append("errors: " + ", ".join(f"{k} x{v}" for k, v in sorted(m["errors_by_reason"].items())))
     rows = sample_rows(result.output_path, n)
