@@ -170,13 +170,13 @@ class SpecEngine:
 
     @torch.inference_mode()
     def agreement(self, requests: list[Request], references: list[list[int]], batch: int = 16) -> list[int]:
-        """Per row, how many of a reference output's tokens (plus its end of sequence) this engine's target picks
-        greedily when fed the reference's own prefix: teacher-forced token agreement, free of the cascade that
-        one early difference causes in free-running output. Uses the decoder's cache (call between generates)."""
-        eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else min(self.target.eos_ids)
-        dec, out = self.target.decoder, []
+        """Per row, how many of a reference output's tokens this engine's target picks greedily when fed the
+        reference's own prefix: teacher-forced token agreement, free of the cascade that one early difference
+        causes in free-running output (where the outputs end is left to exact-match agreement). Uses the
+        decoder's cache (call between generates)."""
+        dec, out = self.target.decoder, [0] * len(requests)
         for j in range(0, len(requests), batch):
-            reqs, refs = requests[j:j + batch], [list(r) + [eos] for r in references[j:j + batch]]
+            reqs, refs = requests[j:j + batch], [list(r) + [0] for r in references[j:j + batch]]  # + a dummy feed
             pe = self.target.embed_prompts([r.input_ids for r in reqs], [r.model_inputs for r in reqs])
             n, width = len(reqs), max(a + len(b) for a, b in zip(pe.lengths, refs))
             x = torch.zeros(n, width, dec.hidden_size, device=self.device, dtype=self.dtype)
@@ -193,8 +193,8 @@ class SpecEngine:
             picks = dec.logits(dec.forward(x, torch.zeros(n, dtype=torch.long, device=self.device),
                                            positions=positions)).argmax(-1)
             for i, (length, ref) in enumerate(zip(pe.lengths, refs)):
-                got = picks[i, length - 1:length - 1 + len(ref)]
-                out.append(int((got == torch.tensor(ref, device=self.device)).sum()))
+                got = picks[i, length - 1:length - 2 + len(ref)]
+                out[j + i] = int((got == torch.tensor(ref[:-1], device=self.device)).sum())
         return out
 
     def _enter(self, lane: "_Lane") -> None:

@@ -36,7 +36,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("finish_reason", pa.string()), ("num_prompt_tokens", pa.int32()), ("num_output_tokens", pa.int32()),
     ("num_drafted_tokens", pa.int32()), ("num_accepted_tokens", pa.int32()), ("error", pa.string()),
     ("generate_s", pa.float64()),
-    # compression.evaluate, sampled rows only: reference tokens (+ end), how many the job's model agreed with
+    # compression.evaluate, sampled rows only: reference tokens, how many the job's model agreed with
     # (teacher-forced), and whether the two greedy outputs are the same text
     ("eval_tokens", pa.int32()), ("eval_agreed", pa.int32()), ("eval_exact", pa.bool_()),
 ])
@@ -70,7 +70,7 @@ class Generator:
         mine = [results[i] for i in picked] if self.params.temperature == 0 else self.engine.generate(reqs, greedy)
         ok = [j for j, r in enumerate(refs) if r.error is None and mine[j].error is None]
         agreed = self.engine.agreement([reqs[j] for j in ok], [refs[j].token_ids for j in ok])
-        return {picked[j]: (len(refs[j].token_ids) + 1, a, mine[j].text == refs[j].text) for j, a in zip(ok, agreed)}
+        return {picked[j]: (len(refs[j].token_ids), a, mine[j].text == refs[j].text) for j, a in zip(ok, agreed)}
 
     def _generate(self, requests: list[Request]) -> list[Result]:
         return self.engine.generate(requests, self.params)

@@ -1,0 +1,152 @@
+"""Compression in the engine and the job: quantized decoders, visual-token pruning (with and without speculation),
+self-speculation, and the job's compression settings and measured agreement in metrics.json."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoProcessor, CLIPVisionConfig, CLIPVisionModel
+
+from actors.engine import SpecEngine
+from actors.request import SamplingParams
+from actors.visual_tokens import VisualTokenPruner, _max_min_subset
+from kernels.quant import QuantLinear
+from pipeline.config import ConfigError, load_config
+from pipeline.demo_data import write_demo_data
+from tests.conftest import run_cli
+from training.evaluate import heldout_requests
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET, DRAFTER = str(ROOT / "models/target"), str(ROOT / "models/drafter-vlm")
+PARAMS = SamplingParams(max_new_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    requests = heldout_requests(AutoProcessor.from_pretrained(TARGET), 24)
+    plain = SpecEngine(TARGET, None, dtype=torch.float32, max_batch=12)
+    return requests, plain.generate(requests, PARAMS), plain
+
+
+@pytest.mark.parametrize("weights,min_agreement,max_bytes", [("int8", 0.99, 0.55), ("int4", 0.97, 0.35)])
+def test_quantized_target_agrees_with_the_dense_one_and_is_smaller(rows, weights, min_agreement, max_bytes):
+    requests, reference, plain = rows
+    engine = SpecEngine(TARGET, None, dtype=torch.float32, max_batch=12, compression={"weights": weights})
+    dec = engine.target.decoder
+    assert all(isinstance(p[n], QuantLinear) for p in dec.layers for n in dec.LINEARS)
+    assert dec.quantized["linear_bytes"] < max_bytes * plain.target.decoder.linear_bytes()
+    assert engine.target.weight_bytes() < plain.target.weight_bytes()
+    out = engine.generate(requests, PARAMS)
+    agreed = engine.agreement(requests, [r.token_ids for r in reference])
+    assert sum(agreed) / sum(len(r.token_ids) for r in reference) >= min_agreement
+    assert plain.agreement(requests, [r.token_ids for r in reference]) == [len(r.token_ids) for r in reference]
+    assert sum(a.text == b.text for a, b in zip(out, reference)) >= 0.75 * len(reference)
+
+
+def test_pruned_prompts_keep_their_original_positions(rows):
+    requests, _, _ = rows
+    prompts, arrays = [r.input_ids for r in requests[:3]], [r.model_inputs for r in requests[:3]]
+    full = SpecEngine(TARGET, None, dtype=torch.float32).target.embed_prompts(prompts, arrays)
+    for method in ("attention", "diversity"):
+        ck = SpecEngine(TARGET, None, dtype=torch.float32,
+                        compression={"visual_keep": 0.5, "visual_method": method}).target
+        pe = ck.embed_prompts(prompts, arrays)
+        assert pe.lengths == [len(p) - 32 for p in prompts] and pe.offsets == [32] * 3  # 64 image tokens, half kept
+        for i, p in enumerate(prompts):
+            pos = pe.positions[i, :pe.lengths[i]]
+            assert torch.all(pos[1:] > pos[:-1])  # original order
+            kept_ids = torch.tensor(p)[pos]
+            assert int((kept_ids == ck.image_token_id).sum()) == 32
+            assert kept_ids[kept_ids != ck.image_token_id].tolist() == [t for t in p if t != ck.image_token_id]
+            assert torch.equal(pe.embeds[i, :pe.lengths[i]], full.embeds[i, pos])  # kept tokens are unchanged
+
+
+def test_attention_ranking_is_the_cls_attention_of_the_encoder():
+    """The pruner's scores equal the [CLS] row of the attention weights the CLIP encoder itself reports."""
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=24, patch_size=6)
+    tower = CLIPVisionModel(cfg).eval()
+    tower.config._attn_implementation = "eager"
+
+    class Model:
+        vision_tower = tower
+
+    class Config:
+        vision_feature_layer, model_type = -1, "llava"
+
+    pruner = VisualTokenPruner(Model, Config, keep=0.25, method="attention")
+    pixels = torch.randn(2, 3, 24, 24)
+    handle = pruner.hook()
+    with torch.no_grad():
+        out = tower(pixel_values=pixels, output_attentions=True)
+    handle.remove()
+    cls_attention = out.attentions[-1].mean(1)[:, 0, 1:]  # [images, 16 patches]
+    kept = pruner.select(torch.randn(2, 16, 8))
+    assert torch.equal(kept, cls_attention.topk(4, dim=-1).indices.sort(-1).values)
+
+
+def test_diversity_keeps_one_token_of_every_cluster():
+    centres = torch.eye(4) * 10
+    tokens = torch.cat([centres[i] + 0.01 * torch.randn(5, 4) for i in range(4)])[torch.randperm(20)]
+    kept = _max_min_subset(tokens[None], 4)[0]
+    clusters = {int(tokens[j].argmax()) for j in kept}
+    assert clusters == {0, 1, 2, 3}
+
+
+def test_pruning_works_with_speculation_and_self_speculation_is_lossless(rows):
+    requests, reference, _ = rows
+    pruned = {"visual_keep": 0.5, "visual_method": "diversity"}
+    alone = SpecEngine(TARGET, None, dtype=torch.float32, max_batch=12, compression=pruned)
+    drafted = SpecEngine(TARGET, DRAFTER, dtype=torch.float32, max_batch=12, compression=pruned, num_draft_tokens=4)
+    expected = alone.generate(requests, PARAMS)
+    got = drafted.generate(requests, PARAMS)
+    assert [r.text for r in got] == [r.text for r in expected]
+    assert drafted.stats.accepted > 0.5 * drafted.stats.drafted
+    assert alone.stats.prefill_s > 0 and sum(r.num_output_tokens for r in expected) > 0
+
+    selfspec = SpecEngine(TARGET, "self-int8", dtype=torch.float32, max_batch=12, num_draft_tokens=4)
+    out = selfspec.generate(requests, PARAMS)
+    assert [r.text for r in out] == [r.text for r in reference]  # the dense target verifies: lossless
+    assert selfspec.stats.accepted > 0.9 * selfspec.stats.drafted  # the int8 copy of itself rarely disagrees
+    drafter_dec = selfspec.drafter.dec
+    assert drafter_dec is not selfspec.target.decoder and drafter_dec.embed_weight is selfspec.target.decoder.embed_weight
+
+
+def test_compression_config_errors_name_the_field():
+    base = {"model": {"target": TARGET}}
+    for overrides, field in [
+        (["compression.weights=int3"], "compression.weights"),
+        (["compression.group_size=48"], "compression.group_size"),
+        (["compression.visual_tokens.keep=0"], "compression.visual_tokens.keep"),
+        (["compression.visual_tokens.method=random"], "compression.visual_tokens.method"),
+        (["compression.weights=int8", "decoding.backend=hf"], "compression.weights"),
+        (["compression.visual_tokens.keep=0.5", "decoding.decoder=hf"], "compression.visual_tokens"),
+        (["compression.weights=int8", "compression.apply_to=drafter"], "compression.apply_to"),
+        (["model.drafter=self-int2"], "model.drafter"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            load_config(base, overrides)
+        assert str(e.value).startswith(field), (overrides, str(e.value))
+
+
+def test_job_records_compression_and_measured_agreement(tmp_path, ray_address):
+    shards = tmp_path / "shards"
+    write_demo_data(str(shards), num_samples=16, fmt="webdataset", rows_per_shard=16)
+    out = tmp_path / "out"
+    sets = [f"input.paths=['{shards}/*.tar']", f"output.path={out}", f"model.target={TARGET}",
+            "model.drafter=self-int4", "compression.weights=int8", "compression.visual_tokens.keep=0.75",
+            "compression.evaluate=true", "compression.evaluate_fraction=0.5", "resources.cpus_per_actor=1"]
+    done = run_cli("run", str(ROOT / "configs/demo.yaml"), *[a for s in sets for a in ("--set", s)],
+                   address=ray_address)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    c = metrics["compression"]
+    assert c["weights"] == "int8" and c["visual_tokens"]["keep"] == 0.75 and c["self_speculation"] == "self-int4"
+    ev = c["evaluation"]
+    assert 0 < ev["rows"] < 16  # a sample, chosen by key
+    assert 0.5 <= ev["token_agreement"] <= 1 and 0 <= ev["exact_match_agreement"] <= 1
+    assert metrics["rows"] == 16 and metrics["errors"] == 0 and metrics["acceptance_rate"] > 0.5
+    assert "compression:" in done.stdout
