@@ -10,7 +10,7 @@ holds, and it picks the kernel for the device when it is built:
 
 - CUDA: the Triton kernel (kernels/quant_triton.py), dequantizing tiles in registers.
 - CPU: PyTorch's packed weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) for
-  few rows (decode and verify: each weight byte is read once per row, and the bytes are 2-4x fewer), and
+  few rows (decode and verify: their cost grows with the rows, and at a few rows they beat even bf16), and
   dequantize-then-GEMM in bf16 for many rows (prefill: compute-bound, the dequantization is amortized).
   Activations go through bf16 in both: the packed kernels are slow in fp32.
 """
@@ -73,7 +73,9 @@ def linear_reference(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
 
 # ---- the CPU path ---------------------------------------------------------------------------------
 
-CPU_PACKED_MAX_ROWS = 16  # above this many rows, dequantize-then-GEMM is faster (benchmarks/compression.py)
+# above this many rows, dequantize-then-GEMM is faster than the packed kernel (measured by benchmarks/compression.py's
+# kernel table on the 2-core CPU): dequantizing int8 is one multiply, unpacking int4 from its blocked layout costs more
+CPU_PACKED_MAX_ROWS = {8: 16, 4: 384}
 
 
 def _cpu_int4_layout_ok(n: int) -> bool:
@@ -138,7 +140,7 @@ class QuantLinear:
         if self.kernel == "triton":
             from kernels.quant_triton import quant_linear
             out = quant_linear(x2, self.qw)
-        elif x2.shape[0] > CPU_PACKED_MAX_ROWS or self.kernel == "cpu-dequant":
+        elif self.kernel == "cpu-dequant" or x2.shape[0] > CPU_PACKED_MAX_ROWS[self.bits]:
             out = F.linear(x2.to(torch.bfloat16), self.dense(torch.bfloat16))
         elif self.kernel == "cpu-int8":
             out = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.q, self.scale)
