@@ -150,3 +150,20 @@ def test_job_records_compression_and_measured_agreement(tmp_path, ray_address):
     assert 0.5 <= ev["token_agreement"] <= 1 and 0 <= ev["exact_match_agreement"] <= 1
     assert metrics["rows"] == 16 and metrics["errors"] == 0 and metrics["acceptance_rate"] > 0.5
     assert "compression:" in done.stdout
+
+
+def test_loading_is_safetensors_only(tmp_path, tiny_model):
+    """A checkpoint whose weights are a pickle (pytorch_model.bin) is refused: pickles can run code on load."""
+    import shutil
+
+    from actors.checkpoint import Checkpoint
+
+    for f in tiny_model.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, tmp_path / f.name)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(tiny_model / "model.safetensors"), tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        Checkpoint(str(tmp_path), "cpu", torch.float32)
+    Checkpoint(str(tiny_model), "cpu", torch.float32)  # the same model as safetensors loads
