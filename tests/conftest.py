@@ -63,3 +63,11 @@ def run_cli(*args: str, address: str | None = None, cwd: Path = ROOT) -> subproc
         env["RAY_ADDRESS"] = address
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
+
+
+def run_under_triton_interpreter(code: str) -> None:
+    """Run `code` in a fresh interpreter with TRITON_INTERPRET=1 (Triton kernels on CPU tensors); it must print ok."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")

@@ -2,17 +2,11 @@
 Triton kernel (run by Triton's interpreter on CPU) against the torch reference, draw for draw."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from kernels.acceptance import greedy_accept, rejection_sample
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import run_under_triton_interpreter
 
 
 def test_greedy_accepts_the_matching_prefix_and_adds_the_targets_token():
@@ -115,7 +109,4 @@ print("ok")
 
 
 def test_triton_kernel_matches_the_reference_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().endswith("ok")
+    run_under_triton_interpreter(KERNEL_CHECK)

@@ -1,18 +1,12 @@
 """Weight-only quantization: the quantizers' error bounds, the CPU kernels and the Triton kernel (under Triton's
-interpreter) against the torch reference, and a quantized decoder against the dense one."""
+interpreter) against the torch reference. The quantized decoder in the engine: tests/test_compression.py."""
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from kernels.quant import QuantLinear, dequantize, linear_reference, quantize, unpack_int4
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import run_under_triton_interpreter
 
 
 @pytest.mark.parametrize("bits,group", [(8, 0), (4, 32), (4, 64)])
@@ -78,7 +72,4 @@ print("ok")
 
 
 def test_triton_kernel_matches_the_reference_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().endswith("ok")
+    run_under_triton_interpreter(KERNEL_CHECK)
