@@ -50,6 +50,15 @@ class _Tally:
         self.reasons: dict[str, int] = {}
         self.finish: dict[str, int] = {}
         self.eval_rows = self.eval_tokens = self.eval_agreed = self.eval_exact = 0
+        self.start = time.time()
+        self.timeline: list[dict] = []  # cumulative counts, sampled at most once a second (report.html's plots)
+
+    def sample(self, final: bool = False) -> None:
+        t = time.time() - self.start
+        if final or not self.timeline or t - self.timeline[-1]["t"] >= 1.0:
+            self.timeline.append({"t": round(t, 2), "rows": self.rows, "errors": self.errors,
+                                  "output_tokens": self.output_tokens, "drafted": self.drafted,
+                                  "accepted": self.accepted})
 
     def add_evaluation(self, record: dict) -> None:
         if record.get("eval_tokens") is not None:
@@ -156,6 +165,7 @@ def run_job(config: str | Path | dict | JobConfig, overrides: list[str] | None =
                 pool_report = ray.get(pools.shutdown.remote())
                 ray.kill(pools)
     wall = time.time() - start
+    tally.sample(final=True)
     metrics = {
         "rows": tally.rows,
         "errors": tally.errors,
@@ -169,6 +179,7 @@ def run_job(config: str | Path | dict | JobConfig, overrides: list[str] | None =
         "wall_s": wall,
         "tokens_per_s": tally.output_tokens / wall if wall > 0 else 0.0,
         "stage_s": {"generate_actor_busy": tally.generate_s},
+        "timeline": tally.timeline,  # [{t (s since the job began), cumulative rows, errors, output_tokens, drafted, accepted}]
         "pools": pool_report,  # disaggregated mode: the controller's decisions and the actors over time
         "compression": tally.compression(cfg),
         "shards_written": written,
@@ -206,6 +217,7 @@ def _stream(ds: ray.data.Dataset, out: OutputDir, cfg: JobConfig, pending: list[
             row = _output_row(record, len(rows), extra)
             tally.add(row)
             tally.add_evaluation(record)
+        tally.sample()
             rows.append(row)
     if current is not None:
         commit()
