@@ -217,8 +217,8 @@ def _stream(ds: ray.data.Dataset, out: OutputDir, cfg: JobConfig, pending: list[
             row = _output_row(record, len(rows), extra)
             tally.add(row)
             tally.add_evaluation(record)
-        tally.sample()
             rows.append(row)
+        tally.sample()
     if current is not None:
         commit()
     for shard in pending:  # shards with no rows at all still get their (empty) part file
