@@ -1,6 +1,10 @@
 """The command line: python -m pipeline {run, validate, demo-data}.
 
-Exit codes: 0 success (error rows included), 1 the job failed, 2 a bad config or bad usage.
+Exit codes (for schedulers):
+    0  success: every shard is committed (rows that failed individually are error rows, not a failure)
+    1  the job failed (the traceback, then one line); committed shards stay, and a rerun goes on from them
+    2  a bad config or bad usage, one line naming the field; nothing was run
+    3  the output is locked by another live run (a rerun started while the last one is still going)
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from pipeline.config import ConfigError, dump, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="specray: batch VLM inference with speculative decoding on Ray.")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 
 
 def _bad_config(err: Exception) -> None:
@@ -55,10 +59,15 @@ def run(config: str, set_: Optional[list[str]] = typer.Option(None, "--set", hel
     from pipeline.job import run_job
     from pipeline.summary import summary
 
+    from pipeline.write import OutputLocked
+
     try:
         result = run_job(cfg)
     except ConfigError as e:  # found only once the job looked at its input (no shard matches, ...)
         _bad_config(e)
+    except OutputLocked as e:
+        typer.echo(f"locked: {e}", err=True)
+        raise typer.Exit(EXIT_LOCKED) from None
     except Exception as e:  # noqa: BLE001 - the traceback, then one line, exit 1
         _job_failed(e)
     typer.echo(summary(result))

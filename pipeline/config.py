@@ -76,6 +76,7 @@ class OutputConfig(Section):
     path: str = ""  # required to run a job
     columns: list[str] = []  # input columns copied to the output rows
     overwrite: bool = False
+    lock_stale_s: float = Field(120.0, gt=0)  # a lock whose heartbeat is older than this is taken over
 
 
 class ResourcesConfig(Section):

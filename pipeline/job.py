@@ -146,6 +146,14 @@ def run_job(config: str | Path | dict | JobConfig, overrides: list[str] | None =
     cfg.check_job()
     start = time.time()
     out = OutputDir(cfg.output.path)
+    out.lock(cfg.output.lock_stale_s)  # raises OutputLocked while another live run writes here
+    try:
+        return _run_locked(cfg, out, start)
+    finally:
+        out.unlock()
+
+
+def _run_locked(cfg: JobConfig, out: OutputDir, start: float) -> JobResult:
     out.prepare(cfg.output.overwrite)
     shards = list_shards(cfg.input)
     done = out.committed()

@@ -3,10 +3,19 @@
 A shard is written to `_tmp/` under a unique name and then renamed to `part-<shard>.parquet`, so a
 reader never sees half a file and a rerun can trust every part file it finds: committed shards are
 skipped, never written twice.
+
+`_LOCK` keeps two runs from writing one output at once (a scheduled rerun starting while the last run is
+still going). It names its holder (host, pid) and carries a heartbeat the holder refreshes; a lock whose
+holder is gone (its pid is dead on this host, or its heartbeat is older than `output.lock_stale_s`) is
+taken over, so a run killed with SIGKILL does not block the next one for long.
 """
 from __future__ import annotations
 
 import json
+import os
+import socket
+import threading
+import time
 import uuid
 from typing import Any
 
@@ -26,6 +35,21 @@ OUTPUT_SCHEMA = pa.schema([
     ("error", pa.string()),
 ])
 PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
+LOCK = "_LOCK"
+
+
+class OutputLocked(RuntimeError):
+    """Another live run holds the output's lock."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class OutputDir:
@@ -49,6 +73,67 @@ class OutputDir:
         for name in doomed:
             if self.fs.exists(self._path(name)):
                 self.fs.rm(self._path(name))
+
+    def lock(self, stale_s: float) -> None:
+        """Take the output's lock (raises OutputLocked if a live run holds it) and keep its heartbeat fresh."""
+        path = self._path(LOCK)
+        self.fs.makedirs(self.root, exist_ok=True)
+        if self.fs.exists(path):
+            held = self._read_lock()
+            if held is not None and not self._stale(held, stale_s):
+                age = time.time() - held.get("heartbeat", 0)
+                raise OutputLocked(f"output.path: {self.url} is being written by another run (host {held.get('host')}, "
+                                   f"pid {held.get('pid')}, heartbeat {age:.0f}s ago); wait for it to finish, or "
+                                   f"delete {self.url}/{LOCK} if that run is gone")
+            self.fs.rm(path)
+        self._token = uuid.uuid4().hex
+        self._write_lock(exclusive=True)
+        time.sleep(0.05)  # object stores have no exclusive create: the last writer wins, and a loser sees it
+        held = self._read_lock()
+        if held is None or held.get("token") != self._token:
+            raise OutputLocked(f"output.path: {self.url} was locked by another run starting at the same time")
+        self._beat_stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, args=(stale_s / 4,), daemon=True)
+        self._beat.start()
+
+    def unlock(self) -> None:
+        if getattr(self, "_beat_stop", None) is None:
+            return
+        self._beat_stop.set()
+        self._beat.join(timeout=5)
+        self._beat_stop = None
+        held = self._read_lock()
+        if held is not None and held.get("token") == self._token:
+            self.fs.rm(self._path(LOCK))
+
+    def _read_lock(self) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(self._path(LOCK)))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _write_lock(self, exclusive: bool = False) -> None:
+        body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self._token,
+                           "heartbeat": time.time()})
+        mode = "x" if exclusive and self.fs.protocol in ("file", ("file", "local")) else "w"
+        try:
+            with self.fs.open(self._path(LOCK), mode) as f:
+                f.write(body)
+        except FileExistsError:
+            raise OutputLocked(f"output.path: {self.url} was locked by another run starting at the same time") from None
+
+    def _heartbeat(self, every: float) -> None:
+        while not self._beat_stop.wait(every):
+            try:
+                self._write_lock()
+            except Exception:  # noqa: BLE001 - a missed beat only makes the lock look older
+                pass
+
+    @staticmethod
+    def _stale(held: dict, stale_s: float) -> bool:
+        if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int) and not _alive(held["pid"]):
+            return True
+        return time.time() - float(held.get("heartbeat", 0)) > stale_s
 
     def committed(self) -> set[str]:
         if not self.fs.exists(self.root):
