@@ -31,6 +31,9 @@ class InputConfig(Section):
     image_path_column: str | None = None  # a column of image paths or fsspec URLs instead of bytes
     id_column: str | None = None  # default key: WebDataset __key__, else "<shard>:<row index>"
     hf_split: str = "train"
+    # a shard that cannot be read (truncated, corrupt): skip it, report it and finish the others (exit code 4),
+    # or fail the job before any work (exit code 1)
+    on_unreadable: Literal["skip", "fail"] = "skip"
 
 
 class TaskConfig(Section):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -20,8 +21,12 @@ import ray
 
 from pipeline.config import JobConfig, dump, load_config
 from pipeline.stages import generate_stages, start_pools
-from pipeline.read import Shard, list_shards, read_shards
+from pipeline.read import Shard, list_shards, read_shards, resolve_format, unreadable
 from pipeline.write import OutputDir
+
+
+class UnreadableShard(RuntimeError):
+    """A shard cannot be read and input.on_unreadable is fail."""
 
 
 @dataclass
@@ -34,6 +39,7 @@ class JobResult:
     shards_written: list[str]
     shards_skipped: list[str]
     metrics: dict = field(repr=False, default_factory=dict)
+    shards_unreadable: dict[str, str] = field(default_factory=dict)  # shard -> why; not committed, retried next run
 
     @property
     def tokens_per_s(self) -> float:
@@ -159,6 +165,14 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float) -> JobResult:
     done = out.committed()
     pending = [s for s in shards if s.name not in done]
     skipped = [s.name for s in shards if s.name in done]
+    fmt = resolve_format(cfg.input)
+    bad = {s.name: why for s in pending if (why := unreadable(s, fmt)) is not None}
+    if bad and cfg.input.on_unreadable == "fail":
+        name, why = next(iter(bad.items()))
+        raise UnreadableShard(f"shard {name}: {why} ({len(bad)} unreadable in all; input.on_unreadable is fail)")
+    for name, why in bad.items():
+        print(f"skipping shard {name}: {why}", file=sys.stderr, flush=True)
+    pending = [s for s in pending if s.name not in bad]
     tally, written, pool_report = _Tally(), [], None
     if pending:
         _ensure_ray(cfg)
@@ -192,6 +206,7 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float) -> JobResult:
         "compression": tally.compression(cfg),
         "shards_written": written,
         "shards_skipped": skipped,
+        "shards_unreadable": bad,
         "rows_in_output": out.count_rows(),
         "config": dump(cfg),
         "config_hash": cfg.hash(),
@@ -199,9 +214,10 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float) -> JobResult:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     out.write_json("metrics.json", metrics)
-    out.finish()
+    out.finish(complete=not bad)  # no _SUCCESS while a shard is missing
     return JobResult(output_path=out.url, rows=tally.rows, errors=tally.errors, output_tokens=tally.output_tokens,
-                     wall_s=wall, shards_written=written, shards_skipped=skipped, metrics=metrics)
+                     wall_s=wall, shards_written=written, shards_skipped=skipped, metrics=metrics,
+                     shards_unreadable=bad)
 
 
 def _stream(ds: ray.data.Dataset, out: OutputDir, cfg: JobConfig, pending: list[Shard], tally: _Tally) -> list[str]:
@@ -213,6 +229,10 @@ def _stream(ds: ray.data.Dataset, out: OutputDir, cfg: JobConfig, pending: list[
     def commit() -> None:
         out.commit(current, rows, extra)
         written.append(current)
+        t = time.time() - tally.start
+        print(f"[{t:7.1f}s] committed {current}: {len(rows)} rows | {len(written)}/{len(pending)} shards, "
+              f"{tally.rows} rows, {tally.errors} errors, {tally.output_tokens / max(t, 1e-9):.1f} tokens/s",
+              file=sys.stderr, flush=True)
 
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for record in batch.to_pylist():

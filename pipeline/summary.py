@@ -25,7 +25,10 @@ def summary(result: JobResult, n: int = 5) -> str:
     m = result.metrics
     lines = [
         f"output: {result.output_path}",
-        f"shards: {len(result.shards_written)} written, {len(result.shards_skipped)} already done (skipped)",
+        f"shards: {len(result.shards_written)} written, {len(result.shards_skipped)} already done (skipped)"
+        + (f", {len(result.shards_unreadable)} UNREADABLE (not written: "
+           + "; ".join(f"{k}: {v}" for k, v in result.shards_unreadable.items()) + ")"
+           if result.shards_unreadable else ""),
         f"rows:   {result.rows} this run ({result.errors} errors), {m.get('rows_in_output', 0)} in the output",
         f"tokens: {result.output_tokens} generated in {result.wall_s:.1f}s = {result.tokens_per_s:.1f} tokens/s",
     ]

@@ -163,8 +163,9 @@ class OutputDir:
         with self.fs.open(self._path(name), "w") as f:
             json.dump(value, f, indent=1, default=str)
 
-    def finish(self) -> None:
+    def finish(self, complete: bool = True) -> None:
         if self.fs.exists(self._path("_tmp")):
             self.fs.rm(self._path("_tmp"), recursive=True)
-        with self.fs.open(self._path("_SUCCESS"), "w") as f:
-            f.write("")
+        if complete:
+            with self.fs.open(self._path("_SUCCESS"), "w") as f:
+                f.write("")

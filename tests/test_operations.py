@@ -195,3 +195,48 @@ def test_ray_job_submit_to_a_real_head(tmp_path):
         head.send_signal(signal.SIGTERM)
         head.wait(timeout=60)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_an_unreadable_shard_is_reported_while_the_rest_finish(tmp_path, ray_address):
+    shards = tmp_path / "shards"
+    write_demo_data(str(shards), num_samples=8, rows_per_shard=4)
+    good = (shards / "shard-00000.tar").read_bytes()
+    (shards / "shard-truncated.tar").write_bytes(good[: len(good) // 2])
+    (shards / "shard-garbage.tar").write_bytes(b"this is not a tar file at all" * 50)
+    out = tmp_path / "out"
+    args = ["run", str(ROOT / "configs/demo.yaml"), *_sets(shards, out)]
+    done = run_cli(*args, address=ray_address)
+    assert done.returncode == 4, done.stderr[-3000:]
+    assert "2 UNREADABLE" in done.stdout and "truncated tar" in done.stdout
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-shard-00000.parquet", "part-shard-00001.parquet"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["shards_unreadable"]) == {"shard-truncated", "shard-garbage"} and metrics["rows"] == 8
+    assert not (out / "_SUCCESS").exists()  # the output is not complete
+    # fail fast instead: nothing runs
+    failed = run_cli(*args, "--set", "input.on_unreadable=fail", "--overwrite", address=ray_address)
+    assert failed.returncode == 1 and "input.on_unreadable is fail" in failed.stderr
+    assert not list(out.glob("part-*"))
+
+
+def test_shipped_cluster_examples_run_a_valid_pipeline_command():
+    """docs/rayjob.yaml (KubeRay), docs/cronjob.yaml and docs/crontab each end in a `python -m pipeline run` whose
+    config and overrides validate."""
+    import shlex
+
+    import yaml
+
+    rayjob = yaml.safe_load((ROOT / "docs/rayjob.yaml").read_text())
+    cronjob = yaml.safe_load((ROOT / "docs/cronjob.yaml").read_text())
+    crontab = [line for line in (ROOT / "docs/crontab").read_text().splitlines() if line and not line.startswith("#")]
+    assert rayjob["kind"] == "RayJob" and cronjob["kind"] == "CronJob" and len(crontab) == 1
+    commands = [
+        shlex.split(rayjob["spec"]["entrypoint"]),
+        cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"],
+        shlex.split(crontab[0].split(" -- ", 1)[1].split(">>")[0]),
+    ]
+    for cmd in commands:
+        args = cmd[cmd.index("pipeline") + 1:]
+        assert args[0] == "run"
+        done = run_cli("validate", *args[1:])
+        assert done.returncode == 0, (cmd, done.stderr)
+        assert "s3://my-bucket" in done.stdout
