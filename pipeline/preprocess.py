@@ -19,6 +19,9 @@ from PIL import Image, ImageOps
 from actors.request import one_line, pack_arrays
 
 TEXT_KEYS = ("input_ids", "attention_mask")
+# A 1x4000 strip passes the pixel bound, yet the processor resizes its short side up to the model's size and the
+# long side with it (gigabytes per row); wider than this is refused. 200:1, as Qwen2-VL's processor does.
+MAX_ASPECT_RATIO = 200
 
 
 @functools.lru_cache(maxsize=4)
@@ -29,25 +32,49 @@ def load_processor(model_path: str, trust_remote_code: bool = False):
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """PIL image in RGB, EXIF orientation applied; refuses images over max_pixels before decoding them."""
+    """PIL image in RGB, EXIF orientation applied; refuses images over max_pixels, or of an aspect ratio over
+    MAX_ASPECT_RATIO, before decoding them. Any failure to decode is an OSError naming the format."""
     if not data:
         raise ValueError("empty image data")
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # our own bound below, checked on the header before any pixel is decoded
     try:
-        image = Image.open(io.BytesIO(data))
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Exception:  # noqa: BLE001 - PIL's message names a BytesIO address, not the problem
+            raise OSError("image: cannot be decoded (not a known image format, or its header is cut short)") from None
         width, height = image.size
         if width * height > max_pixels:
             raise ValueError(f"image too large: {width}x{height} pixels over the limit of {max_pixels}")
-        if getattr(image, "n_frames", 1) > 1:
-            image.seek(0)
-        image.load()
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise ValueError(f"image aspect ratio too extreme: {width}x{height} pixels, over {MAX_ASPECT_RATIO}:1")
+        try:
+            image.seek(0)  # animated GIF, WebP or PNG: the first frame
+            image.load()
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt data raises OSError, SyntaxError, zlib.error...
+            why = " ".join(str(e).split()) or type(e).__name__
+            raise OSError(f"image: cannot be decoded ({image.format}: {why})") from None
         image = ImageOps.exif_transpose(image)
-        if image.mode == "I;16" or image.mode.startswith("I;16"):
-            image = image.point(lambda v: v / 256).convert("L")
-        return image.convert("RGB")
+        return _to_rgb(_to_8_bit(image))
     finally:
         Image.MAX_IMAGE_PIXELS = previous
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (mode I;16, or I holding 16-bit values) scaled to 8 bits; a plain convert would clip
+    every value over 255 to white."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+        return image.point(lambda v: v / 256).convert("L")
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency shown over white as a viewer shows it: the colour stored under a transparent
+    pixel (or a palette's transparent entry) is arbitrary and would otherwise become part of the image."""
+    if not image.has_transparency_data:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
 def read_image_bytes(row: dict) -> bytes:
@@ -56,12 +83,18 @@ def read_image_bytes(row: dict) -> bytes:
     if row.get("image_path"):
         with fsspec.open(row["image_path"], "rb") as f:
             return f.read()
-    raise ValueError("the row has no image")
+    raise ValueError("the row has no image (null or missing)")
 
 
 class _Fields(dict):
     def __missing__(self, key: str) -> Any:
         raise KeyError(f"task.prompt names {{{key}}}, but the row has no column {key!r}")
+
+    def __getitem__(self, key: str) -> Any:
+        value = super().__getitem__(key)
+        if value is None:  # a null, or text that was not UTF-8 (pipeline.read makes it None): not the prompt "None"
+            raise KeyError(f"task.prompt names {{{key}}}, but the row's {key!r} is null or not UTF-8 text")
+        return value
 
 
 def build_prompt(template: str, fields: dict) -> str:
@@ -83,6 +116,8 @@ def preprocess_row(row: dict, model_path: str, prompt_template: str, max_pixels:
     out = {"shard": row["shard"], "key": row["key"], "fields": row["fields"], "prompt": None,
            "input_ids": [], "model_inputs": b"", "num_prompt_tokens": 0, "error": None}
     try:
+        if row.get("error"):  # pipeline.read found the input row itself broken
+            raise ValueError(row["error"])
         fields = json.loads(row["fields"]) if row.get("fields") else {}
         prompt = build_prompt(prompt_template, fields)
         out["prompt"] = prompt

@@ -2,7 +2,8 @@
 
 Every source is turned into the same row shape before preprocessing:
     shard (str), key (str or None: assigned at commit time as "<shard>:<row index>"),
-    image (bytes or None), image_path (str or None), fields (JSON of the row's other values).
+    image (bytes or None), image_path (str or None), fields (JSON of the row's other values),
+    error (str or None: why the input row itself is broken; preprocessing makes it the row's error).
 """
 from __future__ import annotations
 
@@ -80,69 +81,118 @@ def resolve_format(cfg: InputConfig) -> str:
 
 
 def _plain(value: Any) -> Any:
+    """A value that JSON, Arrow and the prompt can all carry: bytes that are not UTF-8, and text with unpaired
+    surrogates (a .json escape like "\\ud800"), become None, which the prompt reports by column name."""
     if isinstance(value, bytes):
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError:
             return None
+    if isinstance(value, str):
+        return value if _is_utf8(value) else None
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
     if hasattr(value, "tolist"):
-        return value.tolist()
+        return _plain(value.tolist())
     return value
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _fields_json(fields: dict) -> str:
     return json.dumps({k: _plain(v) for k, v in fields.items()}, default=str)
 
 
+def _unsafe_key(key: str) -> str | None:
+    """Why a WebDataset key (a tar member's name less its extensions) is refused, or None. Nothing is ever
+    written under a key, but an absolute or `..` name marks a hostile archive, and a key that is not UTF-8
+    cannot be written to the output at all."""
+    if not _is_utf8(key):
+        return "not UTF-8"
+    if key.startswith(("/", "\\")) or ".." in key.replace("\\", "/").split("/"):
+        return "an absolute path or one with '..', unsafe to extract"
+    return None
+
+
 def _webdataset_row(row: dict, cfg: InputConfig, shard_of: dict[str, str]) -> dict:
-    image = None
+    """A WebDataset sample (members grouped by Ray by key) in the common shape; a broken sample gets an error."""
+    errors = []
+    key = row["__key__"]
+    why = _unsafe_key(key)
+    if why:
+        key = key.encode("utf-8", "backslashreplace").decode("utf-8")  # printable, and Arrow can write it
+        errors.append(f"tar member name {key!r}: {why}")
+    # the sample's members; Ray builds a block through pandas, so a member that another sample in the block
+    # has and this one lacks arrives as NaN: anything but bytes is an absent member
+    members = {k: bytes(v) for k, v in row.items()
+               if not k.startswith("__") and isinstance(v, (bytes, bytearray, memoryview))}
     wanted = [cfg.image_column] if cfg.image_column else list(IMAGE_SUFFIXES)
-    for suffix in wanted:
-        if row.get(suffix) is not None:
-            image = bytes(row[suffix])
-            break
+    image = next((members[suffix] for suffix in wanted if suffix in members), None)
     fields: dict[str, Any] = {}
-    if row.get("json") is not None:
+    if "json" in members:
         try:
-            parsed = json.loads(bytes(row["json"]).decode("utf-8"))
+            parsed = json.loads(members["json"].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):  # not UTF-8, not JSON, nested too deep
+            errors.append("the .json member is not valid UTF-8 JSON")
+        else:
             if isinstance(parsed, dict):
                 fields.update(parsed)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            fields["__json_error__"] = "the .json member is not valid UTF-8 JSON"
-    for k, v in row.items():
-        if k.startswith("__") or k == "json" or k in IMAGE_SUFFIXES:
-            continue
-        fields.setdefault(k, _plain(v))
+            else:
+                errors.append(f"the .json member is a JSON {type(parsed).__name__}, not an object")
+    for k, v in members.items():
+        if k != "json" and k not in IMAGE_SUFFIXES:
+            fields.setdefault(k, v)
+    fields = {k: _plain(v) for k, v in fields.items()}
     path = fields.get(cfg.image_path_column) if cfg.image_path_column else None
+    if image is None and path is None:
+        have = ", ".join(sorted(members)) or "none"
+        errors.append(f"the row has no image (no {' or '.join(wanted)} member; members: {have})")
     return {
         "shard": shard_of[row["__url__"]],
-        "key": str(fields[cfg.id_column]) if cfg.id_column and fields.get(cfg.id_column) is not None else row["__key__"],
+        "key": str(fields[cfg.id_column]) if cfg.id_column and fields.get(cfg.id_column) is not None else key,
         "image": image,
-        "image_path": path,
+        "image_path": None if path is None else str(path),
         "fields": _fields_json(fields),
+        "error": "; ".join(errors) or None,
     }
 
 
 def table_row(row: dict, cfg: InputConfig, shard: str) -> dict:
-    """A parquet, Hugging Face or user Dataset row in the common shape; every other column goes to fields."""
+    """A parquet, Hugging Face or user Dataset row in the common shape; every other column goes to fields.
+    An image column of the wrong type (an int, a string) is the row's error, never a crash or bytes(n)."""
     image_column = cfg.image_column or "image"
     image = row.get(image_column)
     path = row.get(cfg.image_path_column) if cfg.image_path_column else None
+    error = None
     if isinstance(image, dict):  # a Hugging Face Image feature: {"bytes": ..., "path": ...}
         path = path or image.get("path")
         image = image.get("bytes")
     elif isinstance(image, np.ndarray):  # decoded pixels (e.g. ray.data.read_images): re-encode losslessly
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="PNG")
-        image = buf.getvalue()
+        try:
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")
+            image = buf.getvalue()
+        except Exception as e:  # noqa: BLE001 - e.g. a float or 4-D array
+            image, error = None, f"image: the {image.dtype} array of shape {image.shape} is not an image ({e})"
+    if image is not None and not isinstance(image, (bytes, bytearray, memoryview)):
+        image, error = None, f"image: column {image_column!r} holds {type(image).__name__}, not image bytes"
     fields = {k: v for k, v in row.items() if k != image_column}
     key = row.get(cfg.id_column) if cfg.id_column else None
     return {
         "shard": shard,
-        "key": None if key is None else str(key),
+        "key": None if key is None else str(_plain(key)),
         "image": bytes(image) if image is not None else None,
         "image_path": None if path is None else str(path),
         "fields": _fields_json(fields),
+        "error": error,
     }
 
 
@@ -164,7 +214,7 @@ def read_shards(cfg: InputConfig, shards: list[Shard]) -> tuple[ray.data.Dataset
     fmt = resolve_format(cfg)
     paths = [s.path for s in shards]
     if fmt == "webdataset":
-        ds = ray.data.read_webdataset(paths, decoder=None, include_paths=False)
+        ds = ray.data.read_webdataset(paths, decoder=None, include_paths=False, filerename=_utf8_name)
         lookup = _ShardLookup({_norm(p): s.name for p, s in zip(paths, shards)})
         return ds, functools.partial(_webdataset_row, cfg=cfg, shard_of=lookup)
     if fmt == "parquet":
@@ -189,8 +239,46 @@ def read_shards(cfg: InputConfig, shards: list[Shard]) -> tuple[ray.data.Dataset
     raise ConfigError(f"input.format: unknown format {fmt}")
 
 
+def _utf8_name(name: str) -> str:
+    """A tar member name as valid UTF-8 (undecodable bytes replaced): Ray puts names into Arrow blocks, and a
+    non-UTF-8 name would fail the whole read."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 class _ShardLookup(dict):
     """Ray hands WebDataset rows their URL with or without the protocol; accept both."""
 
     def __missing__(self, url: str) -> str:
         return super().__getitem__(_norm(url))
+
+
+def unreadable(shard: Shard, fmt: str) -> str | None:
+    """Why a shard cannot be read (a truncated or corrupt tar, a parquet file without a valid footer), or None.
+    Checked before the job reads anything, so one bad shard is reported instead of failing the whole read:
+    a tar's member headers and sizes are walked (data is skipped), a parquet file's footer is parsed."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    if fmt not in ("webdataset", "parquet"):
+        return None
+    try:
+        fs, path = fsspec.core.url_to_fs(shard.path)
+        size = fs.size(path)
+        with fs.open(path, "rb") as f:
+            if fmt == "parquet":
+                pq.ParquetFile(f).metadata
+                return None
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                members = tar.getmembers()
+            if size > 0 and not members:
+                return "unreadable shard: no tar members"
+            cut = next((m.name for m in members if m.offset_data + m.size > size), None)
+            if cut is not None:
+                return f"unreadable shard: truncated tar (member {cut!r} runs past the end of the file)"
+            last = members[-1]
+            if size < last.offset_data + -(-last.size // 512) * 512 + 1024:  # the end-of-archive marker is missing
+                return f"unreadable shard: truncated tar (it ends after member {last.name!r} without an end marker)"
+    except Exception as e:  # noqa: BLE001 - any failure to read is the reason
+        return f"unreadable shard: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    return None

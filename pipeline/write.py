@@ -52,6 +52,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _column(values: list) -> pa.Array:
+    """A carried-through input column; one whose rows hold different types (1 here, "high" there) is kept as
+    text (non-strings as JSON) rather than failing the shard."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+        return pa.array([v if v is None or isinstance(v, str) else json.dumps(v, default=str) for v in values],
+                        pa.string())
+
+
 class OutputDir:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
@@ -145,7 +155,7 @@ class OutputDir:
         columns = {f.name: [r[f.name] for r in rows] for f in OUTPUT_SCHEMA}
         table = pa.Table.from_pydict(columns, schema=OUTPUT_SCHEMA)
         for name in extra_columns:
-            table = table.append_column(name, pa.array([r.get(name) for r in rows]))
+            table = table.append_column(name, _column([r.get(name) for r in rows]))
         tmp = self._path(f"_tmp/{self.part_name(shard)}.{uuid.uuid4().hex}")
         self.fs.makedirs(self._path("_tmp"), exist_ok=True)
         with self.fs.open(tmp, "wb") as f:
