@@ -13,6 +13,7 @@ import pyarrow as pa
 import torch
 
 from actors.hf_backend import HFBackend, pick_device
+from actors.metrics import record_batch
 from actors.request import Request, Result, SamplingParams, error_result, one_line, shape_key, unpack_arrays
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -113,4 +114,5 @@ class Generator:
                 "generate_s": per_row if i in requests else 0.0,
                 **dict(zip(("eval_tokens", "eval_agreed", "eval_exact"), evals.get(i, (None, None, None))))}
                for i, (row, r) in enumerate(zip(rows, results))]
+        record_batch(out)  # Prometheus: rows ok/error, tokens, drafted, accepted (actors/metrics.py)
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)

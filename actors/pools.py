@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 import ray
 
 from actors.controller import Budget, Controller, Plan
+from actors.metrics import record_pools
 
 
 class TargetActor:
@@ -269,6 +270,7 @@ class PoolManager:
                     self.counts.append({"t": self._now(), "targets": targets, "drafters": drafters,
                                         "drafters_per_target": round(drafters / targets, 3) if targets else None,
                                         "queue": self._queue(), "k": self.plan.k, "mode": self.plan.mode})
+                    record_pools(self.counts[-1])  # Prometheus gauges: actors and queue depth
             except Exception as e:  # noqa: BLE001 - the control loop must not die; the error is on the record
                 self._event("control_error", error=str(e)[:300])
 

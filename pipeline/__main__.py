@@ -1,10 +1,12 @@
-"""The command line: python -m pipeline {run, validate, demo-data}.
+"""The command line: python -m pipeline {run, validate, demo-data, report}.
 
 Exit codes (for schedulers):
     0  success: every shard is committed (rows that failed individually are error rows, not a failure)
     1  the job failed (the traceback, then one line); committed shards stay, and a rerun goes on from them
     2  a bad config or bad usage, one line naming the field; nothing was run
     3  the output is locked by another live run (a rerun started while the last one is still going)
+    4  finished, but some shards could not be read: they are listed, not committed, and retried by a rerun
+       (input.on_unreadable: fail turns this into exit 1 before any work)
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pipeline.config import ConfigError, dump, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="specray: batch VLM inference with speculative decoding on Ray.")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_UNREADABLE = 0, 1, 2, 3, 4
 
 
 def _bad_config(err: Exception) -> None:
@@ -71,6 +73,8 @@ def run(config: str, set_: Optional[list[str]] = typer.Option(None, "--set", hel
     except Exception as e:  # noqa: BLE001 - the traceback, then one line, exit 1
         _job_failed(e)
     typer.echo(summary(result))
+    if result.shards_unreadable:
+        raise typer.Exit(EXIT_UNREADABLE)
 
 
 @app.command("demo-data")
@@ -85,6 +89,19 @@ def demo_data(output_dir: str, seed: int = typer.Option(3000, help="corpus seed 
         raise typer.Exit(EXIT_USAGE)
     paths = write_demo_data(output_dir, seed=seed, num_samples=num_samples, fmt=format, rows_per_shard=rows_per_shard)
     typer.echo(f"wrote {num_samples} rows in {len(paths)} {format} shards to {output_dir}")
+
+
+@app.command()
+def report(output_dir: str, out: Optional[str] = typer.Option(None, "--out", help="default: OUTPUT_DIR/report.html")) -> None:
+    """Write report.html from a finished job's output: throughput, acceptance, drafters per target, errors."""
+    from pipeline.report import ReportError, write_report
+
+    try:
+        path = write_report(output_dir, out)
+    except ReportError as e:
+        typer.echo(f"usage error: {e}", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    typer.echo(f"wrote {path}")
 
 
 def main() -> None:

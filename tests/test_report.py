@@ -1,0 +1,304 @@
+"""Observability: `python -m pipeline report` (report.html) and the Prometheus metrics of actors/metrics.py."""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.request
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import actors.metrics as metrics
+from conftest import ROOT, run_cli
+from pipeline.report import rates, steps
+from pipeline.write import OUTPUT_SCHEMA
+
+TIMELINE = [  # cumulative, as pipeline/job.py samples it: 100, 200, then 300 tokens/s; 5, 10, 10 rows/s
+    {"t": 2.0, "rows": 10, "errors": 0, "output_tokens": 200, "drafted": 160, "accepted": 100},
+    {"t": 4.0, "rows": 30, "errors": 2, "output_tokens": 600, "drafted": 480, "accepted": 300},
+    {"t": 5.0, "rows": 40, "errors": 3, "output_tokens": 900, "drafted": 720, "accepted": 450},
+]
+POOLS = {"policy": "auto", "plan": {"mode": "disaggregated", "targets": 2, "drafters": 3, "k": 4}, "failovers": 0,
+         "actors_over_time": [
+             {"t": 5.0, "targets": 1, "drafters": 1, "drafters_per_target": 1.0, "queue": 3, "k": 4, "mode": "disaggregated"},
+             {"t": 10.0, "targets": 2, "drafters": 3, "drafters_per_target": 1.5, "queue": 1, "k": 4, "mode": "disaggregated"},
+             {"t": 15.0, "targets": 2, "drafters": 3, "drafters_per_target": 1.5, "queue": 0, "k": 4, "mode": "disaggregated"},
+         ]}
+# (drafted, accepted) per output row: acceptance 5%, 55%, 55%, 100% x3; two rows without drafts (not plotted)
+ROWS = [(20, 1), (20, 11), (20, 11), (8, 8), (8, 8), (8, 8), (0, 0), (0, 0)]
+
+
+def job_metrics(**changes) -> dict:
+    m = {"rows": 40, "errors": 3, "errors_by_reason": {"bad image": 2, "OutOfMemoryError": 1},
+         "output_tokens": 900, "drafted_tokens": 720, "accepted_tokens": 450, "acceptance_rate": 0.625,
+         "wall_s": 12.5, "tokens_per_s": 72.0, "timeline": TIMELINE, "pools": POOLS,
+         "compression": {"weights": "int4", "group_size": 64, "apply_to": "target",
+                         "visual_tokens": {"keep": 0.5, "method": "attention", "merge": False},
+                         "self_speculation": None, "evaluation": None},
+         "shards_written": ["shard-00000", "shard-00001"], "shards_skipped": ["shard-00002"], "rows_in_output": 8,
+         "config_hash": "abc123def4567890", "finished_at": "2026-11-22T20:00:00Z"}
+    return {**m, **changes}
+
+
+def output_dir(path, metrics_: dict):
+    path.mkdir()
+    (path / "metrics.json").write_text(json.dumps(metrics_))
+    rows = [{"key": f"k{i}", "shard": "shard-00000", "text": "a cat", "finish_reason": "stop", "num_prompt_tokens": 9,
+             "num_output_tokens": 5, "num_drafted_tokens": d, "num_accepted_tokens": a, "error": None}
+            for i, (d, a) in enumerate(ROWS)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), path / "part-shard-00000.parquet")
+    pq.write_table(pa.Table.from_pylist([], schema=OUTPUT_SCHEMA), path / "part-shard-00001.parquet")  # empty shard
+    return path
+
+
+def charts(page: str) -> dict[str, str]:
+    return dict(re.findall(r'<svg id="(\w+)"(.*?)</svg>', page, re.S))
+
+
+def texts(svg: str, cls: str) -> list[str]:
+    return re.findall(rf'<text class="{cls}"[^>]*>([^<]*)', svg)
+
+
+def test_rates_and_steps():
+    assert rates(TIMELINE, "output_tokens") == [(0.0, 100.0), (2.0, 100.0), (2.0, 200.0), (4.0, 200.0),
+                                                (4.0, 300.0), (5.0, 300.0)]
+    assert rates(TIMELINE, "rows")[::2] == [(0.0, 5.0), (2.0, 10.0), (4.0, 10.0)]
+    assert rates(TIMELINE[:1], "rows") == [(0.0, 5.0), (2.0, 5.0)]  # from the job's start
+    assert rates(TIMELINE, "output_tokens", window_s=3) == [(0.0, 150.0), (4.0, 150.0), (4.0, 300.0), (5.0, 300.0)]
+    assert steps(POOLS["actors_over_time"], "drafters_per_target") == [(5.0, 1.0), (10.0, 1.0), (10.0, 1.5),
+                                                                       (15.0, 1.5), (15.0, 1.5)]
+
+
+def test_report_html(tmp_path):
+    out = output_dir(tmp_path / "out", job_metrics())
+    r = run_cli("report", str(out))
+    assert r.returncode == 0, r.stderr
+    page = (out / "report.html").read_text()
+    assert f"wrote {out}/report.html" in r.stdout
+    assert "http://" not in page and "https://" not in page and "<script" not in page  # self-contained
+    assert page.count("<svg") == 4
+    svgs = charts(page)
+    assert list(svgs) == ["throughput", "acceptance", "pools", "errors"]
+    for title in ("Throughput over time", "Acceptance per row", "Drafters per target over time", "Error rows by reason"):
+        assert f">{title}</text>" in page
+
+    # header: the key figures and settings
+    for figure in (">40<", ">3 (7.5%)<", ">900<", ">72.0<", ">12.5 s<", ">62.5%<", ">2 / 1<", ">abc123def4567890<",
+                   "int4 (group size 64), applied to target", "keep 50% (attention)"):
+        assert figure in page, figure
+
+    # throughput: tokens/s in one panel, rows/s and error rows/s in the other; 6 points each (3 intervals)
+    lines = re.findall(r'<polyline class="series" points="([^"]*)"[^>]*><title>([^<]*)', svgs["throughput"])
+    assert [name for _, name in lines] == ["tokens/s", "rows/s", "error rows/s"]
+    assert all(len(points.split()) == 6 for points, _ in lines)
+    assert "300" in texts(svgs["throughput"], "tick") and "output tokens/s" in texts(svgs["throughput"], "axis")
+    assert "time since the job started (s)" in texts(svgs["throughput"], "axis")
+
+    # acceptance: a bar per bin; the counts of the 6 rows with drafts; the job's rate marked
+    acc = svgs["acceptance"]
+    assert acc.count('<rect class="bar"') == 10
+    assert texts(acc, "value") == ["1", "2", "3"]  # bins 0-10%, 50-60%, 90-100%
+    assert re.findall(r"<title>(\d+)% to \d+%: (\d+) rows</title>", acc)[5] == ("50", "2")
+    assert texts(acc, "marker-label") == ["this run overall: 62.5%"]
+    assert "6 output rows with drafted tokens" in page
+
+    # drafters per target: the ratio, and the actor counts
+    pools = svgs["pools"]
+    assert re.findall(r"<polyline[^>]*><title>([^<]*)", pools) == ["drafters/target", "targets", "drafters"]
+    assert "1.5" in texts(pools, "tick") and "final plan 2 targets, 3 drafters, k=4" in page
+
+    # errors: one bar per reason, most frequent first, with its count
+    err = svgs["errors"]
+    assert err.count('<rect class="bar error"') == 2
+    assert texts(err, "label") == ["bad image", "OutOfMemoryError"]
+    assert texts(err, "value") == ["2", "1"]
+
+
+def test_report_of_a_colocated_job_without_errors(tmp_path):
+    out = output_dir(tmp_path / "out", job_metrics(pools=None, errors=0, errors_by_reason={}))
+    dest = tmp_path / "elsewhere.html"
+    r = run_cli("report", str(out), "--out", str(dest))
+    assert r.returncode == 0, r.stderr
+    assert not (out / "report.html").exists()
+    page = dest.read_text()
+    assert "co-located job: one drafter per target actor" in page and "no errors" in page
+    assert list(charts(page)) == ["throughput", "acceptance"]
+
+
+def test_report_of_an_s3_output_dir(tmp_path):
+    """Read and written through fsspec: an s3:// output directory (a local S3 server) gets its report.html."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint}
+    try:
+        fs = fsspec.filesystem("s3", endpoint_url=endpoint, key="testing", secret="testing")
+        fs.mkdir("specray-report")
+        fs.put(str(output_dir(tmp_path / "out", job_metrics())) + "/", "specray-report/out/", recursive=True)
+        r = subprocess.run([sys.executable, "-m", "pipeline", "report", "s3://specray-report/out"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        page = fs.cat("specray-report/out/report.html").decode()
+        assert list(charts(page)) == ["throughput", "acceptance", "pools", "errors"]
+        assert texts(charts(page)["acceptance"], "value") == ["1", "2", "3"]  # the part files were read from S3
+    finally:
+        server.stop()
+
+
+def test_report_usage_errors(tmp_path):
+    r = run_cli("report", str(tmp_path / "missing"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"usage error: no such output directory: {tmp_path / 'missing'}"]
+    (tmp_path / "unfinished").mkdir()
+    r = run_cli("report", str(tmp_path / "unfinished"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "has no metrics.json" in r.stderr
+
+
+# ---- Prometheus metrics -------------------------------------------------------------------------------
+
+class FakeMetric:
+    def __init__(self):
+        self.calls = []
+
+    def inc(self, value, tags=None):
+        self.calls.append(("inc", value, tags))
+
+    def set(self, value, tags=None):
+        self.calls.append(("set", value, tags))
+
+
+def fake_metrics(monkeypatch) -> dict:
+    fakes = {k: FakeMetric() for k in ("rows", "output_tokens", "drafted", "accepted", "acceptance", "targets",
+                                       "drafters", "queue")}
+    monkeypatch.setattr(metrics, "_METRICS", fakes)
+    return fakes
+
+
+def out_row(error=None, tokens=5, drafted=8, accepted=6) -> dict:
+    return {"error": error, "num_output_tokens": tokens, "num_drafted_tokens": drafted, "num_accepted_tokens": accepted}
+
+
+def test_metrics_are_recorded_with_their_tags(monkeypatch):
+    m = fake_metrics(monkeypatch)
+    metrics.record_batch([out_row(), out_row(), out_row("bad image: x", 0, 0, 0)])
+    assert m["rows"].calls == [("inc", 2, {"status": "ok"}), ("inc", 1, {"status": "error"})]
+    assert m["output_tokens"].calls == [("inc", 10, None)]
+    assert m["drafted"].calls == [("inc", 16, None)] and m["accepted"].calls == [("inc", 12, None)]
+    assert m["acceptance"].calls == [("set", 0.75, None)]
+    metrics.record_batch([out_row(drafted=0, accepted=0)])  # no drafts: no zero increments, acceptance kept
+    assert len(m["drafted"].calls) == 1 and len(m["acceptance"].calls) == 1
+    metrics.record_pools({"t": 1.0, "targets": 2, "drafters": 5, "queue": 7})
+    assert (m["targets"].calls, m["drafters"].calls, m["queue"].calls) == ([("set", 2, None)], [("set", 5, None)],
+                                                                          [("set", 7, None)])
+
+
+def test_metrics_do_nothing_outside_ray(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(metrics, "_METRICS", None)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    metrics.record_batch([out_row()])
+    metrics.record_pools({"targets": 1, "drafters": 1, "queue": 0})
+    assert metrics._METRICS is None
+
+
+def test_pool_manager_control_loop_sets_the_gauges(monkeypatch):
+    from actors.controller import Plan
+    from actors.pools import PoolManager, _Member
+
+    m = fake_metrics(monkeypatch)
+    pm = PoolManager.__new__(PoolManager)  # no actors: just one round of the control loop
+    pm.spec, pm.lock, pm.t0 = SimpleNamespace(interval_s=0.0, policy="fixed"), threading.RLock(), time.time()
+    pm.plan, pm.waiting, pm.counts, pm.events = Plan("disaggregated", 1, 3, 4), 2, [], []
+    pm.targets = {"target-0": _Member("target-0", None, None, 0.0, ready=True)}
+    pm.drafters = {f"drafter-{i}": _Member(f"drafter-{i}", None, None, 0.0, ready=True) for i in range(3)}
+    for step in ("_refresh_ready", "_drain", "_health", "_measure_rate", "_apply"):
+        setattr(pm, step, lambda: None)
+    rounds = iter([False, True])
+    pm.stop = SimpleNamespace(wait=lambda _: next(rounds))
+    pm._loop()
+    assert pm.events == [] and pm.counts[0]["drafters_per_target"] == 3.0
+    assert (m["targets"].calls, m["drafters"].calls, m["queue"].calls) == ([("set", 1, None)], [("set", 3, None)],
+                                                                          [("set", 2, None)])
+
+
+def scrape(port: int) -> list[tuple[str, dict, float]]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = []
+    for name, labels, value in re.findall(r"^(\w+)\{(.*)\} (\S+)$", text, re.M):
+        out.append((name, dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels)), float(value)))
+    return out
+
+
+def test_metrics_are_exported_by_ray(ray_address):
+    """A generate batch and a pool sample in a Ray actor reach Prometheus (names prefixed ray_, one series per
+    worker: this actor's are picked by WorkerId, so other tests' jobs in this Ray session do not count)."""
+    import ray
+
+    from actors.request import pack_arrays
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def run(self, batch):
+            from actors.generator import Generator
+            from actors.metrics import record_pools
+            from actors.request import Result, SamplingParams
+
+            class Engine:  # every row: 5 tokens, 8 drafted, 6 accepted
+                def generate(self, requests, params):
+                    return [Result("a cat", "stop", 5, 8, 6, token_ids=[1] * 5) for _ in requests]
+
+            g = Generator.__new__(Generator)
+            g.engine, g.params, g.mixed_shapes, g.reference, g.evaluate = Engine(), SamplingParams(), True, None, None
+            out = g(batch)
+            record_pools({"t": 1.0, "targets": 2, "drafters": 5, "queue": 7})
+            return out.num_rows, ray.get_runtime_context().get_worker_id()
+
+    import numpy as np
+
+    inputs = pack_arrays({"pixel_values": np.zeros((1, 3, 2, 2), np.float32)})
+    batch = pa.Table.from_pylist(
+        [{"shard": "s", "key": f"k{i}", "fields": None, "num_prompt_tokens": 3, "input_ids": [1, 2, 3],
+          "model_inputs": inputs, "error": None} for i in range(3)]
+        + [{"shard": "s", "key": "k3", "fields": None, "num_prompt_tokens": 0, "input_ids": [], "model_inputs": None,
+            "error": "bad image: truncated"}])
+    probe = Probe.remote()
+    rows, worker = ray.get(probe.run.remote(batch))
+    assert rows == 4
+    node = next(n for n in ray.nodes() if n["Alive"])
+    port = node.get("MetricsExportPort", -1)
+    assert port and port > 0, "Ray runs no metrics agent: install ray[default] (see pyproject.toml)"
+    want = {("ray_specray_rows_total", "ok"): 3.0, ("ray_specray_rows_total", "error"): 1.0,
+            ("ray_specray_output_tokens_total", None): 15.0, ("ray_specray_drafted_tokens_total", None): 24.0,
+            ("ray_specray_accepted_tokens_total", None): 18.0, ("ray_specray_acceptance_rate", None): 0.75,
+            ("ray_specray_target_actors", None): 2.0, ("ray_specray_drafter_actors", None): 5.0,
+            ("ray_specray_queue_depth", None): 7.0}
+    got, seen = {}, []
+    deadline = time.time() + 90  # the core worker pushes its metrics every few seconds
+    while time.time() < deadline:
+        try:
+            seen = [s for s in scrape(port) if s[0].startswith("ray_specray_")]
+        except OSError as e:  # the metrics agent is still starting
+            seen = [("unreachable", {}, str(e))]
+        got = {(name, labels.get("status")): value for name, labels, value in seen if labels.get("WorkerId") == worker}
+        if got == want:
+            break
+        time.sleep(1)
+    assert got == want, f"worker {worker}; exported: {seen}"
+    ray.kill(probe)
