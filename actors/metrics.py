@@ -14,6 +14,10 @@ runs the metrics agent, also under `include_dashboard=False`); with a minimal Ra
     specray_drafter_actors                    gauge    ready drafter actors (disaggregated pools)
     specray_queue_depth                       gauge    batches waiting for a target (disaggregated pools)
 
+Ray keeps a gauge in the export for 2 report intervals (RAY_metrics_report_interval_ms, 10 s by default)
+after its last set(): the pool gauges are set every control interval, the acceptance gauge once per batch
+(so it lapses between batches slower than 20 s); counters stay.
+
 The metric objects are made once per process, on first use, and only in a process connected to Ray
 (ray.util.metrics needs a Ray worker): elsewhere, e.g. an engine in a unit test, recording does nothing.
 Recording never raises: a metric must not cost a batch.

@@ -290,15 +290,17 @@ def test_metrics_are_exported_by_ray(ray_address):
             ("ray_specray_target_actors", None): 2.0, ("ray_specray_drafter_actors", None): 5.0,
             ("ray_specray_queue_depth", None): 7.0}
     got, seen = {}, []
-    deadline = time.time() + 90  # the core worker pushes its metrics every few seconds
+    deadline = time.time() + 90  # the core worker pushes its metrics every metrics_report_interval_ms (10 s)
     while time.time() < deadline:
         try:
             seen = [s for s in scrape(port) if s[0].startswith("ray_specray_")]
         except OSError as e:  # the metrics agent is still starting
             seen = [("unreachable", {}, str(e))]
-        got = {(name, labels.get("status")): value for name, labels, value in seen if labels.get("WorkerId") == worker}
+        # gathered over scrapes: a gauge not set again drops out of the export after 2 report intervals
+        got.update({(name, labels.get("status")): value for name, labels, value in seen
+                    if labels.get("WorkerId") == worker})
         if got == want:
             break
         time.sleep(1)
-    assert got == want, f"worker {worker}; exported: {seen}"
+    assert got == want, f"worker {worker}: gathered {got}; last scrape {seen}"
     ray.kill(probe)
