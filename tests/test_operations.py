@@ -166,13 +166,17 @@ def test_ray_job_submit_to_a_real_head(tmp_path):
     shards = tmp_path / "shards"
     write_demo_data(str(shards), num_samples=8, rows_per_shard=4)
     out = tmp_path / "out"
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard, agent, agent_grpc, runtime_env = (_free_port() for _ in range(5))
     bin_dir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     env.update(PATH=f"{bin_dir}:{env.get('PATH', '')}", RAY_TMPDIR=ray_tmp)
     head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                             # not the default agent ports: the test session's own Ray already holds them, and an
+                             # agent without its HTTP port cannot take jobs ("No available agent to submit job")
+                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                             f"--runtime-env-agent-port={runtime_env}",
                              "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         address = f"http://127.0.0.1:{dashboard}"
