@@ -92,7 +92,9 @@ def _job_config(tmp_path, shards, **autoscaler) -> dict:
         "model": {"target": TARGET, "drafter": DRAFTER},
         "decoding": {"dtype": "float32", "max_batch_size": 8},
         "output": {"path": str(tmp_path / "out")},
-        "resources": {"mode": "disaggregated", "cpus_per_actor": 1, "batch_size": 8},
+        # half a CPU per target: with 2 targets, 2 drafters and the routers, a whole CPU stays free for Ray Data's
+        # read tasks (they ask for one), which would otherwise starve once the plan grows mid-read
+        "resources": {"mode": "disaggregated", "cpus_per_actor": 0.5, "batch_size": 8},
         "autoscaler": {"devices": 2, "drafter_cost": 0.5, "drafter_cpus": 0.5, "interval_s": 1.0, **autoscaler},
     }
 
