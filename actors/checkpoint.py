@@ -99,9 +99,9 @@ class Checkpoint:
             raise ValueError(f"compression.weights: quantization needs the lean decoder (decoding.decoder: lean and a "
                              f"Llama-family model); {path} has {text_config.model_type}")
         # self-speculation: a quantized copy of the dense decoder, made before the target's own is quantized
-        self.self_draft_group = compression.group_size
         self.self_decoder = self.decoder.quantized_copy(self_draft_bits, compression.group_size) if self_draft_bits else None
-        self.quantized = self.decoder.quantize(compression.bits, compression.group_size) if compression.bits else None
+        if compression.bits:
+            self.decoder.quantize(compression.bits, compression.group_size)
         if self.lean:  # the lean decoder has its own copy of every decoder weight
             self.language_model.layers = torch.nn.ModuleList()
         self.pruner = None

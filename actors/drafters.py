@@ -44,11 +44,11 @@ def make_drafter(spec: str, tokenizer, image_token_id: int | None, device: str, 
     if spec in SELF_DRAFTERS:
         if isinstance(target, Checkpoint):
             if target.self_decoder is None:  # asked for after the target was loaded (a target actor's plan)
-                if target.quantized is not None:
+                if target.decoder.quantized is not None:
                     raise ValueError(f"model.drafter: {spec} needs the target's dense weights, and "
                                      "compression.weights already quantized them")
                 target.self_decoder = target.decoder.quantized_copy(WEIGHT_BITS[SELF_DRAFTERS[spec]],
-                                                                    target.self_draft_group)
+                                                                    target.compression.group_size)
             ck = target.with_decoder(target.self_decoder)
         elif isinstance(target, str):
             ck = Checkpoint(target, device, dtype, trust_remote_code=trust_remote_code, lean=lean,
