@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from actors.estimates import Acceptance, CostLine
+from engine.estimates import Acceptance, CostLine
 
 
 def explore_k(k: int, draw: float, max_k: int) -> int:

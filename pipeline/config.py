@@ -9,6 +9,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from engine.config import SELF_DRAFTERS, Compression, EngineConfig
+from engine.request import SamplingParams
+
+ENGINE = EngineConfig(target="")  # the engine's defaults, stated once in engine/config.py
+COMPRESSION = Compression()
+
 DEFAULT_PROMPTS = {
     "caption": "Describe the image.",
     "ocr": "What does the text say?",
@@ -57,10 +63,10 @@ class ModelConfig(Section):
 
 class DecodingConfig(Section):
     backend: Literal["specray", "hf"] = "specray"  # hf: plain model.generate, the reference
-    num_draft_tokens: int | Literal["auto"] = "auto"
-    max_batch_size: int = Field(32, ge=1)  # the engine's slots: sequences decoded together
+    num_draft_tokens: int | Literal["auto"] = ENGINE.num_draft_tokens
+    max_batch_size: int = Field(ENGINE.max_batch_size, ge=1)  # the engine's slots: sequences decoded together
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 for specray; hf: fp32 on CPU
-    decoder: Literal["lean", "hf"] = "lean"  # hf: the generic HF forward (any architecture; slower)
+    decoder: Literal["lean", "hf"] = ENGINE.decoder  # hf: the generic HF forward (any architecture; slower)
     max_new_tokens: int = Field(64, ge=1, le=8192)
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -111,15 +117,15 @@ class AutoscalerConfig(Section):
 
 
 class VisualTokensConfig(Section):
-    keep: float = Field(1.0, gt=0, le=1)  # fraction of each image's tokens the decoder sees (1: no pruning)
-    method: Literal["attention", "diversity"] = "attention"  # [CLS] attention (FasterVLM) | max-min subset (ToDRE)
-    merge: bool = False  # fold each pruned token into its nearest kept token instead of dropping it
+    keep: float = Field(COMPRESSION.visual_keep, gt=0, le=1)  # fraction of each image's tokens the decoder sees
+    method: Literal["attention", "diversity"] = COMPRESSION.visual_method  # [CLS] attention (FasterVLM) | ToDRE
+    merge: bool = COMPRESSION.visual_merge  # fold each pruned token into its nearest kept token, not drop it
 
 
 class CompressionConfig(Section):
-    weights: Literal["none", "int8", "int4"] = "none"  # weight-only quantization of the decoder's linears
-    group_size: int = Field(64, ge=8, le=1024)  # int4: input channels per scale and zero (a power of two)
-    apply_to: Literal["target", "drafter", "both"] = "target"  # which model's weights and visual tokens
+    weights: Literal["none", "int8", "int4"] = COMPRESSION.weights  # weight-only quantization of decoder linears
+    group_size: int = Field(COMPRESSION.group_size, ge=8, le=1024)  # int4: input channels per scale and zero
+    apply_to: Literal["target", "drafter", "both"] = COMPRESSION.apply_to  # which model's weights, visual tokens
     visual_tokens: VisualTokensConfig = VisualTokensConfig()
     evaluate: bool = False  # measure agreement with the uncompressed target on a sample of the job's rows
     evaluate_fraction: float = Field(0.05, gt=0, le=1)  # the sample: rows whose key hashes into this fraction
@@ -133,10 +139,10 @@ class CompressionConfig(Section):
     def active(self) -> bool:
         return self.weights != "none" or self.visual_tokens.keep < 1
 
-    def engine_section(self) -> dict:
+    def to_engine(self) -> Compression:
         v = self.visual_tokens
-        return {"weights": self.weights, "group_size": self.group_size, "apply_to": self.apply_to,
-                "visual_keep": v.keep, "visual_method": v.method, "visual_merge": v.merge}
+        return Compression(weights=self.weights, group_size=self.group_size, visual_keep=v.keep,
+                           visual_method=v.method, visual_merge=v.merge, apply_to=self.apply_to)
 
 
 class PreprocessConfig(Section):
@@ -158,7 +164,7 @@ class JobConfig(Section):
     def _backend(self) -> "JobConfig":
         c, drafter = self.compression, self.model.drafter
         self_draft = drafter is not None and drafter.startswith("self-")
-        if self_draft and drafter not in ("self-int8", "self-int4"):
+        if self_draft and drafter not in SELF_DRAFTERS:
             raise ValueError(f"model.drafter: {drafter!r} is not a self-speculation drafter (self-int8 or self-int4)")
         if c.active() or c.evaluate or self_draft:
             field = "compression.weights" if c.weights != "none" else (
@@ -192,8 +198,30 @@ class JobConfig(Section):
         if not self.output.path:
             raise ConfigError("output.path: required")
 
+    def engine(self) -> EngineConfig:
+        """The frozen config the actors and the engine get: model paths resolved (a local folder becomes an
+        absolute path, so every actor finds it), the generate actors' resources."""
+        d, r = self.decoding, self.resources
+        drafter = self.model.drafter
+        if drafter is not None and drafter != "ngram" and drafter not in SELF_DRAFTERS:
+            drafter = model_path(drafter)
+        return EngineConfig(target=model_path(self.model.target), drafter=drafter, backend=d.backend, dtype=d.dtype,
+                            decoder=d.decoder, max_batch_size=d.max_batch_size, num_draft_tokens=d.num_draft_tokens,
+                            trust_remote_code=self.model.trust_remote_code, compression=self.compression.to_engine(),
+                            gpus=r.gpus_per_actor, threads=max(1, round(r.cpus_per_actor)))
+
+    def sampling(self) -> SamplingParams:
+        d = self.decoding
+        return SamplingParams(max_new_tokens=d.max_new_tokens, temperature=d.temperature, top_p=d.top_p,
+                              top_k=d.top_k, seed=d.seed, stop=list(d.stop))
+
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_path(path: str) -> str:
+    """A local model folder as an absolute path (actors run elsewhere); anything else (a hub id) as it is."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -16,7 +16,7 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageOps
 
-from actors.request import one_line, pack_arrays
+from engine.request import one_line, pack_arrays
 
 TEXT_KEYS = ("input_ids", "attention_mask")
 # A 1x4000 strip passes the pixel bound, yet the processor resizes its short side up to the model's size and the

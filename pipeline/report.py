@@ -1,7 +1,7 @@
 """`python -m pipeline report OUTPUT_DIR`: a job's output directory as one self-contained report.html.
 
 It reads OUTPUT_DIR/metrics.json and the part files (through fsspec, so s3:// works) and draws four
-plots as inline SVG, made here without a plotting library or anything fetched from the network:
+plots with matplotlib as inline SVG in the page (nothing fetched from the network):
 
 - throughput over time: tokens/s and rows/s between the samples of metrics["timeline"];
 - acceptance: a histogram of the output rows' accepted / drafted tokens, and the job's overall rate;
@@ -11,8 +11,10 @@ plots as inline SVG, made here without a plotting library or anything fetched fr
 from __future__ import annotations
 
 import html
+import io
 import json
-import math
+import re
+from typing import NamedTuple
 
 import fsspec
 import numpy as np
@@ -20,7 +22,6 @@ import pyarrow.parquet as pq
 
 from pipeline.write import PART_PREFIX, PART_SUFFIX
 
-WIDTH = 760
 COLORS = {"blue": "#2563eb", "orange": "#ea580c", "green": "#16a34a", "red": "#dc2626"}
 BINS = 10  # acceptance histogram: 10 bins of 10% over [0, 1]
 
@@ -93,133 +94,168 @@ def steps(samples: list[dict], key: str) -> list[tuple[float, float]]:
     return points
 
 
-# ---- SVG charts ---------------------------------------------------------------------------------------
+# ---- charts: what to plot ------------------------------------------------------------------------------
+
+class Series(NamedTuple):
+    """One line of a line chart: its name (in the legend), its (x, y) points, its color, dashed or solid."""
+    name: str
+    points: list[tuple[float, float]]
+    color: str
+    dashed: bool = False
+
+
+class Lines(NamedTuple):
+    """Panels stacked over one shared x axis, each (y label, [Series, ...])."""
+    title: str
+    panels: list[tuple[str, list[Series]]]
+    x_label: str
+
+
+class Histogram(NamedTuple):
+    """Vertical bars over numeric bins (edges shown as percentages); marker: (x value, label), a dashed line."""
+    title: str
+    counts: list[int]
+    edges: list[float]
+    x_label: str
+    y_label: str
+    marker: tuple[float, str] | None = None
+
+
+class Bars(NamedTuple):
+    """Horizontal bars, one per (label, count) from the top, the count written at the bar's end."""
+    title: str
+    items: list[tuple[str, int]]
+    x_label: str
+
+
+# ---- charts: drawing them with matplotlib --------------------------------------------------------------
+# Each drawn artist that carries data has a gid (series-<name>, bar-<i>, count-<i>, label-<i>, marker, title,
+# xlabel, ylabel-<panel>), which the SVG keeps as <g id="<chart>-<gid>">; the tests find the data by them.
+
+FIG_WIDTH = 7.9  # inches, i.e. 569 pt: about 760 px on the page
+TICK_STEPS = [1, 2, 2.5, 5, 10]
+MPL_RC = {
+    "svg.hashsalt": "specray-report",  # deterministic ids (and no date in the metadata: see _svg)
+    "svg.fonttype": "none",  # texts stay <text> elements, not glyph outlines
+    "path.simplify": False,  # every point of a series is drawn
+    "axes.autolimit_mode": "round_numbers", "axes.xmargin": 0, "axes.ymargin": 0,  # axes end on a tick
+    "font.sans-serif": ["DejaVu Sans", "Helvetica", "Arial"],  # matplotlib measures texts in DejaVu Sans
+    "font.size": 9, "figure.titlesize": 10.5, "figure.titleweight": "bold", "text.color": "#111827",
+    "axes.edgecolor": "#9ca3af", "axes.labelcolor": "#374151", "axes.spines.top": False,
+    "axes.spines.right": False, "axes.grid": True, "axes.axisbelow": True, "grid.color": "#eef0f3",
+    "xtick.color": "#6b7280", "ytick.color": "#6b7280", "lines.linewidth": 2, "legend.frameon": False,
+}
+
+
+def render_chart(chart_id: str, chart: Lines | Histogram | Bars) -> str:
+    """One chart as an inline <svg id=chart_id>, drawn by matplotlib (imported only here: importing pipeline
+    stays cheap) with no pyplot state, offline."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context(MPL_RC):
+        fig = Figure(layout="constrained")
+        draw = {Lines: _draw_lines, Histogram: _draw_histogram, Bars: _draw_bars}[type(chart)]
+        tips = draw(fig, chart)
+        fig.suptitle(chart.title, gid="title")
+        return _svg(fig, chart_id, chart.title, tips)
+
+
+def _svg(fig, chart_id: str, title: str, tips: dict[str, str]) -> str:
+    """The figure's SVG for an HTML page: ids prefixed with chart_id (unique in the page), a <title> (a tooltip)
+    in the group of each gid in tips, no XML prolog, metadata or namespace URLs (inline SVG needs none)."""
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
+    svg = buf.getvalue()
+    svg = re.sub(r' xmlns(:xlink)?="[^"]*"', "", svg[svg.index("<svg"):], count=2)
+    for gid, tip in tips.items():
+        svg = svg.replace(f'<g id="{gid}">', f'<g id="{gid}"><title>{_esc(tip)}</title>', 1)
+    svg = re.sub(r"<[^<>]*>", lambda tag: re.sub(r'(\bid="|href="#|url\(#)', rf"\g<1>{chart_id}-", tag.group()), svg)
+    return svg.replace("<svg ", f'<svg id="{chart_id}" class="chart" role="img" aria-label="{_esc(title)}" ', 1)
+
 
 def _esc(s: object) -> str:
     return html.escape(str(s), quote=True)
 
 
-def _num(v: float) -> str:
-    if v == int(v):
-        return f"{int(v):,}"
-    return f"{v:,.2f}".rstrip("0").rstrip(".") if abs(v) < 10 else f"{v:,.1f}"
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _ticks(values: list[float], n: int = 5) -> list[float]:
-    """Round tick values from 0 to at least max(values); whole numbers only if the values are all whole."""
-    hi = max(values, default=0) or 1.0
-    raw = hi / n
-    mag = 10 ** math.floor(math.log10(raw))
-    whole = all(float(v).is_integer() for v in values)
-    step = next(m * mag for m in ((1, 2, 5, 10) if whole else (1, 2, 2.5, 5, 10)) if m * mag >= raw)
-    if whole:
-        step = max(step, 1)
-    return [i * step for i in range(int(math.ceil(hi / step - 1e-9)) + 1)]
+def _draw_lines(fig, chart: Lines) -> dict[str, str]:
+    from matplotlib.ticker import MaxNLocator
+
+    fig.set_size_inches(FIG_WIDTH, 0.9 + 1.9 * len(chart.panels))
+    axes = fig.subplots(len(chart.panels), 1, sharex=True, squeeze=False)[:, 0]
+    tips = {}
+    for p, (ax, (y_label, series)) in enumerate(zip(axes, chart.panels)):
+        for s in series:
+            gid = f"series-{_slug(s.name)}"
+            ax.plot(*zip(*s.points), color=s.color, linestyle="--" if s.dashed else "-", label=s.name, gid=gid,
+                    clip_on=False)  # the axes end at the highest value: a line there is not cut in half
+            tips[gid] = s.name
+        whole = all(float(y).is_integer() for s in series for _, y in s.points)
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=4, steps=TICK_STEPS, integer=whole))
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel(y_label, gid=f"ylabel-{p}")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
+    axes[-1].xaxis.set_major_locator(MaxNLocator(nbins=8, steps=TICK_STEPS))
+    axes[-1].set_xlim(left=0)
+    axes[-1].set_xlabel(chart.x_label, gid="xlabel")
+    return tips
 
 
-def _svg_open(chart_id: str, title: str, height: int) -> list[str]:
-    return [f'<svg id="{_esc(chart_id)}" class="chart" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" '
-            f'height="{height}" role="img" aria-label="{_esc(title)}">',
-            f'<text class="title" x="{WIDTH / 2}" y="20" text-anchor="middle">{_esc(title)}</text>']
+def _draw_histogram(fig, chart: Histogram) -> dict[str, str]:
+    from matplotlib.ticker import MaxNLocator
+
+    fig.set_size_inches(FIG_WIDTH, 3.3)
+    ax = fig.subplots()
+    edges, lo, hi = chart.edges, chart.edges[0], chart.edges[-1]
+    bars = ax.bar(edges[:-1], chart.counts, width=np.diff(edges), align="edge", color=COLORS["blue"],
+                  edgecolor="white", linewidth=1)
+    counts = ax.bar_label(bars, labels=[f"{n:,}" if n else "" for n in chart.counts], padding=2)
+    tips = {}
+    for i, (bar, count, n, a, b) in enumerate(zip(bars, counts, chart.counts, edges, edges[1:])):
+        bar.set_gid(f"bar-{i}")
+        count.set_gid(f"count-{i}")
+        tips[f"bar-{i}"] = f"{a:.0%} to {b:.0%}: {n:,} rows"
+    ax.set_xticks(edges, [f"{e:.0%}" for e in edges])
+    ax.set_xlim(lo, hi)
+    ax.grid(axis="x", visible=False)
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=5, steps=TICK_STEPS, integer=True))
+    ax.margins(y=0.1)  # room for the counts over the bars
+    if chart.marker is not None:
+        x, label = min(max(chart.marker[0], lo), hi), chart.marker[1]
+        ax.axvline(x, color="#111827", linewidth=1.5, linestyle=(0, (5, 4)), gid="marker")
+        right = x > lo + 0.8 * (hi - lo)
+        ax.annotate(label, (x, 1), xycoords=("data", "axes fraction"), xytext=(-6 if right else 6, -12),
+                    textcoords="offset points", ha="right" if right else "left", gid="marker-label")
+    ax.set_xlabel(chart.x_label, gid="xlabel")
+    ax.set_ylabel(chart.y_label, gid="ylabel-0")
+    return tips
 
 
-def svg_line_chart(chart_id: str, title: str, panels: list[tuple[str, list[tuple[str, list, str, bool]]]],
-                   x_label: str) -> str:
-    """Panels stacked over one shared x axis; each panel is (y label, [(series name, [(x, y), ...], color, dashed)])."""
-    left, right, top, gap, bottom, ph = 70, 150, 34, 24, 46, 150
-    height = top + len(panels) * ph + (len(panels) - 1) * gap + bottom
-    plot_w = WIDTH - left - right
-    x_ticks = _ticks([x for _, series in panels for _, pts, _, _ in series for x, _ in pts], 8)
-    x_max = x_ticks[-1]
-    sx = lambda x: left + plot_w * x / x_max  # noqa: E731
-    out = _svg_open(chart_id, title, height)
-    for p, (y_label, series) in enumerate(panels):
-        y0 = top + p * (ph + gap)
-        y_ticks = _ticks([y for _, pts, _, _ in series for _, y in pts], 4)
-        sy = lambda y: y0 + ph - ph * y / y_ticks[-1]  # noqa: E731
-        for v in y_ticks:
-            out.append(f'<line class="grid" x1="{left}" x2="{left + plot_w}" y1="{sy(v):.1f}" y2="{sy(v):.1f}"/>')
-            out.append(f'<text class="tick" x="{left - 6}" y="{sy(v) + 4:.1f}" text-anchor="end">{_num(v)}</text>')
-        for v in x_ticks:
-            out.append(f'<line class="grid" x1="{sx(v):.1f}" x2="{sx(v):.1f}" y1="{y0}" y2="{y0 + ph}"/>')
-        out.append(f'<rect class="frame" x="{left}" y="{y0}" width="{plot_w}" height="{ph}"/>')
-        out.append(f'<text class="axis" transform="translate(16 {y0 + ph / 2}) rotate(-90)" '
-                   f'text-anchor="middle">{_esc(y_label)}</text>')
-        for i, (name, pts, color, dashed) in enumerate(series):
-            coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-            dash = ' stroke-dasharray="7 4"' if dashed else ""
-            out.append(f'<polyline class="series" points="{coords}" stroke="{color}"{dash}>'
-                       f'<title>{_esc(name)}</title></polyline>')
-            ly = y0 + 14 + 18 * i
-            out.append(f'<line x1="{left + plot_w + 12}" x2="{left + plot_w + 32}" y1="{ly}" y2="{ly}" '
-                       f'stroke="{color}" stroke-width="2.5"{dash}/>')
-            out.append(f'<text class="legend" x="{left + plot_w + 38}" y="{ly + 4}">{_esc(name)}</text>')
-    y_axis = top + len(panels) * ph + (len(panels) - 1) * gap
-    for v in x_ticks:
-        out.append(f'<text class="tick" x="{sx(v):.1f}" y="{y_axis + 16}" text-anchor="middle">{_num(v)}</text>')
-    out.append(f'<text class="axis" x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle">{_esc(x_label)}</text>')
-    return "\n".join(out + ["</svg>"])
+def _draw_bars(fig, chart: Bars) -> dict[str, str]:
+    from matplotlib.ticker import MaxNLocator
 
-
-def svg_histogram(chart_id: str, title: str, counts: list[int], edges: list[float], x_label: str, y_label: str,
-                  marker: tuple[float, str] | None = None) -> str:
-    """Vertical bars over numeric bins (edges shown as percentages); marker: (x value, label), a dashed line."""
-    left, right, top, bottom, ph = 70, 30, 34, 46, 220
-    height = top + ph + bottom
-    plot_w = WIDTH - left - right
-    y_ticks = _ticks(counts, 5)
-    lo, hi = edges[0], edges[-1]
-    sx = lambda x: left + plot_w * (x - lo) / (hi - lo)  # noqa: E731
-    sy = lambda y: top + ph - ph * y / y_ticks[-1]  # noqa: E731
-    out = _svg_open(chart_id, title, height)
-    for v in y_ticks:
-        out.append(f'<line class="grid" x1="{left}" x2="{left + plot_w}" y1="{sy(v):.1f}" y2="{sy(v):.1f}"/>')
-        out.append(f'<text class="tick" x="{left - 6}" y="{sy(v) + 4:.1f}" text-anchor="end">{_num(v)}</text>')
-    for n, a, b in zip(counts, edges, edges[1:]):
-        x, w = sx(a) + 1, sx(b) - sx(a) - 2
-        out.append(f'<rect class="bar" x="{x:.1f}" y="{sy(n):.1f}" width="{w:.1f}" height="{top + ph - sy(n):.1f}">'
-                   f'<title>{a:.0%} to {b:.0%}: {n:,} rows</title></rect>')
-        if n:
-            out.append(f'<text class="value" x="{x + w / 2:.1f}" y="{sy(n) - 4:.1f}" text-anchor="middle">{n:,}</text>')
-    for e in edges:
-        out.append(f'<text class="tick" x="{sx(e):.1f}" y="{top + ph + 16}" text-anchor="middle">{e:.0%}</text>')
-    out.append(f'<rect class="frame" x="{left}" y="{top}" width="{plot_w}" height="{ph}"/>')
-    if marker is not None:
-        mx = sx(min(max(marker[0], lo), hi))
-        out.append(f'<line class="marker" x1="{mx:.1f}" x2="{mx:.1f}" y1="{top}" y2="{top + ph}"/>')
-        anchor = "end" if mx > left + plot_w * 0.8 else "start"
-        out.append(f'<text class="marker-label" x="{mx + (-6 if anchor == "end" else 6):.1f}" y="{top + 14}" '
-                   f'text-anchor="{anchor}">{_esc(marker[1])}</text>')
-    out.append(f'<text class="axis" transform="translate(16 {top + ph / 2}) rotate(-90)" '
-               f'text-anchor="middle">{_esc(y_label)}</text>')
-    out.append(f'<text class="axis" x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle">{_esc(x_label)}</text>')
-    return "\n".join(out + ["</svg>"])
-
-
-def svg_hbar_chart(chart_id: str, title: str, items: list[tuple[str, int]], x_label: str) -> str:
-    """Horizontal bars, one per (label, count), the count written at the bar's end."""
-    label_w = min(280, 20 + 7 * max((len(k) for k, _ in items), default=10))
-    left, right, top, bottom, bar_h = label_w, 60, 34, 40, 26
-    height = top + bar_h * len(items) + bottom
-    plot_w = WIDTH - left - right
-    x_ticks = _ticks([v for _, v in items], 5)
-    sx = lambda x: left + plot_w * x / x_ticks[-1]  # noqa: E731
-    out = _svg_open(chart_id, title, height)
-    bottom_y = top + bar_h * len(items)
-    for v in x_ticks:
-        out.append(f'<line class="grid" x1="{sx(v):.1f}" x2="{sx(v):.1f}" y1="{top}" y2="{bottom_y}"/>')
-        out.append(f'<text class="tick" x="{sx(v):.1f}" y="{bottom_y + 16}" text-anchor="middle">{_num(v)}</text>')
-    for i, (label, n) in enumerate(items):
-        y = top + i * bar_h
-        shown = label if len(label) <= 38 else label[:37] + "…"
-        out.append(f'<text class="label" x="{left - 8}" y="{y + bar_h / 2 + 4}" text-anchor="end">{_esc(shown)}'
-                   f'<title>{_esc(label)}</title></text>')
-        out.append(f'<rect class="bar error" x="{left}" y="{y + 4}" width="{sx(n) - left:.1f}" height="{bar_h - 8}">'
-                   f'<title>{_esc(label)}: {n:,} rows</title></rect>')
-        out.append(f'<text class="value" x="{sx(n) + 6:.1f}" y="{y + bar_h / 2 + 4}">{n:,}</text>')
-    out.append(f'<line class="axisline" x1="{left}" x2="{left}" y1="{top}" y2="{bottom_y}"/>')
-    out.append(f'<text class="axis" x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle">{_esc(x_label)}</text>')
-    return "\n".join(out + ["</svg>"])
+    fig.set_size_inches(FIG_WIDTH, 1.1 + 0.3 * len(chart.items))
+    ax = fig.subplots()
+    bars = ax.barh(range(len(chart.items)), [n for _, n in chart.items], height=0.65, color=COLORS["red"])
+    ax.set_yticks(range(len(chart.items)), [k if len(k) <= 38 else k[:37] + "…" for k, _ in chart.items])
+    ax.set_ylim(len(chart.items) - 0.5, -0.5)  # the first item on top
+    counts = ax.bar_label(bars, labels=[f"{n:,}" for _, n in chart.items], padding=3)
+    tips = {}
+    for i, (bar, label, count, (name, n)) in enumerate(zip(bars, ax.get_yticklabels(), counts, chart.items)):
+        bar.set_gid(f"bar-{i}")
+        label.set_gid(f"label-{i}")
+        count.set_gid(f"count-{i}")
+        tips.update({f"bar-{i}": f"{name}: {n:,} rows", f"label-{i}": name})
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, steps=TICK_STEPS, integer=True))
+    ax.margins(x=0.08)  # room for the counts after the bars
+    ax.grid(axis="y", visible=False)
+    ax.tick_params(axis="y", length=0)
+    ax.set_xlabel(chart.x_label, gid="xlabel")
+    return tips
 
 
 # ---- the page -----------------------------------------------------------------------------------------
@@ -235,13 +271,7 @@ h1 { font-size: 22px; margin-bottom: 2px; } h2 { font-size: 17px; margin: 28px 0
 .card .v { font-size: 20px; font-weight: 600; } .card .k { font-size: 12px; color: #6b7280; }
 table.kv { border-collapse: collapse; font-size: 13px; } table.kv td { padding: 2px 14px 2px 0; vertical-align: top; }
 table.kv td:first-child { color: #6b7280; }
-svg.chart { font-size: 12px; display: block; margin: 6px 0; }
-svg .title { font-size: 14px; font-weight: 600; } svg .tick { fill: #6b7280; font-size: 11px; }
-svg .axis { fill: #374151; } svg .legend, svg .label { fill: #374151; } svg .value { fill: #111827; font-size: 11px; }
-svg .grid { stroke: #eef0f3; } svg .frame { fill: none; stroke: #d1d5db; } svg .axisline { stroke: #9ca3af; }
-svg .series { fill: none; stroke-width: 2; stroke-linejoin: round; }
-svg .bar { fill: #2563eb; } svg .bar.error { fill: #dc2626; }
-svg .marker { stroke: #111827; stroke-width: 1.5; stroke-dasharray: 5 4; } svg .marker-label { fill: #111827; }
+svg.chart { display: block; max-width: 100%; height: auto; margin: 6px 0; }
 """
 
 
@@ -307,12 +337,12 @@ def _throughput(m: dict) -> str:
     tokens, ok_rows, err_rows = (rates(timeline, key, window) for key in ("output_tokens", "rows", "errors"))
     if not tokens:
         return '<p class="note">no timeline in metrics.json: nothing to plot</p>'
-    rows_series = [("rows/s", ok_rows, COLORS["green"], False)]
+    rows_series = [Series("rows/s", ok_rows, COLORS["green"])]
     if any(y for _, y in err_rows):
-        rows_series.append(("error rows/s", err_rows, COLORS["red"], False))
-    chart = svg_line_chart("throughput", "Throughput over time",
-                           [("output tokens/s", [("tokens/s", tokens, COLORS["blue"], False)]),
-                            ("rows/s", rows_series)], "time since the job started (s)")
+        rows_series.append(Series("error rows/s", err_rows, COLORS["red"]))
+    chart = render_chart("throughput", Lines("Throughput over time",
+                                             [("output tokens/s", [Series("tokens/s", tokens, COLORS["blue"])]),
+                                              ("rows/s", rows_series)], "time since the job started (s)"))
     return chart + (f'<p class="caption">Average rates over windows of at least {window:.0f} s, from the job\'s '
                     f'running totals. Whole job: {m.get("tokens_per_s", 0.0):,.1f} tokens/s.</p>')
 
@@ -324,8 +354,9 @@ def _acceptance(m: dict, per_row: np.ndarray, drafted: int, accepted: int) -> st
     overall = m.get("acceptance_rate")
     label = "this run" if overall is not None else "output"
     overall = overall if overall is not None else accepted / drafted
-    chart = svg_histogram("acceptance", "Acceptance per row", [int(c) for c in counts], [float(e) for e in edges],
-                          "accepted / drafted tokens of a row", "rows", (overall, f"{label} overall: {overall:.1%}"))
+    chart = render_chart("acceptance", Histogram("Acceptance per row", [int(c) for c in counts],
+                                                 [float(e) for e in edges], "accepted / drafted tokens of a row",
+                                                 "rows", (overall, f"{label} overall: {overall:.1%}")))
     return chart + (f'<p class="caption">{per_row.size:,} output rows with drafted tokens; mean per row '
                     f'{per_row.mean():.1%}. Dashed: all accepted / all drafted tokens ({label}: {overall:.1%}).</p>')
 
@@ -337,12 +368,12 @@ def _pools(m: dict) -> str:
     samples = pools.get("actors_over_time") or []
     if not samples:
         return '<p class="note">the pool manager recorded no actor counts (the job was shorter than its interval)</p>'
-    chart = svg_line_chart("pools", "Drafters per target over time",
-                           [("drafters per target", [("drafters/target", steps(samples, "drafters_per_target"),
-                                                      COLORS["orange"], False)]),
-                            ("ready actors", [("targets", steps(samples, "targets"), COLORS["blue"], False),
-                                              ("drafters", steps(samples, "drafters"), COLORS["green"], True)])],
-                           "time since the pools started (s)")
+    ratio = Series("drafters/target", steps(samples, "drafters_per_target"), COLORS["orange"])
+    actors = [Series("targets", steps(samples, "targets"), COLORS["blue"]),
+              Series("drafters", steps(samples, "drafters"), COLORS["green"], dashed=True)]
+    chart = render_chart("pools", Lines("Drafters per target over time",
+                                        [("drafters per target", [ratio]), ("ready actors", actors)],
+                                        "time since the pools started (s)"))
     plan = pools.get("plan") or {}
     caption = (f'Ready actors as the pool manager counted them at each control interval; policy '
                f'{_esc(pools.get("policy", "–"))}; final plan {plan.get("targets", "–")} targets, '
@@ -355,7 +386,7 @@ def _errors(m: dict) -> str:
     if not reasons:
         return '<p class="note">no errors</p>'
     items = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
-    return svg_hbar_chart("errors", "Error rows by reason", items, "error rows") + \
+    return render_chart("errors", Bars("Error rows by reason", items, "error rows")) + \
         '<p class="caption">Reason: the error text up to its first colon (this run\'s rows).</p>'
 
 

@@ -12,39 +12,18 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from pathlib import Path
+from dataclasses import replace
 from typing import Callable
 
 import ray
 from ray.data import ActorPoolStrategy
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.generator import Generator
-from actors.pools import PoolManager, PoolSpec
-from actors.request import SamplingParams
+from actors.generate_actor import GenerateActor
+from actors.pool_manager import PoolManager, PoolSpec
 from pipeline.config import JobConfig, load_config
 from pipeline.preprocess import preprocess_row
 from pipeline.read import table_row
-
-
-def _model_path(path: str) -> str:
-    return str(Path(path).resolve()) if Path(path).exists() else path  # a local dir, or a hub id
-
-
-def sampling_params(cfg: JobConfig) -> SamplingParams:
-    d = cfg.decoding
-    return SamplingParams(max_new_tokens=d.max_new_tokens, temperature=d.temperature, top_p=d.top_p,
-                          top_k=d.top_k, seed=d.seed, stop=list(d.stop))
-
-
-def engine_kwargs(cfg: JobConfig) -> dict:
-    d = cfg.decoding
-    drafter = cfg.model.drafter
-    if drafter is not None and drafter != "ngram":
-        drafter = _model_path(drafter)
-    return {"backend": d.backend, "drafter": drafter, "dtype": d.dtype, "max_batch_size": d.max_batch_size,
-            "num_draft_tokens": d.num_draft_tokens, "decoder": d.decoder,
-            "trust_remote_code": cfg.model.trust_remote_code, "compression": cfg.compression.engine_section()}
 
 
 def _normalise_and_preprocess(row: dict, normalise: Callable[[dict], dict], **kwargs) -> dict:
@@ -53,26 +32,19 @@ def _normalise_and_preprocess(row: dict, normalise: Callable[[dict], dict], **kw
     return preprocess_row(normalise(row), **kwargs)
 
 
-def _generator_kwargs(cfg: JobConfig) -> dict:
-    r = cfg.resources
-    return {"model_path": _model_path(cfg.model.target), "params": vars(sampling_params(cfg)),
-            "engine": engine_kwargs(cfg), "threads": max(1, round(r.cpus_per_actor)), "gpus": r.gpus_per_actor,
-            "evaluate": cfg.compression.evaluate_fraction if cfg.compression.evaluate else None}
+def _evaluate(cfg: JobConfig) -> float | None:
+    return cfg.compression.evaluate_fraction if cfg.compression.evaluate else None
 
 
 def start_pools(cfg: JobConfig):
     """The pool manager of a disaggregated job (it starts the target and drafter actors); kill it when done."""
     a, r = cfg.autoscaler, cfg.resources
-    kwargs = _generator_kwargs(cfg)
-    drafter = kwargs["engine"]["drafter"]
+    engine = cfg.engine()
     spec = PoolSpec(
-        target_kwargs={**kwargs, "drafter": drafter},
+        target_kwargs={"engine": engine, "params": cfg.sampling(), "evaluate": _evaluate(cfg)},
         target_options={"num_cpus": r.cpus_per_actor, "num_gpus": r.gpus_per_actor,
                         "resources": dict(a.target_resources)},
-        drafter_kwargs={"spec": drafter, "target": kwargs["model_path"], "gpus": a.drafter_gpus,
-                        "dtype": cfg.decoding.dtype, "threads": max(1, round(a.drafter_cpus)),
-                        "trust_remote_code": cfg.model.trust_remote_code, "lean": cfg.decoding.decoder == "lean",
-                        "compression": cfg.compression.engine_section()},
+        drafter_kwargs={"config": replace(engine, gpus=a.drafter_gpus, threads=max(1, round(a.drafter_cpus)))},
         drafter_options={"num_cpus": a.drafter_cpus, "num_gpus": a.drafter_gpus,
                          "resources": dict(a.drafter_resources)},
         budget={"devices": a.devices, "drafter_cost": a.drafter_cost, "max_drafters": a.max_drafters,
@@ -112,7 +84,7 @@ def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[d
                     pools=None) -> ray.data.Dataset:
     """Source rows in (`normalise` maps them to pipeline.read's row shape), output rows out. A disaggregated
     config needs `pools` (start_pools)."""
-    model = _model_path(cfg.model.target)
+    model = cfg.engine().target
     r = cfg.resources
     ds = ds.map(_normalise_and_preprocess, num_cpus=r.preprocess_cpus, fn_kwargs={
         "normalise": normalise, "model_path": model, "prompt_template": cfg.task.prompt,
@@ -123,8 +95,8 @@ def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[d
                               compute=ActorPoolStrategy(size=routers), batch_size=r.batch_size,
                               batch_format="pyarrow", num_cpus=0.01)
     return ds.map_batches(
-        Generator,
-        fn_constructor_kwargs=_generator_kwargs(cfg),
+        GenerateActor,
+        fn_constructor_kwargs={"engine": cfg.engine(), "params": cfg.sampling(), "evaluate": _evaluate(cfg)},
         compute=ActorPoolStrategy(size=r.num_actors),
         batch_size=r.batch_size,
         batch_format="pyarrow",

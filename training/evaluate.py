@@ -29,7 +29,7 @@ TEST_SEED = corpus.SPLIT_SEEDS["test"]
 
 def heldout_requests(processor, n: int, start: int = 0, task: str | None = None) -> list:
     """n engine Requests from the test split (a mix of tasks unless `task` is given), one image each."""
-    from actors.request import Request
+    from engine.request import Request
 
     out = []
     for i in range(start, start + n):

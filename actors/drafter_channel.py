@@ -1,99 +1,24 @@
-"""Drafting in another actor: a drafter server (one drafter, many channels) and the channel a target's group uses.
+"""The channel a target's group of sequences drafts through, to a drafter server (actors/drafter_server.py).
 
-    target actor, group g ──channel── step(ops, histories, k) ──►  DrafterServer (its own cache per channel)
-                          ◄── drafts [n, k], num [n], draft probs [n, k, V] (sampling only), draft seconds ──┘
-
-Only token ids travel (plus a row's prompt and image inputs once, at admission, and draft probabilities when
-sampling); never KV tensors. Each side keeps its own cache: the server's drafter rolls back on the verdict.
-
-The channel has the local drafter's interface (actors/drafters.py): allocate/seed/admit/commit/move are
-buffered and travel with the next draft request, so a round costs one call. It remembers what its live slots
-hold (prompt ids and image inputs), so when its server dies, is drained or restarts empty, it replays them on
-another server, which rebuilds its cache and catches up on the generated tokens from the histories; with no
-server left, the group goes on without speculation (k = 0) and rebinds as soon as one is assigned again.
+It has the local drafter's interface (engine/drafter.py): allocate/seed/admit/commit/move are buffered and
+travel with the next draft request, so a round costs one call. It remembers what its live slots hold (prompt ids
+and image inputs), so when its server dies, is drained or restarts empty, it replays them on another server,
+which rebuilds its cache and catches up on the generated tokens from the histories; with no server left, the
+group goes on without speculation (k = 0) and rebinds as soon as one is assigned again.
 """
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import numpy as np
 import ray
 import torch
-from transformers import AutoConfig, AutoTokenizer
 
-from actors.checkpoint import resolve_compression
-from actors.drafters import make_drafter
-from actors.request import SamplingParams
+from actors.drafter_server import UnknownChannel
+from engine.request import SamplingParams
 
 
-class UnknownChannel(KeyError):
-    """The server holds no state for this channel (it restarted, or never saw it): the channel must replay."""
-
-
-class DrafterServer:
-    """A drafter model behind a Ray actor. Channels are independent: each has its own cache and slots."""
-
-    def __init__(self, spec: str, target: str, gpus: float = 0.0, dtype: str = "auto", threads: int = 1,
-                 trust_remote_code: bool = False, lean: bool = True, compression: dict | None = None):
-        torch.set_num_threads(max(1, threads))
-        device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
-        dtype = {"float32": torch.float32, "float16": torch.float16}.get(dtype, torch.bfloat16)
-        config = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
-        image = getattr(config, "image_token_id", None)
-        image = getattr(config, "image_token_index", None) if image is None else image
-        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
-        self.device = device
-        _, drafter_compression = resolve_compression(compression, spec)
-        self.drafter = make_drafter(spec, tokenizer, image, device, dtype, trust_remote_code, lean,
-                                    compression=drafter_compression, target=target)
-        self.channels: dict[str, dict] = {}
-        self.busy_s = 0.0
-        self.calls = 0
-
-    def ping(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
-    def active_channels(self) -> int:
-        return len(self.channels)
-
-    def load(self) -> dict:
-        return {"busy_s": self.busy_s, "calls": self.calls, "channels": len(self.channels)}
-
-    def release(self, channel: str) -> None:
-        self.channels.pop(channel, None)
-
-    @torch.inference_mode()
-    def step(self, channel: str, ops: list[tuple], histories: list[list[int]], k: int, params: SamplingParams):
-        t0 = time.perf_counter()
-        state = self.channels.pop(channel, None)
-        if state is None and (not ops or ops[0][0] != "allocate"):
-            raise UnknownChannel(channel)
-        d = self.drafter
-        d.swap_state(state)
-        try:
-            for op, *args in ops:
-                if op == "allocate":
-                    d.swap_state(None)  # a fresh channel (or a replay): drop whatever it held
-                    d.allocate(*args)
-                elif op == "admit":
-                    first, prompts, arrays = args
-                    d.admit(first, prompts, arrays)
-                else:
-                    getattr(d, op)(*args)  # seed, commit, move
-            drafts, num, probs = d.propose(histories, k, params)
-            if self.device == "cuda":
-                torch.cuda.synchronize()
-        finally:
-            self.channels[channel] = d.swap_state(None)
-        seconds = time.perf_counter() - t0
-        self.busy_s += seconds
-        self.calls += 1
-        out_probs = None if probs is None else probs.float().cpu().numpy()
-        return drafts.cpu().numpy(), num.cpu().numpy(), out_probs, seconds
-
-
-class RemoteDrafter:
+class DrafterChannel:
     """One group's channel to a drafter server. `servers()` returns the (id, handle) pairs currently assigned to
     this group, preferred first; the channel binds to the first live one and follows the assignment."""
     remote = True

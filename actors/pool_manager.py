@@ -1,8 +1,8 @@
 """The pools of `resources.mode: disaggregated`: target actors and drafter actors, sized by the controller.
 
-    Ray Data generate stage (routers) ──acquire──► PoolManager ──► target actors (actors/target.py)
+    Ray Data generate stage (routers) ──acquire──► PoolManager ──► target actors (actors/target_actor.py)
                                                         │              │  each group of sequences: a channel
-                                                        └──► drafter actors (actors/remote_drafter.py)
+                                                        └──► drafter actors (actors/drafter_server.py)
 
 The manager is one threaded Ray actor. Routers ask it for a target per batch (the least busy ready one) and
 hand it back when done; targets ask it for their assignment (mode, k, which drafters serve which of their
@@ -17,7 +17,7 @@ ones, re-plans and scales:
   or go on without drafts at their next round) and is killed when it holds no channel, or after
   `drain_timeout_s`;
 - lost (killed, or its node removed): dropped at once; its batches are retried by their routers on another
-  target, its channels fail over (actors/remote_drafter.py), and the plan's count is restored when there
+  target, its channels fail over (actors/drafter_server.py), and the plan's count is restored when there
   is capacity.
 
 Placement: targets and drafters may ask for custom node resources (`autoscaler.target_resources`,
@@ -36,13 +36,13 @@ from actors.controller import Budget, Controller, Plan
 from actors.metrics import record_pools
 
 
-class TargetActor:
+class TargetShell:
     """The shell of a target actor: the manager starts it without importing torch (which costs it seconds of a
     busy CPU before the first actor could start); the engine is imported and built in the actor."""
 
     def __init__(self, **kwargs):
-        from actors.target import Target
-        self.impl = Target(**kwargs)
+        from actors.target_actor import TargetActor
+        self.impl = TargetActor(**kwargs)
 
     def ping(self) -> str:
         return self.impl.ping()
@@ -51,11 +51,11 @@ class TargetActor:
         return self.impl(batch)
 
 
-class DrafterActor:
-    """The shell of a drafter actor (actors/remote_drafter.py's DrafterServer), for the same reason."""
+class DrafterShell:
+    """The shell of a drafter actor (actors/drafter_server.py's DrafterServer), for the same reason."""
 
     def __init__(self, **kwargs):
-        from actors.remote_drafter import DrafterServer
+        from actors.drafter_server import DrafterServer
         self.impl = DrafterServer(**kwargs)
 
     def ping(self) -> str:
@@ -88,9 +88,10 @@ class _Member:
 @dataclass
 class PoolSpec:
     """What the manager needs to start actors (plain data, so it crosses to the manager actor)."""
-    target_kwargs: dict  # actors.target.Target's constructor, but for its id and the manager's name
+    target_kwargs: dict  # actors.target_actor.TargetActor's constructor (engine, params, evaluate), less its id and
+                         # the manager's name
     target_options: dict  # ray actor options: num_cpus, num_gpus, resources
-    drafter_kwargs: dict  # actors.remote_drafter.DrafterServer's constructor
+    drafter_kwargs: dict  # actors.drafter_server.DrafterServer's constructor (config)
     drafter_options: dict
     budget: dict  # actors.controller.Budget
     policy: str = "auto"  # auto | fixed
@@ -145,10 +146,10 @@ class PoolManager:
     def _start(self, kind: str) -> _Member:
         mid = f"{kind}-{next(self.ids)}"
         if kind == "target":
-            handle = ray.remote(TargetActor).options(max_restarts=0, **self.spec.target_options).remote(
+            handle = ray.remote(TargetShell).options(max_restarts=0, **self.spec.target_options).remote(
                 target_id=mid, manager=self.name, namespace=self.namespace, **self.spec.target_kwargs)
         else:
-            handle = ray.remote(DrafterActor).options(max_restarts=0, **self.spec.drafter_options).remote(
+            handle = ray.remote(DrafterShell).options(max_restarts=0, **self.spec.drafter_options).remote(
                 **self.spec.drafter_kwargs)
         member = _Member(mid, handle, handle.ping.remote(), time.time())
         (self.targets if kind == "target" else self.drafters)[mid] = member

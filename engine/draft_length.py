@@ -3,14 +3,14 @@
 With a per-token acceptance rate a, a round that drafts k tokens yields (1 - a^(k+1)) / (1 - a) tokens per row
 on average; it costs k drafter steps plus one verify forward of k+1 positions. Both costs are measured
 (moving averages per k; verify cost for unmeasured k by a least-squares line over the measured ones), and a
-comes from the rounds themselves (both in actors/estimates.py). The chosen k maximises tokens per second;
+comes from the rounds themselves (both in engine/estimates.py). The chosen k maximises tokens per second;
 k = 0 is plain decoding, chosen whenever speculation would not pay. A few rounds are spent exploring at the
 start and now and then afterwards, so that a shift in acceptance (a new kind of input) or in cost (a smaller
 batch) is noticed.
 """
 from __future__ import annotations
 
-from actors.estimates import Acceptance, CostLine
+from engine.estimates import Acceptance, CostLine
 
 
 class DraftLength:

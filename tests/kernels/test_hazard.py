@@ -6,7 +6,7 @@ import kernels
 
 def test_transformers_does_not_take_our_kernels_for_hf_kernels():
     import_utils.is_kernels_available.cache_clear() if hasattr(import_utils.is_kernels_available, "cache_clear") else None
-    assert kernels.__file__.startswith(str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert kernels.__file__.startswith(str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     assert not import_utils.is_kernels_available()
 
 

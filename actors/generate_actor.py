@@ -1,4 +1,5 @@
-"""The generate stage's actor: a Ray Data UDF holding one engine, turning preprocessed rows into results.
+"""The generate stage's actor (colocated mode): a Ray Data UDF holding one engine (engine/loading.py), turning
+preprocessed rows into result rows.
 
 Rows that already carry an error pass straight through. A batch that fails as a whole (say, out of
 memory) is split in halves and retried, down to single rows, so one bad row cannot sink its neighbours.
@@ -12,25 +13,10 @@ from dataclasses import replace
 import pyarrow as pa
 import torch
 
-from actors.hf_backend import HFBackend, pick_device
 from actors.metrics import record_batch
-from actors.request import Request, Result, SamplingParams, error_result, one_line, shape_key, unpack_arrays
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def make_engine(model_path: str, backend: str, device: str, drafter: str | None = None, dtype: str = "auto",
-                max_batch_size: int = 32, num_draft_tokens: int | str = "auto", decoder: str = "lean",
-                trust_remote_code: bool = False, compression: dict | None = None):
-    """The generation backend a config names: `specray` (the speculative engine) or `hf` (model.generate)."""
-    if backend == "hf":
-        return HFBackend(model_path, device=device, dtype=DTYPES.get(dtype), trust_remote_code=trust_remote_code)
-    if backend == "specray":
-        from actors.engine import SpecEngine
-        return SpecEngine(model_path, drafter, device=device, dtype=DTYPES.get(dtype, torch.bfloat16),
-                          max_batch=max_batch_size, num_draft_tokens=num_draft_tokens,
-                          trust_remote_code=trust_remote_code, lean=decoder == "lean", compression=compression)
-    raise ValueError(f"decoding.backend: unknown backend {backend!r}")
+from engine.config import EngineConfig
+from engine.loading import make_engine
+from engine.request import Request, Result, SamplingParams, error_result, one_line, shape_key, unpack_arrays
 
 OUTPUT_SCHEMA = pa.schema([
     ("shard", pa.string()), ("key", pa.string()), ("fields", pa.string()), ("text", pa.string()),
@@ -48,17 +34,16 @@ def evaluated(key: str, fraction: float) -> bool:
     return zlib.crc32(key.encode()) < fraction * 2**32
 
 
-class Generator:
-    def __init__(self, model_path: str, params: dict, engine: dict, threads: int = 1, gpus: float = 0.0,
-                 evaluate: float | None = None):
-        torch.set_num_threads(max(1, threads))
-        self.engine = make_engine(model_path, device=pick_device(gpus), **engine)
-        self.params = SamplingParams(**params)
-        self.mixed_shapes = not isinstance(self.engine, HFBackend)  # the engine batches images of any shape
+class GenerateActor:
+    def __init__(self, engine: EngineConfig, params: SamplingParams, evaluate: float | None = None):
+        torch.set_num_threads(max(1, engine.threads))
+        self.engine = make_engine(engine)
+        self.params = params
+        self.mixed_shapes = engine.backend != "hf"  # the specray engine batches images of any shape
         self.evaluate = evaluate
         # compression.evaluate: the uncompressed target, decoding plainly, is the reference
-        self.reference = make_engine(model_path, device=pick_device(gpus),
-                                     **dict(engine, drafter=None, compression=None)) if evaluate else None
+        self.reference = make_engine(replace(engine, drafter=None, compression=type(engine.compression)(),
+                                             num_draft_tokens="auto")) if evaluate else None
 
     def _evaluate(self, requests: dict[int, Request], results: list[Result | None]) -> dict[int, tuple[int, int, bool]]:
         """Greedy agreement with the uncompressed target on the sampled rows: {row: (tokens, agreed, exact)}."""

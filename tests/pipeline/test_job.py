@@ -170,7 +170,7 @@ def test_hf_dataset_input(tmp_path, tiny_model, ray_address):
 def test_demo_job_speculates_and_matches_the_hf_backend(tmp_path, ray_address):
     """The demo config (specray engine + the shipped VLM drafter) through the CLI: the same answers as the hf
     backend (both float32), with drafted and accepted counts per row and the acceptance rate in metrics.json."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     shards = tmp_path / "shards"
     write_demo_data(str(shards), num_samples=24, fmt="webdataset", rows_per_shard=12)
     texts = {}

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from actors.controller import Budget, Controller, Plan
-from conftest import ROOT
+from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from disaggregation_sim import Costs, best_k, fixed_plans, simulate  # noqa: E402
@@ -60,7 +60,7 @@ def test_every_candidate_plan_fits_the_budget_and_stable_measurements_do_not_chu
 def test_cost_line_does_not_fall_faster_than_in_proportion_below_its_data():
     """A steep noisy line through two bins would predict a near-zero cost for a smaller x (and an absurd plan);
     below the data the cost falls at most in proportion to x."""
-    from actors.estimates import CostLine
+    from engine.estimates import CostLine
 
     c = CostLine()
     c.add(20, 0.02)

@@ -7,32 +7,24 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from actors.request import Request, Result, SamplingParams, finish_text, stack_arrays
-
-
-def pick_device(gpus: float) -> str:
-    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+from engine.config import EngineConfig
+from engine.model import eos_ids, resolve_device, resolve_dtype
+from engine.request import Request, Result, SamplingParams, finish_text, stack_arrays
 
 
 class HFBackend:
-    def __init__(self, model_path: str, device: str = "cpu", dtype: torch.dtype | None = None,
-                 trust_remote_code: bool = False):
-        self.device = device
-        self.dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-        self.processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    def __init__(self, config: EngineConfig, device: str | None = None):
+        self.config = config
+        self.device = device or resolve_device(config.gpus)
+        self.dtype = resolve_dtype(config.dtype, "hf", self.device)
+        trust = config.trust_remote_code
+        self.processor = AutoProcessor.from_pretrained(config.target, trust_remote_code=trust)
         self.tokenizer = self.processor.tokenizer
         self.model = AutoModelForImageTextToText.from_pretrained(
-            model_path, dtype=self.dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
-        ).to(device).eval()
+            config.target, dtype=self.dtype, trust_remote_code=trust, use_safetensors=True,
+        ).to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        self.eos_ids = self._eos_ids()
-
-    def _eos_ids(self) -> set[int]:
-        eos = self.model.generation_config.eos_token_id
-        ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
+        self.eos_ids = eos_ids(self.model.generation_config, self.tokenizer)
 
     def _batch_inputs(self, requests: list[Request]) -> dict[str, torch.Tensor]:
         width = max(len(r.input_ids) for r in requests)

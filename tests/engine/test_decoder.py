@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from actors.decoder import HFDecoder, LeanDecoder
-from actors.drafters import ModelDrafter
-from actors.request import SamplingParams
+from engine.decoder import LeanDecoder
+from engine.hf_decoder import HFDecoder
+from engine.model_drafter import ModelDrafter
+from engine.request import SamplingParams
 
 SIZES = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
@@ -28,24 +29,25 @@ def test_prefill_and_ragged_continuation_match_the_hf_forward(arch, decoder_cls)
     with torch.inference_mode():
         full = model(input_ids=ids).logits
         dec = decoder_cls(model.model, model.lm_head, model.config, "cpu", torch.float32)
-        dec.allocate(3, 40)
+        cache = dec.new_cache()
+        cache.allocate(3, 40)
         prompt = [10, 13, 7]  # a right-padded, ragged prefill: rows 0 and 2 write padding past their length
-        hidden = dec.forward(dec.embed(ids[:, :13]), torch.zeros(3, dtype=torch.long))
+        hidden = dec.forward(cache, dec.embed(ids[:, :13]), torch.zeros(3, dtype=torch.long))
         for b, n in enumerate(prompt):
             torch.testing.assert_close(dec.logits(hidden[b, :n]), full[b, :n], rtol=1e-4, atol=1e-4)
-        last = dec.forward(dec.embed(ids[:, :13]), torch.zeros(3, dtype=torch.long), last=torch.tensor(prompt) - 1)
+        last = dec.forward(cache, dec.embed(ids[:, :13]), torch.zeros(3, dtype=torch.long), last=torch.tensor(prompt) - 1)
         torch.testing.assert_close(dec.logits(last[:, 0]), full[torch.arange(3), torch.tensor(prompt) - 1],
                                    rtol=1e-4, atol=1e-4)
         # continue every row from its own length, 4 tokens each (overwriting the padding)
         starts = torch.tensor(prompt)
         step = torch.stack([ids[b, n:n + 4] for b, n in enumerate(prompt)])
-        hidden = dec.forward(dec.embed(step), starts)
+        hidden = dec.forward(cache, dec.embed(step), starts)
         for b, n in enumerate(prompt):
             torch.testing.assert_close(dec.logits(hidden[b]), full[b, n:n + 4], rtol=1e-4, atol=1e-4)
         # roll back: row 1 keeps only 1 of its 4 new tokens, then continues from there
         starts = torch.tensor([prompt[0] + 4, prompt[1] + 1, prompt[2] + 4])
         step = torch.stack([ids[b, s:s + 2] for b, s in enumerate(starts.tolist())])
-        hidden = dec.forward(dec.embed(step), starts)
+        hidden = dec.forward(cache, dec.embed(step), starts)
         for b, s in enumerate(starts.tolist()):
             torch.testing.assert_close(dec.logits(hidden[b]), full[b, s:s + 2], rtol=1e-4, atol=1e-4)
 
@@ -57,10 +59,11 @@ def test_compaction_moves_a_rows_cache_with_it():
     with torch.inference_mode():
         full = model(input_ids=ids).logits
         dec = LeanDecoder(model.model, model.lm_head, model.config, "cpu", torch.float32)
-        dec.allocate(2, 16)
-        dec.forward(dec.embed(ids[:, :8]), torch.zeros(2, dtype=torch.long))
-        dec.move([1], [0])  # row 0 finished: row 1 moves into slot 0
-        hidden = dec.forward(dec.embed(ids[1:, 8:10]), torch.tensor([8]))
+        cache = dec.new_cache()
+        cache.allocate(2, 16)
+        dec.forward(cache, dec.embed(ids[:, :8]), torch.zeros(2, dtype=torch.long))
+        cache.move([1], [0])  # row 0 finished: row 1 moves into slot 0
+        hidden = dec.forward(cache, dec.embed(ids[1:, 8:10]), torch.tensor([8]))
         torch.testing.assert_close(dec.logits(hidden[0]), full[1, 8:10], rtol=1e-4, atol=1e-4)
 
 
@@ -79,8 +82,8 @@ def test_a_model_drafter_never_proposes_the_image_token():
 def test_multimodal_rope_models_are_refused_before_loading(tmp_path):
     from transformers import Qwen2VLConfig
 
-    from actors.checkpoint import Checkpoint
+    from engine.model import LoadedModel
 
     Qwen2VLConfig().save_pretrained(tmp_path)  # a config only: the refusal must come before any weights are read
     with pytest.raises(ValueError, match="multimodal RoPE"):
-        Checkpoint(str(tmp_path), "cpu", torch.float32)
+        LoadedModel(str(tmp_path), "cpu", torch.float32)

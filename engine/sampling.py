@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.request import SamplingParams
+from engine.request import SamplingParams
 
 
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -11,11 +11,13 @@ import ray
 import torch
 from transformers import AutoProcessor
 
-from actors.draft_length import DraftLength
-from actors.engine import SpecEngine
-from actors.remote_drafter import DrafterServer, RemoteDrafter
-from actors.request import SamplingParams
-from conftest import ROOT
+from engine.draft_length import DraftLength
+from engine.config import EngineConfig
+from engine.engine import SpecEngine
+from actors.drafter_channel import DrafterChannel
+from actors.drafter_server import DrafterServer
+from engine.request import SamplingParams
+from tests.conftest import ROOT
 from pipeline.demo_data import write_demo_data
 from training.evaluate import heldout_requests
 
@@ -33,7 +35,7 @@ def prompts():
 def colocated(prompts):
     """The reference: the same engine with its drafter in-process (float32 target; greedy)."""
     torch.set_num_threads(2)
-    engine = SpecEngine(TARGET, DRAFTER, dtype=torch.float32, max_batch=16, num_draft_tokens=4)
+    engine = SpecEngine(EngineConfig(TARGET, DRAFTER, dtype="float32", max_batch_size=16, num_draft_tokens=4))
     return engine.generate(prompts, GREEDY)
 
 
@@ -48,8 +50,8 @@ def test_remote_drafters_in_two_groups_give_the_colocated_output(ray_address, pr
     """Two groups per target, each drafting on its own server actor, verified alternately: the output is the
     co-located engine's, token for token; drafting actually overlapped verification."""
     servers = _servers(2)
-    engine = SpecEngine(TARGET, None, dtype=torch.float32, max_batch=16)
-    channels = [RemoteDrafter(f"t/{g}", (lambda g=g: [servers[g]])) for g in range(2)]
+    engine = SpecEngine(EngineConfig(TARGET, None, dtype="float32", max_batch_size=16))
+    channels = [DrafterChannel(f"t/{g}", (lambda g=g: [servers[g]])) for g in range(2)]
     results = engine.generate(prompts, GREEDY, drafters=channels, policy=DraftLength(4))
     assert [r.token_ids for r in results] == [r.token_ids for r in colocated]
     stats = engine.stats.as_dict()
@@ -66,7 +68,7 @@ def test_a_killed_drafter_is_replaced_and_with_none_left_decoding_goes_on(ray_ad
     """A server dies mid-generation: the group replays its rows on the other server; when that one dies too,
     the group decodes without drafts. Either way the output is unchanged and no row is lost."""
     servers = _servers(2)
-    engine = SpecEngine(TARGET, None, dtype=torch.float32, max_batch=16)
+    engine = SpecEngine(EngineConfig(TARGET, None, dtype="float32", max_batch_size=16))
     calls = {"n": 0}
 
     def assigned():
@@ -77,7 +79,7 @@ def test_a_killed_drafter_is_replaced_and_with_none_left_decoding_goes_on(ray_ad
             ray.kill(servers[1][1])
         return servers
 
-    channel = RemoteDrafter("t/0", assigned)
+    channel = DrafterChannel("t/0", assigned)
     results = engine.generate(prompts, GREEDY, drafters=[channel], policy=DraftLength(4))
     assert [r.token_ids for r in results] == [r.token_ids for r in colocated]
     assert channel.failovers >= 2 and channel.dead == {"drafter-0", "drafter-1"}

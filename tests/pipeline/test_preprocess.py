@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actors.request import unpack_arrays
+from engine.request import unpack_arrays
 from pipeline.preprocess import build_prompt, decode_image, preprocess_row
 from tests.conftest import corrupt_bytes
 

@@ -1,15 +1,13 @@
-"""The decoder forward the engine owns: Llama / Qwen2 / Mistral text backbones over a static, slot-indexed KV cache.
+"""The decoder forward the engine owns: Llama / Qwen2 / Mistral text backbones over a slot-indexed KV cache.
 
-Weights come from the loaded Hugging Face model (q/k/v and gate/up fused into one matmul each). The cache is
-one tensor per layer, [slots, kv_heads, max_len, head_dim], and every row has its own length: a forward call
-takes `x` [n, T, hidden] for slots 0..n-1 and `starts` [n] (each row's cached length), writes the new keys and
-values at starts[b] .. starts[b]+T-1 and attends causally within each row. Rows may use fewer than T of their
-positions (ragged drafts, ragged prompts): the padding is written past the row's length, masked, and later
-overwritten. Rolling back a rejected tail is therefore free: the engine just keeps the shorter length.
-The engine keeps live sequences in slots 0..n-1 (`move` compacts them), so no step gathers the cache.
+Weights come from the loaded Hugging Face model (q/k/v and gate/up fused into one matmul each). A forward call
+takes a KVCache (engine/kv_cache.py), `x` [n, T, hidden] for its slots first..first+n-1 and `starts` [n] (each
+row's cached length), writes the new keys and values at starts[b] .. starts[b]+T-1 and attends causally within
+each row. Rows may use fewer than T of their positions (ragged drafts, ragged prompts): the padding is written
+past the row's length, masked, and later overwritten. The decoder holds weights only; every group of sequences
+brings its own cache.
 
-`HFDecoder` gives the same interface for any other architecture by re-running the Hugging Face language
-model over each row's whole sequence: quadratic, slower, but correct.
+The generic fallback for other architectures is engine/hf_decoder.py.
 """
 from __future__ import annotations
 
@@ -18,6 +16,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from engine.kv_cache import KVCache
 from kernels.quant import QuantLinear, quantize
 
 LEAN_ARCHITECTURES = {"llama", "mistral", "qwen2"}
@@ -39,13 +38,6 @@ def _linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _swap(obj, attrs: tuple[str, ...], state: dict | None) -> dict:
-    old = {a: getattr(obj, a, None) for a in attrs}
-    for a in attrs:
-        setattr(obj, a, (state or {}).get(a, 0 if a in ("slots", "max_len") else None))
-    return old
 
 
 class LeanDecoder:
@@ -85,9 +77,6 @@ class LeanDecoder:
         rotary = language_model.rotary_emb
         self.inv_freq = rotary.inv_freq.detach().float().to(device)
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
-        self.k_cache: list[torch.Tensor] = []
-        self.v_cache: list[torch.Tensor] = []
-        self.slots = self.max_len = 0
         self.quantized: dict | None = None
 
     LINEARS = ("qkv", "o", "gate_up", "down")
@@ -110,11 +99,10 @@ class LeanDecoder:
         return self.quantized
 
     def quantized_copy(self, bits: int, group_size: int = 64) -> "LeanDecoder":
-        """Another decoder over the same embedding, head and norms with quantized linears and its own (empty)
-        cache: the drafter of self-speculation."""
+        """Another decoder over the same embedding, head and norms with quantized linears:
+        the drafter of self-speculation."""
         other = copy.copy(self)
         other.layers = [dict(p) for p in self.layers]
-        other.swap_cache(None)
         other.quantize(bits, group_size)
         return other
 
@@ -143,42 +131,17 @@ class LeanDecoder:
             return [window if t == "sliding_attention" else None for t in types]
         return [window] * n
 
-    def allocate(self, slots: int, max_len: int) -> None:
-        """(Re)allocate the cache if it is smaller than asked; contents are dropped."""
-        if slots <= self.slots and max_len <= self.max_len:
-            return
-        self.slots, self.max_len = max(slots, self.slots), max(max_len, self.max_len)
-        shape = (self.slots, self.num_kv_heads, self.max_len, self.head_dim)
-        self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
-        pos = torch.arange(self.max_len, device=self.device, dtype=torch.float32)
-        freqs = pos[:, None] * self.inv_freq[None, :]
+    def new_cache(self) -> KVCache:
+        """An empty cache for a group of sequences (grown by its allocate)."""
+        return KVCache(len(self.layers), self.num_kv_heads, self.head_dim, self.device, self.dtype)
+
+    def _rope(self, rpos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [n, T, 1, head_dim] of rotary positions rpos [n, T]."""
+        freqs = rpos.float()[..., None] * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = (emb.cos() * self.rope_scale).to(self.dtype)
-        self.sin = (emb.sin() * self.rope_scale).to(self.dtype)
-        self.rope_offset = torch.zeros(self.slots, dtype=torch.long, device=self.device)
-
-    # rope_offset[slot]: a row's rotary position minus its cache index (> 0 after pruned image tokens, whose
-    # kept neighbours keep their original positions while the cache holds them contiguously)
-    CACHE = ("slots", "max_len", "k_cache", "v_cache", "cos", "sin", "rope_offset")
-
-    def swap_cache(self, state: dict | None) -> dict:
-        """Put another cache in place (None: an empty one, grown by the next allocate); returns the one taken
-        out. One set of weights serves several caches this way: a target's groups, a drafter's channels."""
-        return _swap(self, self.CACHE, state)
-
-    def move(self, src: list[int], dst: list[int]) -> None:
-        """Copy the cache rows of slots `src` into slots `dst` (compaction when sequences finish)."""
-        if not src:
-            return
-        s = torch.tensor(src, device=self.device)
-        d = torch.tensor(dst, device=self.device)
-        for cache in (*self.k_cache, *self.v_cache, self.rope_offset):
-            cache[d] = cache[s]
-
-    def set_offsets(self, first: int, offsets: list[int]) -> None:
-        """Rotary position minus cache index of the rows just admitted at slots first.. (0: an unpruned prompt)."""
-        self.rope_offset[first:first + len(offsets)] = torch.tensor(offsets, device=self.device)
+        cos = (emb.cos() * self.rope_scale).to(self.dtype)
+        sin = (emb.sin() * self.rope_scale).to(self.dtype)
+        return cos[:, :, None], sin[:, :, None]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embed_weight)
@@ -198,22 +161,24 @@ class LeanDecoder:
             masks[window] = m[:, None, None].expand(n, 1, self.group, t, length).reshape(n, 1, self.group * t, length)
         return masks
 
-    def forward(self, x: torch.Tensor, starts: torch.Tensor, first: int = 0, last: torch.Tensor | None = None,
-                kv_only: bool = False, positions: torch.Tensor | None = None) -> torch.Tensor | None:
-        """x [n, T, hidden] for slots first..first+n-1, starts [n] -> final-normed hidden states [n, T, hidden].
+    def forward(self, cache: KVCache, x: torch.Tensor, starts: torch.Tensor, first: int = 0,
+                last: torch.Tensor | None = None, kv_only: bool = False,
+                positions: torch.Tensor | None = None) -> torch.Tensor | None:
+        """x [n, T, hidden] for the cache's slots first..first+n-1, starts [n] -> final-normed hidden states
+        [n, T, hidden].
 
         `last` [n] (an index into T per row): only that position's hidden state is wanted ([n, 1, hidden]), so
         the final layer's attention and MLP run for it alone. `kv_only`: nothing is wanted but the cache (a
         drafter's prefill), so the final layer stops once its keys and values are written. `positions` [n, T]:
         the tokens' rotary positions, when they are not their cache indices (a prefill of a pruned prompt; the
-        caller then sets rope_offset for the tokens that follow).
+        caller then sets the cache's rope_offset for the tokens that follow).
         """
         n, t, _ = x.shape
         pos = starts[:, None] + torch.arange(t, device=self.device)[None, :]  # [n, T]
         length = int(pos.max()) + 1
         masks = self._masks(pos, length)
-        rpos = positions if positions is not None else pos + self.rope_offset[first:first + n, None]
-        cos, sin = self.cos[rpos][:, :, None], self.sin[rpos][:, :, None]  # [n, T, 1, head_dim]
+        rpos = positions if positions is not None else pos + cache.rope_offset[first:first + n, None]
+        cos, sin = self._rope(rpos)  # [n, T, 1, head_dim]
         rows = torch.arange(first, first + n, device=self.device)[:, None].expand(n, t)
         nq, nkv, hd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim
         final = len(self.layers) - 1
@@ -222,8 +187,8 @@ class LeanDecoder:
             r = _rms_norm(h, p["in_norm"], self.eps)
             q, k, v = _linear(r, p["qkv"], p["qkv_bias"]).split([nq, nkv, nkv], dim=-1)
             k = k.view(n, t, self.num_kv_heads, hd)
-            self.k_cache[i][rows, :, pos] = k * cos + _rotate_half(k) * sin
-            self.v_cache[i][rows, :, pos] = v.view(n, t, self.num_kv_heads, hd)
+            cache.k[i][rows, :, pos] = k * cos + _rotate_half(k) * sin
+            cache.v[i][rows, :, pos] = v.view(n, t, self.num_kv_heads, hd)
             if i == final and kv_only:
                 return None
             q = q.view(n, t, self.num_heads, hd)
@@ -237,8 +202,8 @@ class LeanDecoder:
             q = q * c + _rotate_half(q) * s
             q = q.view(n, t, self.num_kv_heads, self.group, hd).permute(0, 2, 3, 1, 4)
             q = q.reshape(n, self.num_kv_heads, self.group * t, hd)
-            a = F.scaled_dot_product_attention(q, self.k_cache[i][first:first + n, :, :length],
-                                               self.v_cache[i][first:first + n, :, :length],
+            a = F.scaled_dot_product_attention(q, cache.k[i][first:first + n, :, :length],
+                                               cache.v[i][first:first + n, :, :length],
                                                attn_mask=masks[self.windows[i]])
             a = a.view(n, self.num_kv_heads, self.group, t, hd).permute(0, 3, 1, 2, 4).reshape(n, t, nq)
             h = h + _linear(a, p["o"], p["o_bias"])
@@ -246,55 +211,3 @@ class LeanDecoder:
             gate, up = _linear(r, p["gate_up"]).chunk(2, dim=-1)
             h = h + _linear(F.silu(gate) * up, p["down"])
         return _rms_norm(h, self.final_norm, self.eps)
-
-
-class HFDecoder:
-    """The generic fallback: each row's input embeddings are kept, and every call re-runs the HF model on them."""
-
-    def __init__(self, language_model: torch.nn.Module, lm_head: torch.nn.Module, config, device: str,
-                 dtype: torch.dtype):
-        self.lm, self.head = language_model, lm_head
-        self.device, self.dtype = device, dtype
-        self.hidden_size = config.hidden_size
-        self.slots = self.max_len = 0
-
-    def allocate(self, slots: int, max_len: int) -> None:
-        if slots <= self.slots and max_len <= self.max_len:
-            return
-        self.slots, self.max_len = max(slots, self.slots), max(max_len, self.max_len)
-        self.store = torch.zeros(self.slots, self.max_len, self.hidden_size, device=self.device, dtype=self.dtype)
-
-    CACHE = ("slots", "max_len", "store")
-
-    def swap_cache(self, state: dict | None) -> dict:
-        return _swap(self, self.CACHE, state)
-
-    def move(self, src: list[int], dst: list[int]) -> None:
-        if src:
-            self.store[torch.tensor(dst, device=self.device)] = self.store[torch.tensor(src, device=self.device)]
-
-    def set_offsets(self, first: int, offsets: list[int]) -> None:
-        if any(offsets):
-            raise ValueError("compression.visual_tokens: pruning needs the lean decoder (decoding.decoder: lean)")
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm.embed_tokens(ids)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden).float()
-
-    def forward(self, x: torch.Tensor, starts: torch.Tensor, first: int = 0, last: torch.Tensor | None = None,
-                kv_only: bool = False, positions: torch.Tensor | None = None) -> torch.Tensor | None:
-        n, t, _ = x.shape
-        pos = starts[:, None] + torch.arange(t, device=self.device)[None, :]
-        rows = torch.arange(first, first + n, device=self.device)[:, None].expand(n, t)
-        self.store[rows, pos] = x
-        if kv_only:
-            return None
-        length = int(pos.max()) + 1
-        # right padding: every row's own positions are 0..len-1, so plain causal attention is exact for them
-        mask = (torch.arange(length, device=self.device)[None, :] < (starts + t)[:, None]).long()
-        out = self.lm(inputs_embeds=self.store[first:first + n, :length], attention_mask=mask,
-                      use_cache=False).last_hidden_state
-        out = out[rows - first, pos]
-        return out if last is None else out[torch.arange(n, device=self.device), last][:, None]

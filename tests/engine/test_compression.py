@@ -9,16 +9,17 @@ import pytest
 import torch
 from transformers import AutoProcessor, CLIPVisionConfig, CLIPVisionModel
 
-from actors.engine import SpecEngine
-from actors.request import SamplingParams
-from actors.visual_tokens import VisualTokenPruner, _max_min_subset
+from engine.config import Compression, EngineConfig
+from engine.engine import SpecEngine
+from engine.request import SamplingParams
+from engine.visual_tokens import VisualTokenPruner, _max_min_subset
 from kernels.quant import QuantLinear
 from pipeline.config import ConfigError, load_config
 from pipeline.demo_data import write_demo_data
 from tests.conftest import run_cli
 from training.evaluate import heldout_requests
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TARGET, DRAFTER = str(ROOT / "models/target"), str(ROOT / "models/drafter-vlm")
 PARAMS = SamplingParams(max_new_tokens=32)
 
@@ -26,14 +27,14 @@ PARAMS = SamplingParams(max_new_tokens=32)
 @pytest.fixture(scope="module")
 def rows():
     requests = heldout_requests(AutoProcessor.from_pretrained(TARGET), 24)
-    plain = SpecEngine(TARGET, None, dtype=torch.float32, max_batch=12)
+    plain = SpecEngine(EngineConfig(TARGET, None, dtype="float32", max_batch_size=12))
     return requests, plain.generate(requests, PARAMS), plain
 
 
 @pytest.mark.parametrize("weights,min_agreement,max_bytes", [("int8", 0.99, 0.55), ("int4", 0.97, 0.35)])
 def test_quantized_target_agrees_with_the_dense_one_and_is_smaller(rows, weights, min_agreement, max_bytes):
     requests, reference, plain = rows
-    engine = SpecEngine(TARGET, None, dtype=torch.float32, max_batch=12, compression={"weights": weights})
+    engine = SpecEngine(EngineConfig(TARGET, None, dtype="float32", max_batch_size=12, compression=Compression(weights)))
     dec = engine.target.decoder
     assert all(isinstance(p[n], QuantLinear) for p in dec.layers for n in dec.LINEARS)
     assert dec.quantized["linear_bytes"] < max_bytes * plain.target.decoder.linear_bytes()
@@ -48,10 +49,10 @@ def test_quantized_target_agrees_with_the_dense_one_and_is_smaller(rows, weights
 def test_pruned_prompts_keep_their_original_positions(rows):
     requests, _, _ = rows
     prompts, arrays = [r.input_ids for r in requests[:3]], [r.model_inputs for r in requests[:3]]
-    full = SpecEngine(TARGET, None, dtype=torch.float32).target.embed_prompts(prompts, arrays)
+    full = SpecEngine(EngineConfig(TARGET, None, dtype="float32")).target.embed_prompts(prompts, arrays)
     for method in ("attention", "diversity"):
-        ck = SpecEngine(TARGET, None, dtype=torch.float32,
-                        compression={"visual_keep": 0.5, "visual_method": method}).target
+        ck = SpecEngine(EngineConfig(TARGET, None, dtype="float32",
+                        compression=Compression(visual_keep=0.5, visual_method=method))).target
         pe = ck.embed_prompts(prompts, arrays)
         assert pe.lengths == [len(p) - 32 for p in prompts] and pe.offsets == [32] * 3  # 64 image tokens, half kept
         for i, p in enumerate(prompts):
@@ -98,16 +99,16 @@ def test_diversity_keeps_one_token_of_every_cluster():
 
 def test_pruning_works_with_speculation_and_self_speculation_is_lossless(rows):
     requests, reference, _ = rows
-    pruned = {"visual_keep": 0.5, "visual_method": "diversity"}
-    alone = SpecEngine(TARGET, None, dtype=torch.float32, max_batch=12, compression=pruned)
-    drafted = SpecEngine(TARGET, DRAFTER, dtype=torch.float32, max_batch=12, compression=pruned, num_draft_tokens=4)
+    pruned = Compression(visual_keep=0.5, visual_method="diversity")
+    alone = SpecEngine(EngineConfig(TARGET, None, dtype="float32", max_batch_size=12, compression=pruned))
+    drafted = SpecEngine(EngineConfig(TARGET, DRAFTER, dtype="float32", max_batch_size=12, compression=pruned, num_draft_tokens=4))
     expected = alone.generate(requests, PARAMS)
     got = drafted.generate(requests, PARAMS)
     assert [r.text for r in got] == [r.text for r in expected]
     assert drafted.stats.accepted > 0.5 * drafted.stats.drafted
     assert alone.stats.prefill_s > 0 and sum(r.num_output_tokens for r in expected) > 0
 
-    selfspec = SpecEngine(TARGET, "self-int8", dtype=torch.float32, max_batch=12, num_draft_tokens=4)
+    selfspec = SpecEngine(EngineConfig(TARGET, "self-int8", dtype="float32", max_batch_size=12, num_draft_tokens=4))
     out = selfspec.generate(requests, PARAMS)
     assert [r.text for r in out] == [r.text for r in reference]  # the dense target verifies: lossless
     assert selfspec.stats.accepted > 0.9 * selfspec.stats.drafted  # the int8 copy of itself rarely disagrees
@@ -156,7 +157,7 @@ def test_loading_is_safetensors_only(tmp_path, tiny_model):
     """A checkpoint whose weights are a pickle (pytorch_model.bin) is refused: pickles can run code on load."""
     import shutil
 
-    from actors.checkpoint import Checkpoint
+    from engine.model import LoadedModel
 
     for f in tiny_model.iterdir():
         if f.suffix != ".safetensors":
@@ -165,5 +166,5 @@ def test_loading_is_safetensors_only(tmp_path, tiny_model):
 
     torch.save(load_file(tiny_model / "model.safetensors"), tmp_path / "pytorch_model.bin")
     with pytest.raises(OSError, match="safetensors"):
-        Checkpoint(str(tmp_path), "cpu", torch.float32)
-    Checkpoint(str(tiny_model), "cpu", torch.float32)  # the same model as safetensors loads
+        LoadedModel(str(tmp_path), "cpu", torch.float32)
+    LoadedModel(str(tiny_model), "cpu", torch.float32)  # the same model as safetensors loads

@@ -12,12 +12,14 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from actors.drafters import LocalDrafter, NgramDrafter
-from actors.draft_length import DraftLength
-from actors.engine import SpecEngine
-from actors.hf_backend import HFBackend
-from actors.request import SamplingParams
-from conftest import ROOT
+from engine.drafter import LocalDrafter
+from engine.ngram_drafter import NgramDrafter
+from engine.draft_length import DraftLength
+from engine.config import EngineConfig
+from engine.engine import SpecEngine
+from engine.hf_backend import HFBackend
+from engine.request import SamplingParams
+from tests.conftest import ROOT
 from training.evaluate import heldout_requests
 
 TARGET = str(ROOT / "models/target")
@@ -31,7 +33,7 @@ def heldout():
     torch.set_num_threads(2)
     processor = AutoProcessor.from_pretrained(TARGET)
     requests = heldout_requests(processor, N_PROMPTS)
-    hf = HFBackend(TARGET, dtype=torch.float32)
+    hf = HFBackend(EngineConfig(TARGET, backend="hf", dtype="float32"))
     oracle = []
     for i in range(0, len(requests), 32):
         oracle += hf.generate(requests[i:i + 32], GREEDY)
@@ -47,7 +49,7 @@ def _same(results, oracle):
 @pytest.mark.parametrize("drafter", sorted(DRAFTERS))
 def test_greedy_speculation_is_identical_to_hf_generate(heldout, drafter):
     requests, oracle = heldout
-    engine = SpecEngine(TARGET, DRAFTERS[drafter], dtype=torch.float32, num_draft_tokens=4)
+    engine = SpecEngine(EngineConfig(TARGET, DRAFTERS[drafter], dtype="float32", num_draft_tokens=4))
     for batch in (1, 7, 32):
         engine.max_batch = batch
         before = engine.stats.drafted
@@ -62,10 +64,10 @@ def test_greedy_speculation_is_identical_to_hf_generate(heldout, drafter):
 
 def test_plain_decoding_and_the_generic_hf_decoder_are_identical_too(heldout):
     requests, oracle = heldout
-    plain = SpecEngine(TARGET, None, dtype=torch.float32, max_batch=16)
+    plain = SpecEngine(EngineConfig(TARGET, None, dtype="float32", max_batch_size=16))
     bad, examples = _same(plain.generate(requests[:200], GREEDY), oracle[:200])
     assert not bad, examples
-    generic = SpecEngine(TARGET, DRAFTERS["vlm"], dtype=torch.float32, max_batch=8, lean=False)
+    generic = SpecEngine(EngineConfig(TARGET, DRAFTERS["vlm"], dtype="float32", max_batch_size=8, decoder="hf"))
     assert not generic.target.lean
     bad, examples = _same(generic.generate(requests[:24], GREEDY), oracle[:24])
     assert not bad, examples
@@ -73,7 +75,7 @@ def test_plain_decoding_and_the_generic_hf_decoder_are_identical_too(heldout):
 
 def test_continuous_batching_refills_free_slots(heldout):
     requests, oracle = heldout
-    engine = SpecEngine(TARGET, DRAFTERS["vlm"], dtype=torch.float32, max_batch=8, num_draft_tokens=4)
+    engine = SpecEngine(EngineConfig(TARGET, DRAFTERS["vlm"], dtype="float32", max_batch_size=8, num_draft_tokens=4))
     results = engine.generate(requests[:64], GREEDY)
     assert not _same(results, oracle[:64])[0]
     st = engine.stats
@@ -84,8 +86,8 @@ def test_continuous_batching_refills_free_slots(heldout):
 
 def test_stop_strings_and_max_new_tokens(heldout):
     requests, oracle = heldout
-    engine = SpecEngine(TARGET, DRAFTERS["vlm"], dtype=torch.float32, max_batch=8, num_draft_tokens=4)
-    hf = HFBackend(TARGET, dtype=torch.float32)
+    engine = SpecEngine(EngineConfig(TARGET, DRAFTERS["vlm"], dtype="float32", max_batch_size=8, num_draft_tokens=4))
+    hf = HFBackend(EngineConfig(TARGET, backend="hf", dtype="float32"))
     long_rows = [r for r, o in zip(requests, oracle) if o.num_output_tokens >= 8][:16]
     for params in (SamplingParams(max_new_tokens=3), SamplingParams(max_new_tokens=64, stop=[" is", "."])):
         got, want = engine.generate(long_rows, params), hf.generate(long_rows, params)
@@ -135,7 +137,7 @@ def test_sampling_with_speculation_keeps_the_targets_distribution(heldout):
         t1 = target_probs(prompt.input_ids).argmax().item()
         start = [t1, target_probs(prompt.input_ids + [t1]).argmax().item()]
         p = target_probs(prompt.input_ids + start)
-    engine = SpecEngine(TARGET, None, dtype=torch.float32, max_batch=128, num_draft_tokens=2)
+    engine = SpecEngine(EngineConfig(TARGET, None, dtype="float32", max_batch_size=128, num_draft_tokens=2))
     engine.drafter = FlatDrafter(p > 0)
     results = engine.generate([prompt] * 1500, params)
     seconds = torch.tensor([r.token_ids[2] for r in results if r.token_ids[:2] == start and len(r.token_ids) == 3])
@@ -188,7 +190,7 @@ def test_adaptive_draft_length_follows_acceptance_and_cost():
 
 def test_a_prompt_too_long_for_the_model_is_an_error_row_not_a_failed_batch(heldout):
     requests, oracle = heldout
-    engine = SpecEngine(TARGET, DRAFTERS["vlm"], dtype=torch.float32, max_batch=4)
+    engine = SpecEngine(EngineConfig(TARGET, DRAFTERS["vlm"], dtype="float32", max_batch_size=4))
     too_long = dataclasses.replace(requests[1], input_ids=requests[1].input_ids + [10] * 250)
     results = engine.generate([requests[0], too_long, requests[2]], GREEDY)
     assert results[1].finish_reason == "error" and "256 positions" in results[1].error

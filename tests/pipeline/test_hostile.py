@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from actors.request import unpack_arrays
+from engine.request import unpack_arrays
 from pipeline.config import InputConfig
 from pipeline.preprocess import build_prompt, decode_image, preprocess_row
 from pipeline.read import _webdataset_row, list_shards, read_shards, table_row

@@ -11,7 +11,7 @@ from training.tokenizer import IMAGE, train_tokenizer
 from training.train import Batcher, ground_truth_batches, train_model
 from training.vision_pretrain import patch_cells, pretrain_vision
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
+MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 def test_shipped_vlms_reload_from_disk_and_generate():

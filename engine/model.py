@@ -1,42 +1,58 @@
-"""A checkpoint as the engine uses it: tokenizer, prompt embedding (the model's own vision tower and projector for
-a VLM), and a decoder (the lean one for Llama-family backbones, the generic HF one otherwise).
+"""A loaded model as the engine uses it: tokenizer, prompt embedding (the model's own vision tower and projector for
+a VLM), a decoder (the lean one for Llama-family backbones, the generic HF one otherwise), and the ids that
+matter (EOS, the image token, padding), resolved here once. So are the device and dtype a config asks for
+(`resolve_device`, `resolve_dtype`).
 
 Compression is applied here: weight-only quantization of the lean decoder's linears (kernels/quant.py) and
-visual-token pruning of the prompt embeddings (actors/visual_tokens.py). Once the lean decoder holds its own
+visual-token pruning of the prompt embeddings (engine/visual_tokens.py). Once the lean decoder holds its own
 copy of the weights, the Hugging Face decoder layers are dropped (only the vision tower, the projector and
-the embedding are still run through the HF model), so a checkpoint holds its decoder weights once.
+the embedding are still run through the HF model), so a loaded model holds its decoder weights once.
 
 Loading is safetensors-only; remote code runs only when the config asks for it.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-from actors.decoder import LEAN_ARCHITECTURES, HFDecoder, LeanDecoder
-from actors.request import shape_key, stack_arrays
-from actors.visual_tokens import VisualTokenPruner
+from engine.config import Compression
+from engine.decoder import LEAN_ARCHITECTURES, LeanDecoder
+from engine.hf_decoder import HFDecoder
+from engine.request import shape_key, stack_arrays
+from engine.visual_tokens import VisualTokenPruner
 
-WEIGHT_BITS = {"none": None, "int8": 8, "int4": 4}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass(frozen=True)
-class Compression:
-    """What to compress in one checkpoint (the config's `compression` section, resolved per model)."""
-    weights: str = "none"  # none | int8 | int4
-    group_size: int = 64  # int4
-    visual_keep: float = 1.0  # fraction of image tokens kept
-    visual_method: str = "attention"  # attention | diversity
-    visual_merge: bool = False  # fold pruned tokens into their nearest kept token
+def resolve_device(gpus: float) -> str:
+    """cuda when the host was given a GPU and torch sees one, else cpu."""
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
 
-    @property
-    def bits(self) -> int | None:
-        return WEIGHT_BITS[self.weights]
+
+def resolve_dtype(name: str, backend: str, device: str) -> torch.dtype:
+    """`auto`: bf16 for the specray engine; for the hf reference bf16 on CUDA and float32 on CPU."""
+    if name != "auto":
+        return DTYPES[name]
+    return torch.bfloat16 if backend == "specray" or device == "cuda" else torch.float32
+
+
+def image_token_id(config) -> int | None:
+    """The image placeholder token a VLM's config names (None for a text model)."""
+    token = getattr(config, "image_token_id", None)
+    return getattr(config, "image_token_index", None) if token is None else token
+
+
+def eos_ids(generation_config, tokenizer) -> set[int]:
+    """Every id that ends a row: the generation config's EOS ids and the tokenizer's."""
+    eos = generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
 
 
 class PromptEmbeds(NamedTuple):
@@ -44,23 +60,6 @@ class PromptEmbeds(NamedTuple):
     lengths: list[int]  # tokens per row the decoder sees
     positions: torch.Tensor | None = None  # [n, width] rotary positions (pruned prompts only)
     offsets: list[int] | None = None  # per row: the prompt's length minus `lengths` (pruned image tokens)
-
-
-SELF_DRAFTERS = {"self-int8": "int8", "self-int4": "int4"}  # model.drafter: the target, quantized, drafts for itself
-
-
-def resolve_compression(section: dict | None, drafter: str | None) -> tuple[Compression, Compression]:
-    """(target's, drafter's) Compression from the config's compression section (`apply_to` picks the models).
-    A self-speculation drafter is the target's weights at its own precision over the target's pruned prompt."""
-    c = section or {}
-    apply_to = c.get("apply_to", "target")
-    full = Compression(c.get("weights", "none"), c.get("group_size", 64), c.get("visual_keep", 1.0),
-                       c.get("visual_method", "attention"), c.get("visual_merge", False))
-    target = full if apply_to in ("target", "both") else Compression(group_size=full.group_size)
-    if drafter in SELF_DRAFTERS:
-        return target, Compression(SELF_DRAFTERS[drafter], full.group_size, target.visual_keep, target.visual_method,
-                                   target.visual_merge)
-    return target, full if apply_to in ("drafter", "both") else Compression(group_size=full.group_size)
 
 
 MROPE_MODELS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"}
@@ -71,7 +70,7 @@ class _Captured(Exception):
         self.embeds = embeds
 
 
-class Checkpoint:
+class LoadedModel:
     def __init__(self, path: str, device: str, dtype: torch.dtype, trust_remote_code: bool = False,
                  lean: bool = True, compression: Compression | None = None, self_draft_bits: int | None = None):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -87,9 +86,7 @@ class Checkpoint:
                                           use_safetensors=True).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.device, self.dtype = device, dtype
-        self.image_token_id = getattr(config, "image_token_id", None)
-        if self.image_token_id is None:
-            self.image_token_id = getattr(config, "image_token_index", None)
+        self.image_token_id = image_token_id(config)
         self.language_model = self.model.get_decoder()
         head = self.model.get_output_embeddings()
         self.lean = lean and text_config.model_type in LEAN_ARCHITECTURES
@@ -111,20 +108,17 @@ class Checkpoint:
             self.pruner = VisualTokenPruner(self.model, config, compression.visual_keep, compression.visual_method,
                                             compression.visual_merge)
         self.max_positions = getattr(text_config, "max_position_embeddings", None)
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-        if self.tokenizer.eos_token_id is not None:
-            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.eos_ids = eos_ids(self.model.generation_config, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-    def with_decoder(self, decoder) -> "Checkpoint":
-        """The same checkpoint (tokenizer, tower, prompt embedding) over another decoder: self-speculation's drafter."""
+    def with_decoder(self, decoder) -> "LoadedModel":
+        """The same model (tokenizer, tower, prompt embedding) over another decoder: self-speculation's drafter."""
         other = copy.copy(self)
         other.decoder = decoder
         return other
 
     def weight_bytes(self) -> int:
-        """Bytes of the weights this checkpoint holds (the decoder's, the tower's, the projector's; shared tensors
+        """Bytes of the weights this model holds (the decoder's, the tower's, the projector's; shared tensors
         counted once)."""
         dense = [*self.model.parameters(), *getattr(self.decoder, "dense_tensors", list)()]
         seen = {(t.data_ptr(), t.numel()): t.numel() * t.element_size() for t in dense}

@@ -1,0 +1,17 @@
+"""specray's engine: pure torch, no Ray. Requests in, Results out.
+
+    config.py        EngineConfig, Compression: what to load and how (frozen; built from the job's config)
+    request.py       Request, SamplingParams, Result: the contract with whoever hosts the engine
+    loading.py       make_engine(config): the backend a config names, on its device, in its dtype
+    model.py         LoadedModel: tokenizer, prompt embedding (vision tower + projector), decoder, ids
+    decoder.py       the lean decoder (Llama / Qwen2 / Mistral) over a KVCache (kv_cache.py)
+    hf_decoder.py    the generic fallback decoder (any architecture, re-runs the HF forward)
+    engine.py        SpecEngine: the continuous-batching loop (admit, round, retire)
+    speculative.py   one speculative round for a group of sequences: draft, verify, accept, commit
+    sequence.py      Sequence, SequenceGroup
+    drafter.py       the drafter interface and make_drafter; model_drafter.py, ngram_drafter.py
+    draft_length.py  how many tokens to draft (estimates.py: acceptance and cost estimates)
+    sampling.py      temperature / top-k / top-p
+    compression.py   per-model compression; visual_tokens.py prunes image tokens
+    hf_backend.py    the reference backend: model.generate
+"""

@@ -1,0 +1,52 @@
+"""What the engine loads and how: frozen, typed, built once from the job's validated config (pipeline/config.py)
+and handed down unchanged to the actors and the engine. Nothing here imports torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SELF_DRAFTERS = {"self-int8": "int8", "self-int4": "int4"}  # model.drafter: the target, quantized, drafts for itself
+WEIGHT_BITS = {"none": None, "int8": 8, "int4": 4}
+
+
+@dataclass(frozen=True)
+class Compression:
+    """The compression of one model, or (with apply_to) of a job: the single statement of the defaults."""
+    weights: str = "none"  # none | int8 | int4 (weight-only, the decoder's linears)
+    group_size: int = 64  # int4: input channels per scale and zero
+    visual_keep: float = 1.0  # fraction of image tokens the decoder sees
+    visual_method: str = "attention"  # attention | diversity
+    visual_merge: bool = False  # fold pruned tokens into their nearest kept token
+    apply_to: str = "target"  # target | drafter | both (a job's section; a resolved model's is moot)
+
+    @property
+    def bits(self) -> int | None:
+        return WEIGHT_BITS[self.weights]
+
+    def for_models(self, drafter: str | None) -> tuple["Compression", "Compression"]:
+        """(target's, drafter's) compression. A self-speculation drafter is the target's weights at its own
+        precision, over the target's pruned prompt."""
+        none = Compression(group_size=self.group_size)
+        target = self if self.apply_to in ("target", "both") else none
+        if drafter in SELF_DRAFTERS:
+            return target, Compression(SELF_DRAFTERS[drafter], self.group_size, target.visual_keep,
+                                       target.visual_method, target.visual_merge)
+        return target, self if self.apply_to in ("drafter", "both") else none
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    target: str  # a local model folder or hub id
+    drafter: str | None = None  # a model folder or hub id, `ngram`, `self-int8` / `self-int4`, or None
+    backend: str = "specray"  # specray | hf
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    decoder: str = "lean"  # lean | hf (the generic forward)
+    max_batch_size: int = 32
+    num_draft_tokens: int | str = "auto"
+    trust_remote_code: bool = False
+    compression: Compression = field(default_factory=Compression)
+    gpus: float = 0.0  # > 0 with CUDA available: the model runs on cuda
+    threads: int = 1  # torch threads of the process that hosts the engine
+
+    @property
+    def lean(self) -> bool:
+        return self.decoder == "lean"

@@ -1,0 +1,99 @@
+"""One speculative round for a group of sequences, top to bottom: draft, verify, accept, commit.
+
+    draft    k tokens per row, requested from the group's drafter at the end of its last round (so that a
+             drafter server drafts while the target verifies another group); collected here
+    verify   the row's last token and its k drafts, k+1 positions per row, ONE target forward for the group
+    accept   greedy: the longest prefix the target's argmax agrees with; sampling: the rejection rule that
+             keeps the target's distribution (kernels/acceptance*.py); plus one token of the target's own
+    commit   each row gains its accepted drafts and that token; the target's cache simply keeps the row's
+             longer length (rejected positions are overwritten later); the drafter rolls back to the same prefix
+
+Invariant per row: the target's cache holds the prompt and every generated token but the last, which is fed
+at the start of the next round. Rows accept different numbers of tokens and simply carry different lengths.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.request import SamplingParams
+from engine.sampling import warp
+from engine.sequence import SequenceGroup
+from kernels.acceptance import greedy_accept
+from kernels.acceptance import rejection_sample as rejection_sample_torch
+
+
+@dataclass
+class RoundRecord:
+    """What one round cost and yielded: what the draft-length policy and the engine's stats learn from."""
+    k: int
+    draft_s: float  # drafter compute (for a drafter server, as it measured it)
+    wait_s: float  # time the target waited for the drafts
+    verify_s: float
+    accept_s: float
+    accepted: list[int]
+    num_drafts: list[int]
+
+
+def request_drafts(group: SequenceGroup, k: int, params: SamplingParams) -> None:
+    """Ask the group's drafter for k tokens per row (a local drafter drafts right away; k = 0: none)."""
+    handle = group.drafter.submit([s.generated for s in group.active], k, params) if k > 0 else None
+    group.pending = (k, handle)
+
+
+def speculative_round(engine, group: SequenceGroup, params: SamplingParams) -> RoundRecord:
+    """Draft, verify, accept and commit one round of `group` on `engine`'s target (engine/engine.py)."""
+    seqs, n, device = group.active, len(group.active), engine.device
+    dec = engine.target.decoder
+
+    # 1. draft: collect the k drafts per row requested at the end of the last round
+    (k, handle), group.pending = group.pending, None
+    t0 = time.perf_counter()
+    draft_s = 0.0
+    if handle is not None:
+        drafts, num, q, draft_s = group.drafter.collect(handle)
+        k = drafts.shape[1]  # 0 when a drafter server was lost and none could take over
+        if not group.drafter.remote:
+            t0 -= draft_s  # a local drafter drafted when asked: none of it was hidden
+    if handle is None or k == 0:
+        drafts = torch.zeros(n, 0, dtype=torch.long, device=device)
+        num, q = torch.zeros(n, dtype=torch.long, device=device), None
+    wait_s = time.perf_counter() - t0
+
+    # 2. verify: every row's last token and its drafts, k+1 positions per row, in one target forward
+    engine.sync()
+    t1 = time.perf_counter()
+    last = torch.tensor([s.generated[-1] for s in seqs], device=device)
+    tokens = torch.cat([last[:, None], drafts], 1)
+    starts = torch.tensor([s.prompt_len + len(s.generated) - 1 for s in seqs], device=device)
+    logits = dec.logits(dec.forward(group.cache, dec.embed(tokens), starts))  # [n, k+1, V]
+    engine.sync()
+    t2 = time.perf_counter()
+
+    # 3. accept: how many drafts each row keeps, and the target's own next token
+    if params.temperature == 0:
+        accepted, nxt = greedy_accept(drafts, num, logits.argmax(-1))
+    else:
+        p = warp(logits, params)
+        if k == 0:
+            accepted = torch.zeros(n, dtype=torch.int32, device=device)
+            nxt = torch.multinomial(p[:, 0], 1, generator=engine.rng).squeeze(1)
+        else:
+            u = torch.rand(n, k, generator=engine.rng, device=device)
+            ru = torch.rand(n, generator=engine.rng, device=device)
+            reject = rejection_sample_torch
+            if device == "cuda":
+                from kernels.acceptance_triton import rejection_sample as reject
+            accepted, nxt = reject(drafts, q, p, num, u, ru)
+
+    # 4. commit: rows gain their accepted drafts plus the target's token; the drafter rolls back to match
+    accepted_l, nxt_l, num_l, drafts_l = accepted.tolist(), nxt.tolist(), num.tolist(), drafts.tolist()
+    for s, a, t, d, m in zip(seqs, accepted_l, nxt_l, drafts_l, num_l):
+        s.drafted += m
+        s.accepted += a
+        engine.extend(s, d[:a] + [t], params)
+    if k > 0:
+        group.drafter.commit(accepted_l)
+    return RoundRecord(k, draft_s, wait_s, t2 - t1, time.perf_counter() - t2, accepted_l, num_l)
