@@ -78,15 +78,28 @@ def linear_reference(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
 CPU_PACKED_MAX_ROWS = {8: 16, 4: 384}
 
 
-def _cpu_int4_layout_ok(n: int) -> bool:
-    return n % 64 == 0  # the packed layout this file reads back (blocks of 64 output rows)
+# PyTorch's CPU int4 pack puts output rows in blocks whose size follows the CPU's vector width (64 rows with
+# AVX-512, 32 with AVX2); each is tried, and the one that reads the weight back exactly is used
+CPU_INT4_BLOCKS = (64, 32)
 
 
-def _cpu_int4_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """PyTorch's CPU int4 pack (blocks of 64 rows; per k, byte j holds rows j and j+32) -> uint8 [N, K]."""
-    blocks = packed.view(n // 64, k, 32)
-    rows = torch.cat([blocks & 15, blocks >> 4], -1)  # [N/64, K, 64]
+def _cpu_int4_unpack(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    """PyTorch's CPU int4 pack (blocks of `block` rows; per k, byte j holds rows j and j+block/2) -> uint8 [N, K]."""
+    blocks = packed.view(n // block, k, block // 2)
+    rows = torch.cat([blocks & 15, blocks >> 4], -1)  # [N/block, K, block]
     return rows.transpose(1, 2).reshape(n, k)
+
+
+def _cpu_int4_pack(q: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """q uint8 [N, K] in PyTorch's CPU int4 pack, and the block layout that reads it back; None if none does."""
+    n, k = q.shape
+    if n % min(CPU_INT4_BLOCKS):
+        return None
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    for block in CPU_INT4_BLOCKS:
+        if n % block == 0 and torch.equal(_cpu_int4_unpack(packed, n, k, block), q):
+            return packed, block
+    return None
 
 
 class QuantLinear:
@@ -105,14 +118,11 @@ class QuantLinear:
             self.q = qw.qweight.contiguous()
             self.scale = qw.scales[:, 0].to(torch.bfloat16).contiguous()
             self.kernel = "cpu-int8"
-        elif _cpu_int4_layout_ok(n):
-            q = unpack_int4(qw.qweight)
-            self.packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-            if not torch.equal(_cpu_int4_unpack(self.packed, n, k), q):
-                raise RuntimeError("PyTorch's CPU int4 pack layout changed; kernels/quant.py reads it back")
+        elif (packed := _cpu_int4_pack(unpack_int4(qw.qweight))) is not None:
+            self.packed, self.block = packed
             self.scales_zeros = torch.stack([qw.scales, qw.zeros], -1).transpose(0, 1).to(torch.bfloat16).contiguous()
             self.kernel = "cpu-int4"
-        else:  # no packed kernel for this shape: keep the portable form and dequantize per call
+        else:  # no packed kernel for this shape (or a pack layout this file cannot read back): dequantize per call
             self.qw = qw
             self.kernel = "cpu-dequant"
 
@@ -129,7 +139,7 @@ class QuantLinear:
         if self.kernel == "cpu-int8":
             return self.q.to(dtype) * self.scale[:, None].to(dtype)
         if self.kernel == "cpu-int4":
-            q = _cpu_int4_unpack(self.packed, n, k).to(dtype).view(n, k // self.group_size, self.group_size)
+            q = _cpu_int4_unpack(self.packed, n, k, self.block).to(dtype).view(n, k // self.group_size, self.group_size)
             sz = self.scales_zeros.transpose(0, 1).to(dtype)  # [N, groups, 2]
             return ((q - 8) * sz[..., 0:1] + sz[..., 1:2]).view(n, k)
         return dequantize(self.qw, dtype)
