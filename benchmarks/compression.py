@@ -73,16 +73,17 @@ def load_rows(per_task: int):
 
 def child(args) -> None:
     """One setting, in this process: generate, time, score; JSON on stdout."""
-    from actors.engine import SpecEngine
-    from actors.request import SamplingParams
+    from engine.config import Compression, EngineConfig
+    from engine.engine import SpecEngine
+    from engine.request import SamplingParams
 
     torch.set_num_threads(args.threads)
     drafter, section = SETTINGS[args.child]
     requests, answers, tasks = load_rows(args.per_task)
     params = SamplingParams(max_new_tokens=64)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    engine = SpecEngine(str(ROOT / "models/target"), drafter, device=args.device, max_batch=args.batch,
-                        compression=section)
+    engine = SpecEngine(EngineConfig(str(ROOT / "models/target"), drafter, max_batch_size=args.batch,
+                                     compression=Compression(**section)), device=args.device)
     engine.generate(requests[:16], params)  # warm-up
     prefill_s = prefill(engine, requests, args.batch, sync := (torch.cuda.synchronize if args.device == "cuda"
                                                                else (lambda: None)))
@@ -129,9 +130,10 @@ def prefill(engine, requests, batch: int, sync) -> float:
             chunk = requests[i:i + batch]
             pe = ck.embed_prompts([r.input_ids for r in chunk], [r.model_inputs for r in chunk])
             lengths = torch.tensor(pe.lengths, device=engine.device)
-            dec.allocate(len(chunk), int(lengths.max()) + 1)
-            dec.set_offsets(0, pe.offsets or [0] * len(chunk))
-            dec.logits(dec.forward(pe.embeds, torch.zeros_like(lengths), last=lengths - 1, positions=pe.positions))
+            cache = dec.new_cache()
+            cache.allocate(len(chunk), int(lengths.max()) + 1)
+            cache.set_offsets(0, pe.offsets or [0] * len(chunk))
+            dec.logits(dec.forward(cache, pe.embeds, torch.zeros_like(lengths), last=lengths - 1, positions=pe.positions))
         sync()
         best = min(best, time.perf_counter() - t)
     return best

@@ -10,7 +10,6 @@ included. Prints both figures and their ratio; goal: the job reaches >= 85% of t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -26,31 +25,31 @@ os.environ.setdefault("RAY_TMPDIR", "/tmp/specray-bench-ray")
 
 
 def bare(shards: list[str], cfg, batch_size: int, threads: int) -> dict:
+    import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
-    from actors.generator import make_engine
-    from actors.request import Request, unpack_arrays
-    from pipeline.stages import engine_kwargs, sampling_params
+    from actors.generate_rows import read_tensors
+    from engine.loading import make_engine
+    from engine.request import Request
     from pipeline.preprocess import preprocess_row
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    engine = make_engine(str(Path(cfg.model.target).resolve()), device="cpu", **engine_kwargs(cfg))
+    engine = make_engine(cfg.engine(), device="cpu")
     load_s = time.perf_counter() - t0
-    params = sampling_params(cfg)
+    params = cfg.sampling()
     tokens = rows = 0
     pending: list[Request] = []
     start = time.perf_counter()
     for shard in shards:
         for r in pq.read_table(shard).to_pylist():
             fields = {k: r[k] for k in ("question", "task", "answer")}
-            row = {"shard": "s", "key": r["key"], "image": r["image"], "image_path": None, "fields": json.dumps(fields)}
-            pre = preprocess_row(row, str(Path(cfg.model.target).resolve()), cfg.task.prompt,
-                                 cfg.preprocess.max_image_pixels)
+            row = {"shard": "s", "key": r["key"], "image": r["image"], "image_path": None, "fields": fields}
+            pre = preprocess_row(row, cfg.engine().target, cfg.task.prompt, cfg.preprocess.max_image_pixels, carry=[])
             rows += 1
-            pending.append(Request(key=pre["key"], input_ids=pre["input_ids"],
-                                   model_inputs=unpack_arrays(pre["model_inputs"])))
+            pending.append(Request(key=pre["key"], input_ids=pre["input_ids"],  # the tensors as the actor reads them
+                                   model_inputs=read_tensors(pa.array([pre["model_inputs"]]))[0]))
             if len(pending) == batch_size:
                 tokens += sum(x.num_output_tokens for x in engine.generate(pending, params))
                 pending = []

@@ -26,9 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from actors.engine import SpecEngine  # noqa: E402
-from actors.hf_backend import HFBackend  # noqa: E402
-from actors.request import SamplingParams  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.engine import SpecEngine  # noqa: E402
+from engine.hf_backend import HFBackend  # noqa: E402
+from engine.request import SamplingParams  # noqa: E402
 from training.evaluate import heldout_requests  # noqa: E402
 
 PARAMS = SamplingParams(max_new_tokens=64)
@@ -51,8 +52,8 @@ def run_assisted(models: Path, requests, device: str):
     """HF assisted generation, batch 1: target fp32 on CPU (bf16 on GPU), the text-only drafter as assistant."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    hf = HFBackend(str(models / "target"), device=device, dtype=dtype)
+    hf = HFBackend(EngineConfig(str(models / "target"), backend="hf"), device=device)  # fp32 on CPU, bf16 on CUDA
+    dtype = hf.dtype
     assistant = AutoModelForCausalLM.from_pretrained(models / "drafter-text", dtype=dtype).to(device).eval()
     n_out = 0
     t = time.perf_counter()
@@ -99,7 +100,8 @@ def main() -> None:
     hf_decode: dict[int, float] = {}
     reference = None
     for dtype in (torch.float32, torch.bfloat16):
-        hf = HFBackend(str(models / "target"), device=args.device, dtype=dtype)
+        hf = HFBackend(EngineConfig(str(models / "target"), backend="hf", dtype=str(dtype).split(".")[1]),
+                       device=args.device)
         for b in (16, 1):  # batch 16 first: its float32 output is the reference for the agreement columns
             out, wall = run_hf(hf, requests, b)
             if dtype == torch.float32 and b == 16:
@@ -131,8 +133,8 @@ def main() -> None:
           f"{'tok/round':>9s} {'k used':>7s} {'prefill':>7s} {'draft':>6s} {'verify':>6s} {'accept':>6s} {'=hf fp32':>8s}")
     for name, drafter in (("none", None), ("vlm", models / "drafter-vlm"), ("text", models / "drafter-text"),
                           ("ngram", "ngram")):
-        engine = SpecEngine(str(models / "target"), str(drafter) if drafter else None, device=args.device,
-                            dtype=torch.bfloat16, num_draft_tokens=k)
+        engine = SpecEngine(EngineConfig(str(models / "target"), str(drafter) if drafter else None, dtype="bfloat16",
+                                         num_draft_tokens=k), device=args.device)
         for b in batches:
             out, wall = run_engine(engine, requests, b)
             st = engine.stats
@@ -155,8 +157,8 @@ def main() -> None:
                   f"{share['accept']:6.0%} {same:4d}/{len(out)}")
         del engine
     # the exact mode: float32, where greedy output must equal HF float32's row for row
-    engine = SpecEngine(str(models / "target"), str(models / "drafter-vlm"), device=args.device,
-                        dtype=torch.float32, num_draft_tokens=k)
+    engine = SpecEngine(EngineConfig(str(models / "target"), str(models / "drafter-vlm"), dtype="float32",
+                                     num_draft_tokens=k), device=args.device)
     out, wall = run_engine(engine, requests, 16)
     same = sum(a.text == r for a, r in zip(out, reference))
     figures["specray"]["vlm_b16_float32"] = {"tokens_per_s": tokens(out) / wall, "same_as_hf_fp32": same}

@@ -1,15 +1,10 @@
 """The drafter:target controller, run inside the discrete-event simulator of benchmarks/disaggregation_sim.py."""
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 from actors.controller import Budget, Controller, Plan
-from tests.conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from disaggregation_sim import Costs, best_k, fixed_plans, simulate  # noqa: E402
+from benchmarks.disaggregation_sim import Costs, best_k, fixed_plans, simulate
 
 BUDGET = Budget(devices=2, drafter_cost=0.5, max_k=6)
 
