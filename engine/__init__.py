@@ -1,9 +1,10 @@
 """specray's engine: pure torch, no Ray. Requests in, Results out.
 
-    config.py        EngineConfig, Compression: what to load and how (frozen; built from the job's config)
+    config.py        EngineConfig, Compression: what to load and how (frozen; built once from the job's config)
     request.py       Request, SamplingParams, Result: the contract with whoever hosts the engine
-    loading.py       make_engine(config): the backend a config names, on its device, in its dtype
-    model.py         LoadedModel: tokenizer, prompt embedding (vision tower + projector), decoder, ids
+    loading.py       make_engine(config): the backend a config names
+    model.py         LoadedModel: tokenizer, prompt embedding (vision tower + projector), decoder, the ids (EOS,
+                     image token), device and dtype resolved once; compression applied at load
     decoder.py       the lean decoder (Llama / Qwen2 / Mistral) over a KVCache (kv_cache.py)
     hf_decoder.py    the generic fallback decoder (any architecture, re-runs the HF forward)
     engine.py        SpecEngine: the continuous-batching loop (admit, round, retire)
@@ -12,6 +13,6 @@
     drafter.py       the drafter interface and make_drafter; model_drafter.py, ngram_drafter.py
     draft_length.py  how many tokens to draft (estimates.py: acceptance and cost estimates)
     sampling.py      temperature / top-k / top-p
-    compression.py   per-model compression; visual_tokens.py prunes image tokens
+    visual_tokens.py prunes image tokens (compression.visual_tokens)
     hf_backend.py    the reference backend: model.generate
 """

@@ -20,6 +20,13 @@ MODELS = {
 }
 
 
+def with_cache(dec, slots: int, max_len: int):
+    """A decoder and an empty cache of its own for `slots` rows of up to `max_len` positions."""
+    cache = dec.new_cache()
+    cache.allocate(slots, max_len)
+    return dec, cache
+
+
 @pytest.mark.parametrize("arch", sorted(MODELS))
 @pytest.mark.parametrize("decoder_cls", [LeanDecoder, HFDecoder])
 def test_prefill_and_ragged_continuation_match_the_hf_forward(arch, decoder_cls):
@@ -28,9 +35,7 @@ def test_prefill_and_ragged_continuation_match_the_hf_forward(arch, decoder_cls)
     ids = torch.randint(0, SIZES["vocab_size"], (3, 24))
     with torch.inference_mode():
         full = model(input_ids=ids).logits
-        dec = decoder_cls(model.model, model.lm_head, model.config, "cpu", torch.float32)
-        cache = dec.new_cache()
-        cache.allocate(3, 40)
+        dec, cache = with_cache(decoder_cls(model.model, model.lm_head, model.config, "cpu", torch.float32), 3, 40)
         prompt = [10, 13, 7]  # a right-padded, ragged prefill: rows 0 and 2 write padding past their length
         hidden = dec.forward(cache, dec.embed(ids[:, :13]), torch.zeros(3, dtype=torch.long))
         for b, n in enumerate(prompt):
@@ -58,9 +63,7 @@ def test_compaction_moves_a_rows_cache_with_it():
     ids = torch.randint(0, SIZES["vocab_size"], (2, 12))
     with torch.inference_mode():
         full = model(input_ids=ids).logits
-        dec = LeanDecoder(model.model, model.lm_head, model.config, "cpu", torch.float32)
-        cache = dec.new_cache()
-        cache.allocate(2, 16)
+        dec, cache = with_cache(LeanDecoder(model.model, model.lm_head, model.config, "cpu", torch.float32), 2, 16)
         dec.forward(cache, dec.embed(ids[:, :8]), torch.zeros(2, dtype=torch.long))
         cache.move([1], [0])  # row 0 finished: row 1 moves into slot 0
         hidden = dec.forward(cache, dec.embed(ids[1:, 8:10]), torch.tensor([8]))
