@@ -1,7 +1,7 @@
 """`python -m pipeline report OUTPUT_DIR`: a job's output directory as one self-contained report.html.
 
 It reads OUTPUT_DIR/metrics.json and the part files (through fsspec, so s3:// works) and draws four
-plots with matplotlib as inline SVG in the page (nothing fetched from the network):
+plots with matplotlib as inline SVG in the page (pipeline/charts.py; nothing fetched from the network):
 
 - throughput over time: tokens/s and rows/s between the samples of metrics["timeline"];
 - acceptance: a histogram of the output rows' accepted / drafted tokens, and the job's overall rate;
@@ -10,19 +10,15 @@ plots with matplotlib as inline SVG in the page (nothing fetched from the networ
 """
 from __future__ import annotations
 
-import html
-import io
 import json
-import re
-from typing import NamedTuple
 
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.charts import COLORS, Bars, Histogram, Lines, Series, esc, render_chart
 from pipeline.write import PART_PREFIX, PART_SUFFIX
 
-COLORS = {"blue": "#2563eb", "orange": "#ea580c", "green": "#16a34a", "red": "#dc2626"}
 BINS = 10  # acceptance histogram: 10 bins of 10% over [0, 1]
 
 
@@ -94,170 +90,6 @@ def steps(samples: list[dict], key: str) -> list[tuple[float, float]]:
     return points
 
 
-# ---- charts: what to plot ------------------------------------------------------------------------------
-
-class Series(NamedTuple):
-    """One line of a line chart: its name (in the legend), its (x, y) points, its color, dashed or solid."""
-    name: str
-    points: list[tuple[float, float]]
-    color: str
-    dashed: bool = False
-
-
-class Lines(NamedTuple):
-    """Panels stacked over one shared x axis, each (y label, [Series, ...])."""
-    title: str
-    panels: list[tuple[str, list[Series]]]
-    x_label: str
-
-
-class Histogram(NamedTuple):
-    """Vertical bars over numeric bins (edges shown as percentages); marker: (x value, label), a dashed line."""
-    title: str
-    counts: list[int]
-    edges: list[float]
-    x_label: str
-    y_label: str
-    marker: tuple[float, str] | None = None
-
-
-class Bars(NamedTuple):
-    """Horizontal bars, one per (label, count) from the top, the count written at the bar's end."""
-    title: str
-    items: list[tuple[str, int]]
-    x_label: str
-
-
-# ---- charts: drawing them with matplotlib --------------------------------------------------------------
-# Each drawn artist that carries data has a gid (series-<name>, bar-<i>, count-<i>, label-<i>, marker, title,
-# xlabel, ylabel-<panel>), which the SVG keeps as <g id="<chart>-<gid>">; the tests find the data by them.
-
-FIG_WIDTH = 7.9  # inches, i.e. 569 pt: about 760 px on the page
-TICK_STEPS = [1, 2, 2.5, 5, 10]
-MPL_RC = {
-    "svg.hashsalt": "specray-report",  # deterministic ids (and no date in the metadata: see _svg)
-    "svg.fonttype": "none",  # texts stay <text> elements, not glyph outlines
-    "path.simplify": False,  # every point of a series is drawn
-    "axes.autolimit_mode": "round_numbers", "axes.xmargin": 0, "axes.ymargin": 0,  # axes end on a tick
-    "font.sans-serif": ["DejaVu Sans", "Helvetica", "Arial"],  # matplotlib measures texts in DejaVu Sans
-    "font.size": 9, "figure.titlesize": 10.5, "figure.titleweight": "bold", "text.color": "#111827",
-    "axes.edgecolor": "#9ca3af", "axes.labelcolor": "#374151", "axes.spines.top": False,
-    "axes.spines.right": False, "axes.grid": True, "axes.axisbelow": True, "grid.color": "#eef0f3",
-    "xtick.color": "#6b7280", "ytick.color": "#6b7280", "lines.linewidth": 2, "legend.frameon": False,
-}
-
-
-def render_chart(chart_id: str, chart: Lines | Histogram | Bars) -> str:
-    """One chart as an inline <svg id=chart_id>, drawn by matplotlib (imported only here: importing pipeline
-    stays cheap) with no pyplot state, offline."""
-    import matplotlib
-    from matplotlib.figure import Figure
-
-    with matplotlib.rc_context(MPL_RC):
-        fig = Figure(layout="constrained")
-        draw = {Lines: _draw_lines, Histogram: _draw_histogram, Bars: _draw_bars}[type(chart)]
-        tips = draw(fig, chart)
-        fig.suptitle(chart.title, gid="title")
-        return _svg(fig, chart_id, chart.title, tips)
-
-
-def _svg(fig, chart_id: str, title: str, tips: dict[str, str]) -> str:
-    """The figure's SVG for an HTML page: ids prefixed with chart_id (unique in the page), a <title> (a tooltip)
-    in the group of each gid in tips, no XML prolog, metadata or namespace URLs (inline SVG needs none)."""
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
-    svg = buf.getvalue()
-    svg = re.sub(r' xmlns(:xlink)?="[^"]*"', "", svg[svg.index("<svg"):], count=2)
-    for gid, tip in tips.items():
-        svg = svg.replace(f'<g id="{gid}">', f'<g id="{gid}"><title>{_esc(tip)}</title>', 1)
-    svg = re.sub(r"<[^<>]*>", lambda tag: re.sub(r'(\bid="|href="#|url\(#)', rf"\g<1>{chart_id}-", tag.group()), svg)
-    return svg.replace("<svg ", f'<svg id="{chart_id}" class="chart" role="img" aria-label="{_esc(title)}" ', 1)
-
-
-def _esc(s: object) -> str:
-    return html.escape(str(s), quote=True)
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def _draw_lines(fig, chart: Lines) -> dict[str, str]:
-    from matplotlib.ticker import MaxNLocator
-
-    fig.set_size_inches(FIG_WIDTH, 0.9 + 1.9 * len(chart.panels))
-    axes = fig.subplots(len(chart.panels), 1, sharex=True, squeeze=False)[:, 0]
-    tips = {}
-    for p, (ax, (y_label, series)) in enumerate(zip(axes, chart.panels)):
-        for s in series:
-            gid = f"series-{_slug(s.name)}"
-            ax.plot(*zip(*s.points), color=s.color, linestyle="--" if s.dashed else "-", label=s.name, gid=gid,
-                    clip_on=False)  # the axes end at the highest value: a line there is not cut in half
-            tips[gid] = s.name
-        whole = all(float(y).is_integer() for s in series for _, y in s.points)
-        ax.yaxis.set_major_locator(MaxNLocator(nbins=4, steps=TICK_STEPS, integer=whole))
-        ax.set_ylim(bottom=0)
-        ax.set_ylabel(y_label, gid=f"ylabel-{p}")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
-    axes[-1].xaxis.set_major_locator(MaxNLocator(nbins=8, steps=TICK_STEPS))
-    axes[-1].set_xlim(left=0)
-    axes[-1].set_xlabel(chart.x_label, gid="xlabel")
-    return tips
-
-
-def _draw_histogram(fig, chart: Histogram) -> dict[str, str]:
-    from matplotlib.ticker import MaxNLocator
-
-    fig.set_size_inches(FIG_WIDTH, 3.3)
-    ax = fig.subplots()
-    edges, lo, hi = chart.edges, chart.edges[0], chart.edges[-1]
-    bars = ax.bar(edges[:-1], chart.counts, width=np.diff(edges), align="edge", color=COLORS["blue"],
-                  edgecolor="white", linewidth=1)
-    counts = ax.bar_label(bars, labels=[f"{n:,}" if n else "" for n in chart.counts], padding=2)
-    tips = {}
-    for i, (bar, count, n, a, b) in enumerate(zip(bars, counts, chart.counts, edges, edges[1:])):
-        bar.set_gid(f"bar-{i}")
-        count.set_gid(f"count-{i}")
-        tips[f"bar-{i}"] = f"{a:.0%} to {b:.0%}: {n:,} rows"
-    ax.set_xticks(edges, [f"{e:.0%}" for e in edges])
-    ax.set_xlim(lo, hi)
-    ax.grid(axis="x", visible=False)
-    ax.yaxis.set_major_locator(MaxNLocator(nbins=5, steps=TICK_STEPS, integer=True))
-    ax.margins(y=0.1)  # room for the counts over the bars
-    if chart.marker is not None:
-        x, label = min(max(chart.marker[0], lo), hi), chart.marker[1]
-        ax.axvline(x, color="#111827", linewidth=1.5, linestyle=(0, (5, 4)), gid="marker")
-        right = x > lo + 0.8 * (hi - lo)
-        ax.annotate(label, (x, 1), xycoords=("data", "axes fraction"), xytext=(-6 if right else 6, -12),
-                    textcoords="offset points", ha="right" if right else "left", gid="marker-label")
-    ax.set_xlabel(chart.x_label, gid="xlabel")
-    ax.set_ylabel(chart.y_label, gid="ylabel-0")
-    return tips
-
-
-def _draw_bars(fig, chart: Bars) -> dict[str, str]:
-    from matplotlib.ticker import MaxNLocator
-
-    fig.set_size_inches(FIG_WIDTH, 1.1 + 0.3 * len(chart.items))
-    ax = fig.subplots()
-    bars = ax.barh(range(len(chart.items)), [n for _, n in chart.items], height=0.65, color=COLORS["red"])
-    ax.set_yticks(range(len(chart.items)), [k if len(k) <= 38 else k[:37] + "…" for k, _ in chart.items])
-    ax.set_ylim(len(chart.items) - 0.5, -0.5)  # the first item on top
-    counts = ax.bar_label(bars, labels=[f"{n:,}" for _, n in chart.items], padding=3)
-    tips = {}
-    for i, (bar, label, count, (name, n)) in enumerate(zip(bars, ax.get_yticklabels(), counts, chart.items)):
-        bar.set_gid(f"bar-{i}")
-        label.set_gid(f"label-{i}")
-        count.set_gid(f"count-{i}")
-        tips.update({f"bar-{i}": f"{name}: {n:,} rows", f"label-{i}": name})
-    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, steps=TICK_STEPS, integer=True))
-    ax.margins(x=0.08)  # room for the counts after the bars
-    ax.grid(axis="y", visible=False)
-    ax.tick_params(axis="y", length=0)
-    ax.set_xlabel(chart.x_label, gid="xlabel")
-    return tips
-
-
 # ---- the page -----------------------------------------------------------------------------------------
 
 CSS = """
@@ -296,7 +128,7 @@ def _cards(m: dict) -> str:
         (_duration(m.get("wall_s", 0.0)), "wall time"),
         (_pct(m.get("acceptance_rate")), "acceptance (accepted / drafted)"),
         (f"{len(m.get('shards_written') or [])} / {len(m.get('shards_skipped') or [])}", "shards written / skipped"),
-        (_esc(m.get("config_hash", "–")), "config hash"),
+        (esc(m.get("config_hash", "–")), "config hash"),
     ]
     return '<div class="cards">' + "".join(f'<div class="card"><div class="v">{v}</div><div class="k">{k}</div></div>'
                                            for v, k in figures) + "</div>"
@@ -327,7 +159,7 @@ def _details(m: dict, output_dir: str) -> str:
     versions = m.get("versions") or {}
     if versions:
         rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items())))
-    body = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in rows if v is not None)
+    body = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in rows if v is not None)
     return f'<table class="kv">{body}</table>'
 
 
@@ -376,7 +208,7 @@ def _pools(m: dict) -> str:
                                         "time since the pools started (s)"))
     plan = pools.get("plan") or {}
     caption = (f'Ready actors as the pool manager counted them at each control interval; policy '
-               f'{_esc(pools.get("policy", "–"))}; final plan {plan.get("targets", "–")} targets, '
+               f'{esc(pools.get("policy", "–"))}; final plan {plan.get("targets", "–")} targets, '
                f'{plan.get("drafters", "–")} drafters, k={plan.get("k", "–")}; failovers {pools.get("failovers", 0)}.')
     return chart + f'<p class="caption">{caption}</p>'
 
@@ -396,11 +228,11 @@ def render(m: dict, output_dir: str, per_row: np.ndarray, drafted: int, accepted
                 ("Drafters per target", _pools(m)), ("Errors", _errors(m))]
     body = "\n".join(f"<h2>{title}</h2>\n{content}" for title, content in sections)
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>specray report: {_esc(output_dir)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>specray report: {esc(output_dir)}</title>
 <style>{CSS}</style></head>
 <body>
 <h1>specray job report</h1>
-<div class="sub">{_esc(output_dir)} · finished {_esc(m.get("finished_at", "–"))}</div>
+<div class="sub">{esc(output_dir)} · finished {esc(m.get("finished_at", "–"))}</div>
 {_cards(m)}
 {_details(m, output_dir)}
 {body}
