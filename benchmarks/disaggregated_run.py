@@ -12,7 +12,7 @@ the same run, excluding actor start-up (the rows after the first output batch, o
 last; outputs are not kept in order), their ratio, whether the
 disaggregated greedy output is identical to the co-located one, the plan the controller chose, and the overlap
 of drafting with verification it measured. `--remove KIND@N` removes the node of the first KIND actor once N
-batches are done (a fault test; tests/test_pools.py runs it).
+batches are done (a fault test; tests/actors/test_pools.py runs it).
 """
 from __future__ import annotations
 
