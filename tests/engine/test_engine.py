@@ -195,3 +195,37 @@ def test_a_prompt_too_long_for_the_model_is_an_error_row_not_a_failed_batch(held
     results = engine.generate([requests[0], too_long, requests[2]], GREEDY)
     assert results[1].finish_reason == "error" and "256 positions" in results[1].error
     assert [results[0].text, results[2].text] == [oracle[0].text, oracle[2].text]
+
+
+def test_orders_reach_the_engine_between_rounds_only(heldout):
+    """A host's new orders (here: k) are applied by `between_rounds`, which the engine calls before every round (the
+    policy is never asked to fetch them inside one); every draft requested after the order has the new k, and the
+    output stays the target's."""
+    requests, oracle = heldout
+    events: list[tuple] = []
+
+    class Ordered:
+        max_k, k = 4, 2
+
+        def choose(self):
+            events.append(("choose", self.k))
+            return self.k
+
+        def record(self, k, verify_s, draft_s, accepted, num_drafts, rows=0):
+            events.append(("round", k))
+
+    policy = Ordered()
+
+    def between_rounds():
+        events.append(("between",))
+        if sum(e[0] == "round" for e in events) == 5:
+            policy.k = 4  # the order arrives after the fifth round
+
+    engine = SpecEngine(EngineConfig(TARGET, DRAFTERS["vlm"], dtype="float32", max_batch_size=8))
+    results = engine.generate(requests[:16], GREEDY, policy=policy, between_rounds=between_rounds)
+    assert not _same(results, oracle[:16])[0]
+    rounds = [e[1] for e in events if e[0] == "round"]
+    assert rounds[:5] == [2] * 5 and set(rounds[6:]) == {4}  # the draft in flight at the order keeps its k
+    # one group: a chance to apply orders before each of its rounds (never two rounds without one)
+    marks = [e[0] for e in events if e[0] in ("between", "round")]
+    assert marks[0] == "between" and all(a != b for a, b in zip(marks, marks[1:]) if b == "round"), marks
