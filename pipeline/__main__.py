@@ -41,6 +41,9 @@ def validate(config: str, set_: Optional[list[str]] = typer.Option(None, "--set"
     try:
         cfg = load_config(config, set_ or [])
         cfg.check_job()
+        from pipeline.rows import check_columns
+
+        check_columns(cfg)
     except ConfigError as e:
         _bad_config(e)
     import yaml
