@@ -1,5 +1,5 @@
 """The generate stage's actor (colocated mode): a Ray Data UDF holding one engine (engine/loading.py), turning
-preprocessed rows into result rows.
+a batch of preprocessed rows into result rows (both: actors/generate_rows.py), column by column in Arrow.
 
 Rows that already carry an error pass straight through. A batch that fails as a whole (say, out of
 memory) is split in halves and retried, down to single rows, so one bad row cannot sink its neighbours.
@@ -13,20 +13,11 @@ from dataclasses import replace
 import pyarrow as pa
 import torch
 
+from actors.generate_rows import read_input_ids, read_tensors, result_table
 from actors.metrics import record_batch
 from engine.config import EngineConfig
 from engine.loading import make_engine
-from engine.request import Request, Result, SamplingParams, error_result, one_line, shape_key, unpack_arrays
-
-OUTPUT_SCHEMA = pa.schema([
-    ("shard", pa.string()), ("key", pa.string()), ("fields", pa.string()), ("text", pa.string()),
-    ("finish_reason", pa.string()), ("num_prompt_tokens", pa.int32()), ("num_output_tokens", pa.int32()),
-    ("num_drafted_tokens", pa.int32()), ("num_accepted_tokens", pa.int32()), ("error", pa.string()),
-    ("generate_s", pa.float64()),
-    # compression.evaluate, sampled rows only: reference tokens, how many the job's model agreed with
-    # (teacher-forced), and whether the two greedy outputs are the same text
-    ("eval_tokens", pa.int32()), ("eval_agreed", pa.int32()), ("eval_exact", pa.bool_()),
-])
+from engine.request import Request, Result, SamplingParams, error_result, one_line, shape_key
 
 
 def evaluated(key: str, fraction: float) -> bool:
@@ -71,33 +62,31 @@ class GenerateActor:
             return self._run(requests[:half]) + self._run(requests[half:])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()  # pyarrow keeps nulls as None (numpy batches turn all-null columns into NaN)
-        results: list[Result | None] = [None] * len(rows)
+        errors = batch.column("error").to_pylist()
+        keys = batch.column("key").to_pylist()
+        results: list[Result | None] = [error_result(e) if e is not None else None for e in errors]
         groups: dict[tuple, list[int]] = {}
         requests: dict[int, Request] = {}
-        for i, row in enumerate(rows):
-            if row["error"] is not None:
-                results[i] = error_result(row["error"])
+        todo = [i for i, e in enumerate(errors) if e is None]
+        if todo:
+            ids, tensors = read_input_ids(batch.column("input_ids")), read_tensors(batch.column("model_inputs"))
+        for i in todo:
+            if not isinstance(tensors[i], dict):
+                why = "the row has none" if tensors[i] is None else one_line(tensors[i])
+                results[i] = error_result(f"bad model inputs: {why}")
                 continue
-            try:
-                arrays = unpack_arrays(row["model_inputs"])
-            except Exception as e:  # noqa: BLE001
-                results[i] = error_result(f"bad model inputs: {one_line(e)}")
-                continue
-            requests[i] = Request(key=str(row["key"]), input_ids=list(row["input_ids"]), model_inputs=arrays)
-            groups.setdefault(() if self.mixed_shapes else shape_key(arrays), []).append(i)
+            requests[i] = Request(key=str(keys[i]), input_ids=ids[i].tolist(), model_inputs=tensors[i])
+            groups.setdefault(() if self.mixed_shapes else shape_key(tensors[i]), []).append(i)
         t0 = time.perf_counter()
         for idx in groups.values():
             for i, result in zip(idx, self._run([requests[i] for i in idx])):
                 results[i] = result
         per_row = (time.perf_counter() - t0) / max(1, len(requests))
         evals = self._evaluate(requests, results) if self.reference is not None else {}
-        out = [{"shard": row["shard"], "key": row["key"], "fields": row["fields"], "text": r.text,
-                "finish_reason": r.finish_reason, "num_prompt_tokens": row["num_prompt_tokens"],
-                "num_output_tokens": r.num_output_tokens, "num_drafted_tokens": r.num_drafted_tokens,
-                "num_accepted_tokens": r.num_accepted_tokens, "error": r.error,
-                "generate_s": per_row if i in requests else 0.0,
-                **dict(zip(("eval_tokens", "eval_agreed", "eval_exact"), evals.get(i, (None, None, None))))}
-               for i, (row, r) in enumerate(zip(rows, results))]
-        record_batch(out)  # Prometheus: rows ok/error, tokens, drafted, accepted (actors/metrics.py)
-        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+        columns = {name: [getattr(r, name) for r in results] for name in (
+            "text", "finish_reason", "num_output_tokens", "num_drafted_tokens", "num_accepted_tokens", "error")}
+        columns["generate_s"] = [per_row if i in requests else 0.0 for i in range(len(results))]
+        for j, name in enumerate(("eval_tokens", "eval_agreed", "eval_exact")):
+            columns[name] = [evals[i][j] if i in evals else None for i in range(len(results))]
+        record_batch([vars(r) for r in results])  # Prometheus: rows ok/error, tokens, drafted, accepted
+        return result_table(batch, columns)

@@ -1,7 +1,6 @@
 """The contract between the generate stage and any engine: a Request in, a Result out, per row."""
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,18 +53,6 @@ def stack_arrays(arrays: list[dict[str, np.ndarray]], dtype, device) -> dict:
         t = torch.cat([torch.from_numpy(a[name]) for a in arrays]).to(device)
         out[name] = t.to(dtype) if t.is_floating_point() else t
     return out
-
-
-def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
-    """A Request's model_inputs as bytes (.npz): how they cross Ray Data between stages."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data)) as z:
-        return {k: z[k] for k in z.files}
 
 
 def one_line(err: BaseException) -> str:

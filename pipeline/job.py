@@ -2,12 +2,12 @@
 
 The driver streams the generate stage's output in input order (Ray Data's preserve_order), so each
 shard's rows arrive together: when the first row of the next shard arrives, the previous shard is
-complete and is committed at once. A killed job loses only the shards it had not committed; the rerun
-skips every committed shard.
+complete and is committed at once. It keeps a shard's result rows as the Arrow batches they came in
+(pipeline/rows.py's output_table makes the part file of them), never as Python rows. A killed job loses
+only the shards it had not committed; the rerun skips every committed shard.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -17,11 +17,16 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from pipeline.config import JobConfig, dump, load_config
-from pipeline.stages import generate_stages, start_pools
+from pipeline.preprocess import prompt_columns
 from pipeline.read import Shard, list_shards, read_shards, resolve_format, unreadable
+from pipeline.rows import check_columns, output_table
+from pipeline.stages import generate_stages, start_pools
 from pipeline.write import OutputDir
 
 
@@ -66,12 +71,13 @@ class _Tally:
                                   "output_tokens": self.output_tokens, "drafted": self.drafted,
                                   "accepted": self.accepted})
 
-    def add_evaluation(self, record: dict) -> None:
-        if record.get("eval_tokens") is not None:
-            self.eval_rows += 1
-            self.eval_tokens += record["eval_tokens"]
-            self.eval_agreed += record["eval_agreed"]
-            self.eval_exact += bool(record["eval_exact"])
+    def add_evaluation(self, batch: pa.Table) -> None:
+        tokens = batch.column("eval_tokens")
+        if tokens.null_count < len(tokens):
+            self.eval_rows += len(tokens) - tokens.null_count
+            self.eval_tokens += _sum(tokens)
+            self.eval_agreed += _sum(batch.column("eval_agreed"))
+            self.eval_exact += _sum(batch.column("eval_exact").cast(pa.int64()))
 
     def compression(self, cfg: JobConfig) -> dict:
         """metrics.json's compression: the settings, and with compression.evaluate the measured agreement."""
@@ -88,18 +94,27 @@ class _Tally:
                 "reference": "the uncompressed target, greedy, plain decoding; token agreement is teacher-forced"}
         return out
 
-    def add(self, row: dict) -> None:
-        self.rows += 1
-        self.prompt_tokens += row["num_prompt_tokens"]
-        self.output_tokens += row["num_output_tokens"]
-        self.drafted += row["num_drafted_tokens"]
-        self.accepted += row["num_accepted_tokens"]
-        self.generate_s += row["generate_s"]
-        self.finish[row["finish_reason"]] = self.finish.get(row["finish_reason"], 0) + 1
-        if row["error"] is not None:
-            self.errors += 1
-            reason = row["error"].split(":", 1)[0]
-            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+    def add(self, batch: pa.Table) -> None:
+        """Count a batch of result rows (actors/generate_rows.py's RESULT)."""
+        self.rows += batch.num_rows
+        self.prompt_tokens += _sum(batch.column("num_prompt_tokens"))
+        self.output_tokens += _sum(batch.column("num_output_tokens"))
+        self.drafted += _sum(batch.column("num_drafted_tokens"))
+        self.accepted += _sum(batch.column("num_accepted_tokens"))
+        self.generate_s += _sum(batch.column("generate_s"))
+        for value in pc.value_counts(batch.column("finish_reason")).to_pylist():
+            self.finish[value["values"]] = self.finish.get(value["values"], 0) + value["counts"]
+        errors = batch.column("error")
+        if errors.null_count < len(errors):
+            for error in pc.drop_null(errors).to_pylist():
+                self.errors += 1
+                reason = error.split(":", 1)[0]
+                self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self.add_evaluation(batch)
+
+
+def _sum(column: pa.ChunkedArray) -> int | float:
+    return pc.sum(column).as_py() or 0
 
 
 def _versions() -> dict[str, str]:
@@ -109,17 +124,6 @@ def _versions() -> dict[str, str]:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             out[pkg] = "not installed"
-    return out
-
-
-def _output_row(row: dict, index: int, extra: list[str]) -> dict:
-    fields = json.loads(row["fields"]) if row["fields"] else {}
-    out = {k: row[k] for k in ("shard", "text", "finish_reason", "error")}
-    out["key"] = row["key"] if row["key"] is not None else f"{row['shard']}:{index}"
-    for k in ("num_prompt_tokens", "num_output_tokens", "num_drafted_tokens", "num_accepted_tokens", "generate_s"):
-        out[k] = row[k]
-    for name in extra:
-        out[name] = fields.get(name)
     return out
 
 
@@ -150,6 +154,7 @@ def run_job(config: str | Path | dict | JobConfig, overrides: list[str] | None =
     """Run a job from a config (YAML path, dict or JobConfig); returns its JobResult."""
     cfg = load_config(config, overrides)
     cfg.check_job()
+    check_columns(cfg)  # an output.columns entry that would shadow an output column: exit 2 before any work
     start = time.time()
     out = OutputDir(cfg.output.path)
     out.lock(cfg.output.lock_stale_s)  # raises OutputLocked while another live run writes here
@@ -178,7 +183,10 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float) -> JobResult:
         _ensure_ray(cfg)
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
-        ds, normalise = read_shards(cfg.input, pending)
+        # a block of carried values that share no Arrow type travels pickled (actors/generate_rows.py)
+        ctx.enable_fallback_to_arrow_object_ext_type = True
+        needed = prompt_columns(cfg.task.prompt) | set(check_columns(cfg))
+        ds, normalise = read_shards(cfg.input, pending, needed)
         pools = start_pools(cfg) if cfg.resources.mode == "disaggregated" else None
         try:
             written = _stream(generate_stages(ds, cfg, normalise, pools), out, cfg, pending, tally)
@@ -220,37 +228,48 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float) -> JobResult:
                      shards_unreadable=bad)
 
 
+def _shard_runs(batch: pa.Table):
+    """(shard, rows) for each run of one shard's rows in a batch, in order."""
+    shards = batch.column("shard")
+    n = batch.num_rows
+    if n == 0:
+        return
+    change = pc.not_equal(shards.slice(1), shards.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    starts = [0, *(np.flatnonzero(change) + 1).tolist(), n]
+    for a, b in zip(starts[:-1], starts[1:]):
+        yield shards[a].as_py(), batch.slice(a, b - a)
+
+
 def _stream(ds: ray.data.Dataset, out: OutputDir, cfg: JobConfig, pending: list[Shard], tally: _Tally) -> list[str]:
-    extra = list(cfg.output.columns)
+    carried = check_columns(cfg)
     written: list[str] = []
     current: str | None = None
-    rows: list[dict] = []
+    parts: list[pa.Table] = []
 
     def commit() -> None:
-        out.commit(current, rows, extra)
+        table = output_table(current, parts, carried)
+        out.commit(current, table)
         written.append(current)
         t = time.time() - tally.start
-        print(f"[{t:7.1f}s] committed {current}: {len(rows)} rows | {len(written)}/{len(pending)} shards, "
+        print(f"[{t:7.1f}s] committed {current}: {table.num_rows} rows | {len(written)}/{len(pending)} shards, "
               f"{tally.rows} rows, {tally.errors} errors, {tally.output_tokens / max(t, 1e-9):.1f} tokens/s",
               file=sys.stderr, flush=True)
 
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for record in batch.to_pylist():
-            if record["shard"] != current:
+        for shard, rows in _shard_runs(batch):
+            if shard != current:
                 if current is not None:
                     commit()
-                if record["shard"] in written:
-                    raise RuntimeError(f"shard {record['shard']} arrived out of order; refusing to write it twice")
-                current, rows = record["shard"], []
-            row = _output_row(record, len(rows), extra)
-            tally.add(row)
-            tally.add_evaluation(record)
-            rows.append(row)
+                if shard in written:
+                    raise RuntimeError(f"shard {shard} arrived out of order; refusing to write it twice")
+                current, parts = shard, []
+            tally.add(rows)
+            parts.append(rows)
         tally.sample()
     if current is not None:
         commit()
     for shard in pending:  # shards with no rows at all still get their (empty) part file
         if shard.name not in written:
-            current, rows = shard.name, []
+            current, parts = shard.name, []
             commit()
     return written

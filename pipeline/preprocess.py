@@ -1,22 +1,25 @@
 """Preprocessing one row: decode and validate the image, build the prompt, run the model's processor.
 
 A failure of any step becomes the row's `error` (one line); the row still flows to the output.
-Model inputs travel to the generate stage as `input_ids` plus `model_inputs`, an .npz of the
-processor's image tensors (pixel_values and whatever else the processor returns), so any processor
-works without Ray Data having to understand its tensor shapes.
+A source row in, a preprocessed row out (pipeline/rows.py): `input_ids` plus `model_inputs`, the processor's
+image tensors (pixel_values and whatever else the processor returns) as raw Arrow bytes with their name, dtype
+and shape, so any processor works without Ray Data having to understand its tensor shapes. The prompt's
+columns are used up here; only output.columns (`carried`) go on.
 """
 from __future__ import annotations
 
 import functools
 import io
-import json
+import string
 from typing import Any
 
 import fsspec
 import numpy as np
 from PIL import Image, ImageOps
 
-from engine.request import one_line, pack_arrays
+from actors.generate_rows import CARRIED, tensor_entries
+from engine.request import one_line
+from pipeline.rows import carried_values
 
 TEXT_KEYS = ("input_ids", "attention_mask")
 # A 1x4000 strip passes the pixel bound, yet the processor resizes its short side up to the model's size and the
@@ -104,6 +107,12 @@ def build_prompt(template: str, fields: dict) -> str:
         raise ValueError(e.args[0]) from None
 
 
+def prompt_columns(template: str) -> set[str]:
+    """The columns a prompt template names ({question}, {meta[lang]} and {meta.lang} name question and meta)."""
+    names = (name for _, name, _, _ in string.Formatter().parse(template) if name)
+    return {name.split(".", 1)[0].split("[", 1)[0] for name in names} - {""}
+
+
 def chat_text(processor, prompt: str) -> str:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     if getattr(processor, "chat_template", None):
@@ -112,22 +121,21 @@ def chat_text(processor, prompt: str) -> str:
 
 
 def preprocess_row(row: dict, model_path: str, prompt_template: str, max_pixels: int,
-                   trust_remote_code: bool = False) -> dict:
-    out = {"shard": row["shard"], "key": row["key"], "fields": row["fields"], "prompt": None,
-           "input_ids": [], "model_inputs": b"", "num_prompt_tokens": 0, "error": None}
+                   trust_remote_code: bool = False, carry: list[str] | None = None) -> dict:
+    """A source row's preprocessed row; `carry`: the fields it carries on (None: all of them)."""
+    fields = row.get("fields") or {}
+    out = {"shard": row["shard"], "key": row["key"], "input_ids": [], "num_prompt_tokens": 0,
+           "model_inputs": None, "error": None, CARRIED: carried_values(fields, carry)}
     try:
         if row.get("error"):  # pipeline.read found the input row itself broken
             raise ValueError(row["error"])
-        fields = json.loads(row["fields"]) if row.get("fields") else {}
         prompt = build_prompt(prompt_template, fields)
-        out["prompt"] = prompt
         image = decode_image(read_image_bytes(row), max_pixels)
         processor = load_processor(model_path, trust_remote_code)
         enc = processor(text=[chat_text(processor, prompt)], images=[image], return_tensors="np")
         ids = np.asarray(enc["input_ids"][0]).astype(np.int64).tolist()
-        out["input_ids"] = ids
-        out["num_prompt_tokens"] = len(ids)
-        out["model_inputs"] = pack_arrays({k: np.asarray(v) for k, v in enc.items() if k not in TEXT_KEYS})
+        inputs = tensor_entries({k: np.asarray(v) for k, v in enc.items() if k not in TEXT_KEYS})
+        out.update(input_ids=ids, num_prompt_tokens=len(ids), model_inputs=inputs)
     except Exception as e:  # noqa: BLE001 - any failure of one row becomes that row's error
         out["error"] = one_line(e)
     return out

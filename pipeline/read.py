@@ -1,9 +1,10 @@
 """Reading shards with Ray Data: WebDataset tars, parquet files, or a Hugging Face dataset.
 
-Every source is turned into the same row shape before preprocessing:
+Every source is turned into the same row shape before preprocessing, pipeline/rows.py's SOURCE:
     shard (str), key (str or None: assigned at commit time as "<shard>:<row index>"),
-    image (bytes or None), image_path (str or None), fields (JSON of the row's other values),
-    error (str or None: why the input row itself is broken; preprocessing makes it the row's error).
+    image (bytes or None), image_path (str or None), fields (a dict of the row's other values: those the job
+    needs, or all of them), error (str or None: why the input row itself is broken; preprocessing makes it the
+    row's error).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import fsspec
 import numpy as np
@@ -81,7 +82,7 @@ def resolve_format(cfg: InputConfig) -> str:
 
 
 def _plain(value: Any) -> Any:
-    """A value that JSON, Arrow and the prompt can all carry: bytes that are not UTF-8, and text with unpaired
+    """A value that Arrow and the prompt can both carry: bytes that are not UTF-8, and text with unpaired
     surrogates (a .json escape like "\\ud800"), become None, which the prompt reports by column name."""
     if isinstance(value, bytes):
         try:
@@ -107,8 +108,10 @@ def _is_utf8(text: str) -> bool:
         return False
 
 
-def _fields_json(fields: dict) -> str:
-    return json.dumps({k: _plain(v) for k, v in fields.items()}, default=str)
+def _fields(raw: dict, columns: Collection[str] | None) -> dict:
+    """The row's values the job needs (all where columns is None), made plain; a column it lacks stays absent."""
+    names = raw if columns is None else (c for c in columns if c in raw)
+    return {k: _plain(raw[k]) for k in names}
 
 
 def _unsafe_key(key: str) -> str | None:
@@ -122,7 +125,8 @@ def _unsafe_key(key: str) -> str | None:
     return None
 
 
-def _webdataset_row(row: dict, cfg: InputConfig, shard_of: dict[str, str]) -> dict:
+def _webdataset_row(row: dict, cfg: InputConfig, shard_of: dict[str, str],
+                    columns: Collection[str] | None = None) -> dict:
     """A WebDataset sample (members grouped by Ray by key) in the common shape; a broken sample gets an error."""
     errors = []
     key = row["__key__"]
@@ -150,23 +154,24 @@ def _webdataset_row(row: dict, cfg: InputConfig, shard_of: dict[str, str]) -> di
     for k, v in members.items():
         if k != "json" and k not in IMAGE_SUFFIXES:
             fields.setdefault(k, v)
-    fields = {k: _plain(v) for k, v in fields.items()}
-    path = fields.get(cfg.image_path_column) if cfg.image_path_column else None
+    path = _plain(fields.get(cfg.image_path_column)) if cfg.image_path_column else None
+    key_value = _plain(fields.get(cfg.id_column)) if cfg.id_column else None
     if image is None and path is None:
         have = ", ".join(sorted(members)) or "none"
         errors.append(f"the row has no image (no {' or '.join(wanted)} member; members: {have})")
     return {
         "shard": shard_of[row["__url__"]],
-        "key": str(fields[cfg.id_column]) if cfg.id_column and fields.get(cfg.id_column) is not None else key,
+        "key": key if key_value is None else str(key_value),
         "image": image,
         "image_path": None if path is None else str(path),
-        "fields": _fields_json(fields),
+        "fields": _fields(fields, columns),
         "error": "; ".join(errors) or None,
     }
 
 
-def table_row(row: dict, cfg: InputConfig, shard: str) -> dict:
-    """A parquet, Hugging Face or user Dataset row in the common shape; every other column goes to fields.
+def table_row(row: dict, cfg: InputConfig, shard: str, columns: Collection[str] | None = None) -> dict:
+    """A parquet, Hugging Face or user Dataset row in the common shape; its other columns go to fields (those
+    named in `columns`, or all of them).
     An image column of the wrong type (an int, a string) is the row's error, never a crash or bytes(n)."""
     image_column = cfg.image_column or "image"
     image = row.get(image_column)
@@ -184,43 +189,45 @@ def table_row(row: dict, cfg: InputConfig, shard: str) -> dict:
             image, error = None, f"image: the {image.dtype} array of shape {image.shape} is not an image ({e})"
     if image is not None and not isinstance(image, (bytes, bytearray, memoryview)):
         image, error = None, f"image: column {image_column!r} holds {type(image).__name__}, not image bytes"
-    fields = {k: v for k, v in row.items() if k != image_column}
+    fields = _fields({k: v for k, v in row.items() if k != image_column}, columns)
     key = row.get(cfg.id_column) if cfg.id_column else None
     return {
         "shard": shard,
         "key": None if key is None else str(_plain(key)),
         "image": bytes(image) if image is not None else None,
         "image_path": None if path is None else str(path),
-        "fields": _fields_json(fields),
+        "fields": fields,
         "error": error,
     }
 
 
-def _parquet_row(row: dict, cfg: InputConfig, shard_of: dict[str, str]) -> dict:
-    return table_row(row, cfg, shard_of[_norm(row.pop("path"))])  # `path`: added by include_paths
+def _parquet_row(row: dict, cfg: InputConfig, shard_of: dict[str, str], columns: Collection[str] | None) -> dict:
+    return table_row(row, cfg, shard_of[_norm(row.pop("path"))], columns)  # `path`: added by include_paths
 
 
-def _hf_row(row: dict, cfg: InputConfig) -> dict:
-    return table_row(row, cfg, row.pop("__shard__"))
+def _hf_row(row: dict, cfg: InputConfig, columns: Collection[str] | None) -> dict:
+    return table_row(row, cfg, row.pop("__shard__"), columns)
 
 
 def _norm(path: str) -> str:
     return path.split("://", 1)[-1].lstrip("/")
 
 
-def read_shards(cfg: InputConfig, shards: list[Shard]) -> tuple[ray.data.Dataset, Callable[[dict], dict]]:
+def read_shards(cfg: InputConfig, shards: list[Shard], columns: Collection[str] | None = None
+                ) -> tuple[ray.data.Dataset, Callable[[dict], dict]]:
     """One Dataset over the given shards, in shard order, and the function that normalises its rows
-    to the common row shape (applied by the preprocess stage, so both run as one fused task)."""
+    to the common row shape (applied by the preprocess stage, so both run as one fused task). `columns`: the
+    input columns the job needs in `fields` (None: all)."""
     fmt = resolve_format(cfg)
     paths = [s.path for s in shards]
     if fmt == "webdataset":
         ds = ray.data.read_webdataset(paths, decoder=None, include_paths=False, filerename=_utf8_name)
         lookup = _ShardLookup({_norm(p): s.name for p, s in zip(paths, shards)})
-        return ds, functools.partial(_webdataset_row, cfg=cfg, shard_of=lookup)
+        return ds, functools.partial(_webdataset_row, cfg=cfg, shard_of=lookup, columns=columns)
     if fmt == "parquet":
         ds = ray.data.read_parquet(paths, include_paths=True)
         shard_of = {_norm(p): s.name for p, s in zip(paths, shards)}
-        return ds, functools.partial(_parquet_row, cfg=cfg, shard_of=shard_of)
+        return ds, functools.partial(_parquet_row, cfg=cfg, shard_of=shard_of, columns=columns)
     if fmt == "hf":
         import datasets
 
@@ -235,7 +242,7 @@ def read_shards(cfg: InputConfig, shards: list[Shard]) -> tuple[ray.data.Dataset
             tag = functools.partial(lambda batch, name: pa.array([name] * len(batch)), name=shard.name)
             parts.append(ray.data.from_huggingface(hf).add_column("__shard__", tag, batch_format="pyarrow"))
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        return ds, functools.partial(_hf_row, cfg=cfg)
+        return ds, functools.partial(_hf_row, cfg=cfg, columns=columns)
     raise ConfigError(f"input.format: unknown format {fmt}")
 
 

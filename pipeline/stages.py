@@ -1,29 +1,33 @@
 """The preprocess and generate stages, as Ray Data operators; and `generate(ds, config)`, the Dataset API.
 
-    rows (shard, key, image | image_path, fields)
+    source rows (shard, key, image | image_path, fields)  [pipeline.read]
       -> preprocess (CPU tasks: decode, validate, prompt, processor)  [pipeline.preprocess]
-      -> generate   colocated: an actor pool, one engine (and drafter) per actor   [actors.generator]
-                    disaggregated: routers handing batches to the target pool,
-                    whose groups draft on the drafter pool (both sized by the controller)  [actors.pools]
-      -> rows (shard, key, fields, text, finish_reason, token counts, error)
+      -> generate   colocated: an actor pool, one engine (and drafter) per actor   [actors.generate_actor]
+                    disaggregated: routers handing batches to the target pool,  [actors.router]
+                    whose groups draft on the drafter pool (both sized by the controller)  [actors.pool_manager]
+      -> result rows (shard, key, text, finish_reason, token counts, error, carried)
+    Each step's rows and their Arrow types: pipeline/rows.py.
 """
 from __future__ import annotations
 
 import functools
-import json
 import uuid
 from dataclasses import replace
 from typing import Callable
 
+import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from actors.controller import Budget
 from actors.generate_actor import GenerateActor
 from actors.pool_manager import PoolManager, PoolSpec
+from actors.router import Router
 from pipeline.config import JobConfig, load_config
 from pipeline.preprocess import preprocess_row
 from pipeline.read import table_row
+from pipeline.rows import RESULT, carried_columns, check_columns
 
 
 def _normalise_and_preprocess(row: dict, normalise: Callable[[dict], dict], **kwargs) -> dict:
@@ -41,14 +45,13 @@ def start_pools(cfg: JobConfig):
     a, r = cfg.autoscaler, cfg.resources
     engine = cfg.engine()
     spec = PoolSpec(
-        target_kwargs={"engine": engine, "params": cfg.sampling(), "evaluate": _evaluate(cfg)},
+        engine=engine, params=cfg.sampling(), evaluate=_evaluate(cfg),
+        drafter_engine=replace(engine, gpus=a.drafter_gpus, threads=max(1, round(a.drafter_cpus))),
         target_options={"num_cpus": r.cpus_per_actor, "num_gpus": r.gpus_per_actor,
                         "resources": dict(a.target_resources)},
-        drafter_kwargs={"config": replace(engine, gpus=a.drafter_gpus, threads=max(1, round(a.drafter_cpus)))},
         drafter_options={"num_cpus": a.drafter_cpus, "num_gpus": a.drafter_gpus,
                          "resources": dict(a.drafter_resources)},
-        budget={"devices": a.devices, "drafter_cost": a.drafter_cost, "max_drafters": a.max_drafters,
-                "max_k": a.max_k},
+        budget=Budget(devices=a.devices, drafter_cost=a.drafter_cost, max_drafters=a.max_drafters, max_k=a.max_k),
         policy=a.policy, fixed={"targets": a.targets, "drafters": a.drafters, "k": a.k}, groups=a.groups,
         group_rows=-(-cfg.decoding.max_batch_size // a.groups), interval_s=a.interval_s,
         drain_timeout_s=a.drain_timeout_s)
@@ -59,36 +62,17 @@ def start_pools(cfg: JobConfig):
                                            ).remote(spec, name, ctx.namespace)
 
 
-class Router:
-    """The generate stage of a disaggregated job: each batch goes to a target actor the pool manager picks.
-    A target lost mid-batch (killed, node removed) is reported and the batch is redone on another one, so every
-    row comes out exactly once."""
-
-    def __init__(self, manager, attempts: int = 8):
-        self.manager, self.attempts = manager, attempts
-
-    def __call__(self, batch):
-        for _ in range(self.attempts):
-            target_id, target = ray.get(self.manager.acquire.remote())
-            try:
-                out = ray.get(target.generate_batch.remote(batch))
-            except ray.exceptions.RayActorError as e:
-                ray.get(self.manager.release.remote(target_id, failed=str(e).splitlines()[0][:200] or "lost"))
-                continue
-            self.manager.release.remote(target_id)
-            return out
-        raise RuntimeError(f"no target actor completed the batch in {self.attempts} attempts")
-
-
 def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[dict], dict],
-                    pools=None) -> ray.data.Dataset:
-    """Source rows in (`normalise` maps them to pipeline.read's row shape), output rows out. A disaggregated
+                    pools=None, all_columns: bool = False) -> ray.data.Dataset:
+    """Source rows in (`normalise` maps them to pipeline.read's row shape), result rows out, carrying the
+    job's output.columns (all_columns: every input column, as pipeline.generate does). A disaggregated
     config needs `pools` (start_pools)."""
     model = cfg.engine().target
     r = cfg.resources
     ds = ds.map(_normalise_and_preprocess, num_cpus=r.preprocess_cpus, fn_kwargs={
         "normalise": normalise, "model_path": model, "prompt_template": cfg.task.prompt,
-        "max_pixels": cfg.preprocess.max_image_pixels, "trust_remote_code": cfg.model.trust_remote_code})
+        "max_pixels": cfg.preprocess.max_image_pixels, "trust_remote_code": cfg.model.trust_remote_code,
+        "carry": None if all_columns else check_columns(cfg)})
     if r.mode == "disaggregated":
         routers = max(2, 2 * int(cfg.autoscaler.devices))  # two batches per target: the next one is waiting
         return ds.map_batches(Router, fn_constructor_kwargs={"manager": pools},
@@ -105,13 +89,14 @@ def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[d
     )
 
 
-def _to_user(row: dict) -> dict:
-    out = json.loads(row.pop("fields"))
-    row.pop("shard"), row.pop("generate_s")
-    if row["key"] is None:
-        row.pop("key")
-    out.update(row)
-    return out
+def _to_user(batch: pa.Table, keyed: bool) -> pa.Table:
+    """Result rows as pipeline.generate's rows: the input columns (less the image), then the result's own (no
+    shard or generate_s; a key where input.id_column names one). An input column named like one of those is
+    left behind, never shadowing it."""
+    own = [name for name in RESULT.names if name not in ("shard", "generate_s") and (keyed or name != "key")]
+    columns = {k: v for k, v in carried_columns([batch]).items() if k not in own}
+    columns.update((name, batch.column(name)) for name in own)
+    return pa.table(list(columns.values()), names=list(columns))
 
 
 def generate(ds: ray.data.Dataset, config) -> ray.data.Dataset:
@@ -122,4 +107,6 @@ def generate(ds: ray.data.Dataset, config) -> ray.data.Dataset:
     """
     cfg = load_config(config)
     pools = start_pools(cfg) if cfg.resources.mode == "disaggregated" else None  # lives as long as the driver
-    return generate_stages(ds, cfg, functools.partial(table_row, cfg=cfg.input, shard=""), pools).map(_to_user)
+    normalise = functools.partial(table_row, cfg=cfg.input, shard="")
+    return generate_stages(ds, cfg, normalise, pools, all_columns=True).map_batches(
+        _to_user, batch_format="pyarrow", fn_kwargs={"keyed": cfg.input.id_column is not None})

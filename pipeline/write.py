@@ -17,23 +17,13 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-OUTPUT_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("shard", pa.string()),
-    ("text", pa.string()),
-    ("finish_reason", pa.string()),
-    ("num_prompt_tokens", pa.int32()),
-    ("num_output_tokens", pa.int32()),
-    ("num_drafted_tokens", pa.int32()),
-    ("num_accepted_tokens", pa.int32()),
-    ("error", pa.string()),
-])
+from pipeline.rows import OUTPUT_SCHEMA  # noqa: F401 - the part files' columns (pipeline/rows.py)
+
 PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
 LOCK = "_LOCK"
 
@@ -50,16 +40,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _column(values: list) -> pa.Array:
-    """A carried-through input column; one whose rows hold different types (1 here, "high" there) is kept as
-    text (non-strings as JSON) rather than failing the shard."""
-    try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
-        return pa.array([v if v is None or isinstance(v, str) else json.dumps(v, default=str) for v in values],
-                        pa.string())
 
 
 class OutputDir:
@@ -151,11 +131,8 @@ class OutputDir:
         names = (p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
         return {n[len(PART_PREFIX):-len(PART_SUFFIX)] for n in names if n.startswith(PART_PREFIX) and n.endswith(PART_SUFFIX)}
 
-    def commit(self, shard: str, rows: list[dict[str, Any]], extra_columns: list[str]) -> None:
-        columns = {f.name: [r[f.name] for r in rows] for f in OUTPUT_SCHEMA}
-        table = pa.Table.from_pydict(columns, schema=OUTPUT_SCHEMA)
-        for name in extra_columns:
-            table = table.append_column(name, _column([r.get(name) for r in rows]))
+    def commit(self, shard: str, table: pa.Table) -> None:
+        """Write a shard's part file (pipeline/rows.py's output_table) and rename it into place."""
         tmp = self._path(f"_tmp/{self.part_name(shard)}.{uuid.uuid4().hex}")
         self.fs.makedirs(self._path("_tmp"), exist_ok=True)
         with self.fs.open(tmp, "wb") as f:

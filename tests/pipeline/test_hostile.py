@@ -16,11 +16,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from engine.request import unpack_arrays
+from actors.generate_rows import RESULT, read_tensors
 from pipeline.config import InputConfig
 from pipeline.preprocess import build_prompt, decode_image, preprocess_row
 from pipeline.read import _webdataset_row, list_shards, read_shards, table_row
-from pipeline.write import OUTPUT_SCHEMA, OutputDir
+from pipeline.rows import output_table
+from pipeline.write import OutputDir
 from tests.conftest import ROOT, run_cli
 from training import corpus
 
@@ -87,7 +88,7 @@ def bad_crc_png() -> bytes:
 
 def _row(image: bytes | None, fields: dict | None = None) -> dict:
     return {"shard": "s", "key": "k", "image": image, "image_path": None,
-            "fields": json.dumps({"question": "What is it?"} if fields is None else fields)}
+            "fields": {"question": "What is it?"} if fields is None else fields}
 
 
 # --- images ------------------------------------------------------------------------------------------------
@@ -133,7 +134,7 @@ def test_transparent_pixels_are_shown_over_white():
 def test_tiny_and_long_images_reach_the_model_at_its_size(tiny_model, size):
     out = preprocess_row(_row(solid(size)), str(tiny_model), "{question}", 10**7)
     assert out["error"] is None
-    pixels = unpack_arrays(out["model_inputs"])["pixel_values"]
+    pixels = read_tensors(pa.array([out["model_inputs"]]))[0]["pixel_values"]
     assert pixels.shape == (1, 3, 96, 96) and pixels[0, 0].min() > 1.5  # red everywhere, normalised
 
 
@@ -186,7 +187,7 @@ def test_missing_null_or_non_utf8_text_becomes_an_error_row(members, prompt, rea
     row = _webdataset_row(sample(png=PNG, **members), InputConfig(), SHARD_OF)
     out = preprocess_row(row, NO_MODEL, prompt, 10**7)
     assert reason in out["error"]
-    json.loads(out["fields"])  # the row itself is still well-formed
+    assert pa.Table.from_pylist([out]).num_rows == 1 and out["model_inputs"] is None  # still a well-formed row
 
 
 def test_a_sample_without_an_image_member_names_what_it_has():
@@ -196,7 +197,7 @@ def test_a_sample_without_an_image_member_names_what_it_has():
     row = _webdataset_row(sample(png=float("nan"), txt=float("nan"), json=b'{"question": "q"}'), InputConfig(),
                           SHARD_OF)
     assert row["error"] == "the row has no image (no jpg or jpeg or png or webp member; members: json)"
-    assert json.loads(row["fields"]) == {"question": "q"}
+    assert row["fields"] == {"question": "q"}
 
 
 @pytest.mark.parametrize("key, reason", [
@@ -255,9 +256,12 @@ def test_parquet_shards_whose_column_types_differ_are_read(tmp_path, ray_address
 
 
 def test_an_output_column_of_mixed_types_is_written(tmp_path):
-    rows = [{**{f.name: None for f in OUTPUT_SCHEMA}, "key": k, "score": v} for k, v in (("a", 1), ("b", "high"))]
-    OutputDir(str(tmp_path)).commit("shard", rows, ["score"])
-    assert pq.read_table(tmp_path / "part-shard.parquet").column("score").to_pylist() == ["1", "high"]
+    """Two batches of one shard whose carried `score` has different types (and a {} Parquet cannot hold)."""
+    parts = [pa.Table.from_pylist([{**{f.name: None for f in RESULT}, "key": k, "carried": {"score": v, "meta": {}}}])
+             for k, v in (("a", 1), ("b", "high"))]
+    OutputDir(str(tmp_path)).commit("shard", output_table("shard", parts, ["score", "meta"]))
+    table = pq.read_table(tmp_path / "part-shard.parquet")
+    assert table.column("score").to_pylist() == ["1", "high"] and table.column("meta").to_pylist() == ["{}", "{}"]
 
 
 def test_a_tar_member_name_that_is_not_utf8_is_read(tmp_path, ray_address):

@@ -193,3 +193,107 @@ def test_demo_job_speculates_and_matches_the_hf_backend(tmp_path, ray_address):
             metrics = json.loads((out / "metrics.json").read_text())
             assert metrics["acceptance_rate"] == pytest.approx(accepted / drafted)
     assert len(texts["specray"]) == 24 and texts["specray"] == texts["hf"]
+
+
+@pytest.mark.parametrize("columns, id_column, carried", [
+    (["answer", "task"], None, ["answer", "task"]),
+    (["key", "answer"], "key", ["answer"]),  # the id column is the key: used, not carried apart
+    (["text"], None, "'text'"),
+    (["answer", "num_output_tokens"], "key", "'num_output_tokens'"),
+    (["error"], "key", "'error'"),
+])
+def test_an_input_column_named_like_an_output_column_is_never_shadowed(columns, id_column, carried):
+    from pipeline.config import ConfigError, load_config
+    from pipeline.rows import check_columns
+
+    cfg = load_config({"model": {"target": "m"}, "input": {"id_column": id_column}, "output": {"columns": columns}})
+    if isinstance(carried, list):
+        assert check_columns(cfg) == carried
+    else:
+        with pytest.raises(ConfigError, match=f"^output.columns: {carried} is a column of the output itself"):
+            check_columns(cfg)
+
+
+def test_a_job_carrying_a_column_named_like_an_output_column_exits_2(tmp_path, tiny_model):
+    write_demo_data(str(tmp_path / "shards"), num_samples=2, fmt="parquet")
+    cfg = job_config(tmp_path, tiny_model, str(tmp_path / "shards/*.parquet"), "parquet",
+                     output={"path": str(tmp_path / "out"), "columns": ["answer", "text"]})
+    result = run_cli("run", str(cfg))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "output.columns: 'text'" in lines[0], result.stderr
+    assert not (tmp_path / "out" / "_LOCK").exists()
+
+
+def test_carried_columns_and_tensors_survive_ray_blocks(tmp_path, ray_address):
+    """The row contract through Ray Data as a job runs it: preprocessed rows that Ray builds into blocks (a carried
+    column holding 1 in one row and "high" in another, within a block and across blocks; nested values; a column
+    null in whole blocks; tensors of varying shapes; error rows without tensors), the generate actor reading
+    them from Arrow batches, and the driver's part files."""
+    import numpy as np
+    import ray
+
+    from actors.generate_actor import GenerateActor
+    from actors.generate_rows import tensor_entries
+    from engine.request import Result, SamplingParams
+    from pipeline.job import _shard_runs
+    from pipeline.rows import output_table
+    from pipeline.write import OutputDir
+
+    def pixels(i):
+        return np.arange(6 * (i + 1), dtype=np.float32).reshape(1, 3, i + 1, 2)
+
+    def preprocessed(row):  # rows 0-6 are shard a, 7-11 shard b; 4 and 9 failed preprocessing
+        i, bad = row["id"], row["id"] in (4, 9)
+        return {"shard": "a" if i < 7 else "b", "key": None if i == 5 else f"k{i}",
+                "input_ids": [] if bad else [1] * (i + 1), "num_prompt_tokens": 0 if bad else i + 1,
+                "model_inputs": None if bad else tensor_entries({"pixel_values": pixels(i),
+                                                                 "sizes": np.array([[i, 2]])}),
+                "error": "boom" if bad else None,
+                "carried": {"score": "high" if i == 8 else i, "meta": {"lang": "en", "n": [i]},
+                            "note": None if i < 7 else f"n{i}"}}
+
+    def echo(r):  # what the actor handed the engine
+        arrays = ",".join(f"{k}{list(v.shape)}={float(v.sum()):g}" for k, v in sorted(r.model_inputs.items()))
+        return f"{r.key}|{arrays}|{len(r.input_ids)}"
+
+    class Engine:
+        def generate(self, requests, params):
+            return [Result(echo(r), "stop", 1) for r in requests]
+
+    class Actor(GenerateActor):
+        def __init__(self):
+            self.engine, self.params, self.mixed_shapes = Engine(), SamplingParams(), False  # batches by shape
+            self.evaluate = self.reference = None
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_fallback_to_arrow_object_ext_type, ctx.execution_options.preserve_order
+    ctx.enable_fallback_to_arrow_object_ext_type = ctx.execution_options.preserve_order = True
+    try:
+        ds = ray.data.range(12, override_num_blocks=4).map(preprocessed).map_batches(
+            Actor, batch_size=5, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1))
+        parts: dict[str, list] = {}
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for shard, rows in _shard_runs(batch):
+                parts.setdefault(shard, []).append(rows)
+    finally:
+        ctx.enable_fallback_to_arrow_object_ext_type, ctx.execution_options.preserve_order = saved
+    out = OutputDir(str(tmp_path))
+    for shard, tables in parts.items():
+        out.commit(shard, output_table(shard, tables, ["score", "meta", "note"]))
+    a, b = (pq.read_table(tmp_path / f"part-{s}.parquet") for s in "ab")
+
+    assert a.column("key").to_pylist() == ["k0", "k1", "k2", "k3", "k4", "a:5", "k6"]
+    for table, rows in ((a, range(7)), (b, range(7, 12))):
+        for i, got in zip(rows, table.to_pylist()):
+            if i in (4, 9):
+                assert (got["error"], got["finish_reason"], got["text"]) == ("boom", "error", "")
+            else:
+                key = "None" if i == 5 else f"k{i}"
+                arrays = f"pixel_values{[1, 3, i + 1, 2]}={pixels(i).sum():g},sizes[1, 2]={i + 2}"
+                assert got["text"] == f"{key}|{arrays}|{i + 1}"
+                assert got["error"] is None and got["num_prompt_tokens"] == i + 1
+            assert got["meta"] == {"lang": "en", "n": [i]}
+    # a's rows came typed and, where a block also held b's "high", pickled: all ints, so an int column
+    assert a.schema.field("score").type == pa.int64() and a.column("score").to_pylist() == list(range(7))
+    assert b.column("score").to_pylist() == ["7", "high", "9", "10", "11"]  # no one type: text
+    assert a.column("note").null_count == 7 and b.column("note").to_pylist() == [f"n{i}" for i in range(7, 12)]

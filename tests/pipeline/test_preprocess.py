@@ -1,12 +1,13 @@
 import io
-import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
-from engine.request import unpack_arrays
-from pipeline.preprocess import build_prompt, decode_image, preprocess_row
+from actors.generate_rows import PREPROCESSED, read_tensors
+from pipeline.preprocess import (build_prompt, chat_text, decode_image, load_processor, preprocess_row,
+                                 prompt_columns)
 from tests.conftest import corrupt_bytes
 
 
@@ -49,17 +50,35 @@ def test_prompt_template_takes_row_values_and_names_missing_columns():
         build_prompt("Q: {question}", {})
 
 
+def test_prompt_columns_are_the_root_names_the_template_uses():
+    assert prompt_columns("Q: {question} ({meta[lang]}, {src.name}) {{literal}}") == {"question", "meta", "src"}
+    assert prompt_columns("Describe the image.") == set()
+
+
 def _row(image: bytes | None, fields: dict) -> dict:
-    return {"shard": "s", "key": "k", "image": image, "image_path": None, "fields": json.dumps(fields)}
+    return {"shard": "s", "key": "k", "image": image, "image_path": None, "fields": fields}
 
 
 def test_preprocess_row_builds_model_inputs(tiny_model):
     good = png(Image.new("RGB", (64, 48), (0, 0, 255)))
-    out = preprocess_row(_row(good, {"question": "What color?"}), str(tiny_model), "{question}", 10**7)
+    row = _row(good, {"question": "What color?", "answer": "blue", "text": "an input column named text"})
+    out = preprocess_row(row, str(tiny_model), "{question}", 10**7, carry=["answer"])
     assert out["error"] is None
     assert out["num_prompt_tokens"] == len(out["input_ids"]) > 64  # 64 image tokens plus the text
-    assert unpack_arrays(out["model_inputs"])["pixel_values"].shape == (1, 3, 96, 96)
-    assert "What color?" in out["prompt"]
+    assert "What color?" in load_processor(str(tiny_model)).tokenizer.decode(out["input_ids"])
+    assert out["carried"] == {"answer": "blue"}  # the prompt's column is used up; only output.columns go on
+    # the preprocessed row as Arrow: the contract's types, and the tensors read back as they were made
+    table = pa.Table.from_pylist([out])
+    assert table.select(PREPROCESSED.names).cast(PREPROCESSED).num_rows == 1
+    pixels = read_tensors(table.column("model_inputs"))[0]["pixel_values"]
+    processor = load_processor(str(tiny_model))
+    expected = processor(text=[chat_text(processor, "?")], images=[decode_image(good, 10**7)],
+                         return_tensors="np")["pixel_values"]
+    assert pixels.shape == (1, 3, 96, 96) and pixels.dtype == expected.dtype and np.array_equal(pixels, expected)
+    assert not pixels.flags.owndata  # a view of the Arrow buffer, not a copy
+    # every field (pipeline.generate), less those named like an output column
+    assert preprocess_row(row, str(tiny_model), "{question}", 10**7)["carried"] == {
+        "question": "What color?", "answer": "blue"}
 
 
 @pytest.mark.parametrize("image, fields, reason", [
@@ -72,11 +91,12 @@ def test_preprocess_failures_become_one_line_errors(tiny_model, image, fields, r
     out = preprocess_row(_row(image, fields), str(tiny_model), "{question}", 10**7)
     assert reason in out["error"] and "\n" not in out["error"]
     assert out["input_ids"] == [] and out["shard"] == "s" and out["key"] == "k"
+    assert out["model_inputs"] is None  # an error row carries no tensors
 
 
 def test_image_from_a_path_column(tiny_model, tmp_path):
     path = tmp_path / "a.png"
     Image.new("RGB", (30, 30), (1, 2, 3)).save(path)
-    row = {"shard": "s", "key": "k", "image": None, "image_path": str(path), "fields": "{}"}
+    row = {"shard": "s", "key": "k", "image": None, "image_path": str(path), "fields": {}}
     out = preprocess_row(row, str(tiny_model), "Describe.", 10**7)
     assert out["error"] is None and np.asarray(out["input_ids"]).size > 0

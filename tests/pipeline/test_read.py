@@ -28,3 +28,19 @@ def test_missing_input_and_unknown_format_are_config_errors(tmp_path):
         list_shards(InputConfig(paths=[str(tmp_path / "none-*.tar")]))
     with pytest.raises(ConfigError, match="^input.format"):
         list_shards(InputConfig(paths=[str(tmp_path / "x.zip")]))
+
+
+def test_a_source_row_holds_only_the_columns_the_job_needs():
+    from pipeline.read import _webdataset_row, table_row
+    from pipeline.rows import SOURCE
+
+    cfg = InputConfig(id_column="id")
+    row = table_row({"id": 7, "image": b"png", "question": b"q?", "answer": b"\xff", "big": "x" * 10, "text": "t"},
+                    cfg, "s", columns={"question", "answer", "missing"})
+    assert list(row) == SOURCE.names and row["key"] == "7"
+    assert row["fields"] == {"question": "q?", "answer": None}  # not UTF-8: null; a missing column stays absent
+    sample = {"__key__": "k", "__url__": "/d/s.tar", "png": b"png", "txt": b"a caption", "cls": b"3",
+              "json": b'{"question": "q?", "meta": {"lang": "en", "n": [1, 2]}}'}
+    row = _webdataset_row(sample, InputConfig(), {"/d/s.tar": "s"}, columns=["question", "meta", "txt"])
+    assert list(row) == SOURCE.names and row["error"] is None
+    assert row["fields"] == {"question": "q?", "meta": {"lang": "en", "n": [1, 2]}, "txt": "a caption"}
