@@ -89,7 +89,8 @@ def record_batch(rows: list[dict]) -> None:
 
 
 def record_pools(sample: dict) -> None:
-    """Set the pool gauges from one of PoolManager's actor-count samples (keys: targets, drafters, queue)."""
+    """Set the pool gauges from one of the control loop's actor-count samples (actors/control_loop.py; keys:
+    targets, drafters, queue)."""
     try:
         m = _metrics()
         if m is None:

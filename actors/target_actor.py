@@ -1,10 +1,11 @@
-"""A target actor of the disaggregated pools (actors/pool_manager.py): the generate stage's engine, with its drafts
-coming from drafter servers.
+"""A target actor of the disaggregated pools: the generate stage's engine, with its drafts coming from drafter
+servers. The target pool (actors/actor_pool.py) starts it; routers (actors/router.py) hand it batches.
 
-Per batch it takes the manager's orders (mode, k, the drafters of each of its groups); the engine then keeps
-`groups` groups of sequences in flight, each with a channel to a drafter server (actors/drafter_channel.py), so
-that drafting one group overlaps verifying another. Between rounds (never inside one) it brings its measurements
-to the manager about once a second and applies the orders that came back on the previous exchange (k,
+Per batch it takes the pool manager's orders (actors/pool_manager.py's assignment, made by actors/orders.py: mode,
+k, the drafters of each of its groups); the engine then keeps `groups` groups of sequences in flight, each with a
+channel to a drafter server (actors/drafter_channel.py), so that drafting one group overlaps verifying another.
+Between rounds (never inside one) it brings its measurements to the manager about once a second (they feed
+actors/control_loop.py and the controller) and applies the orders that came back on the previous exchange (k,
 drafters), so a drained or lost drafter is left within a round or two. With mode `colocated` it drafts with its
 own copy of the drafter (loaded on first use); with `plain`, it decodes without speculation.
 """

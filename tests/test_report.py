@@ -8,12 +8,13 @@ import time
 import urllib.request
 from types import SimpleNamespace
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import actors.metrics as metrics
-from conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli
 from pipeline.report import rates, steps
 from pipeline.write import OUTPUT_SCHEMA
 
@@ -59,8 +60,39 @@ def charts(page: str) -> dict[str, str]:
     return dict(re.findall(r'<svg id="(\w+)"(.*?)</svg>', page, re.S))
 
 
-def texts(svg: str, cls: str) -> list[str]:
-    return re.findall(rf'<text class="{cls}"[^>]*>([^<]*)', svg)
+# report.py gives the artists that carry data gids, which the SVG keeps as <g id="<chart>-<gid>">
+
+def texts(svg: str, gid: str) -> list[str]:
+    """The texts drawn by the artists whose gid starts with gid, in order."""
+    return re.findall(rf'<g id="\w+-{gid}[^"]*">(?:<title>[^<]*</title>)?\s*<text[^>]*>([^<]*)</text>', svg)
+
+
+def ticks(svg: str, axis: str) -> list[str]:
+    """The tick labels of all x or y axes of a chart."""
+    return re.findall(rf'<g id="\w+-{axis}tick_\d+">.*?<text[^>]*>([^<]*)</text>', svg, re.S)
+
+
+def points(svg: str, gid: str) -> list[tuple[float, float]]:
+    """The vertices of the path drawn for gid (the chart's SVG coordinates: y grows downwards)."""
+    d = re.search(rf'<g id="{gid}">(?:<title>[^<]*</title>)?\s*<path d="([^"]*)"', svg).group(1)
+    return [(float(x), float(y)) for x, y in re.findall(r"[ML] ([-\d.]+) ([-\d.]+)", d)]
+
+
+def size(svg: str, gid: str) -> tuple[float, float]:
+    """Width and height of what was drawn for gid (a bar)."""
+    xs, ys = zip(*points(svg, gid))
+    return max(xs) - min(xs), max(ys) - min(ys)
+
+
+def drawn_as(drawn: list[tuple[float, float]], data: list[tuple[float, float]]) -> bool:
+    """Whether the drawn points are the data points scaled and shifted, x to the right and y upwards."""
+    if len(drawn) != len(data):
+        return False
+    for coords, values, sign in zip(np.array(drawn).T, np.array(data, float).T, (1, -1)):
+        slope, offset = np.polyfit(values, coords, 1)
+        if sign * slope <= 0 or not np.allclose(slope * values + offset, coords, atol=0.01):
+            return False
+    return True
 
 
 def test_rates_and_steps():
@@ -83,8 +115,20 @@ def test_report_html(tmp_path):
     assert page.count("<svg") == 4
     svgs = charts(page)
     assert list(svgs) == ["throughput", "acceptance", "pools", "errors"]
-    for title in ("Throughput over time", "Acceptance per row", "Drafters per target over time", "Error rows by reason"):
-        assert f">{title}</text>" in page
+    ids = re.findall(r'\bid="([^"]*)"', page)
+    assert len(ids) == len(set(ids))  # four figures in one page
+    for svg in svgs.values():  # clip paths and markers: each chart's own
+        refs = re.findall(r'(?:href="#|url\(#)([^")]*)', svg)
+        assert refs and set(refs) <= set(re.findall(r'\bid="([^"]*)"', svg))
+    for chart, title, x_label, y_labels in [
+            ("throughput", "Throughput over time", "time since the job started (s)", ["output tokens/s", "rows/s"]),
+            ("acceptance", "Acceptance per row", "accepted / drafted tokens of a row", ["rows"]),
+            ("pools", "Drafters per target over time", "time since the pools started (s)",
+             ["drafters per target", "ready actors"]),
+            ("errors", "Error rows by reason", "error rows", [])]:
+        assert f">{title}</text>" in svgs[chart]  # texts are SVG text, not glyph paths
+        assert (texts(svgs[chart], "title"), texts(svgs[chart], "xlabel")) == ([title], [x_label])
+        assert texts(svgs[chart], "ylabel-") == y_labels
 
     # header: the key figures and settings
     for figure in (">40<", ">3 (7.5%)<", ">900<", ">72.0<", ">12.5 s<", ">62.5%<", ">2 / 1<", ">abc123def4567890<",
@@ -92,30 +136,71 @@ def test_report_html(tmp_path):
         assert figure in page, figure
 
     # throughput: tokens/s in one panel, rows/s and error rows/s in the other; 6 points each (3 intervals)
-    lines = re.findall(r'<polyline class="series" points="([^"]*)"[^>]*><title>([^<]*)', svgs["throughput"])
-    assert [name for _, name in lines] == ["tokens/s", "rows/s", "error rows/s"]
-    assert all(len(points.split()) == 6 for points, _ in lines)
-    assert "300" in texts(svgs["throughput"], "tick") and "output tokens/s" in texts(svgs["throughput"], "axis")
-    assert "time since the job started (s)" in texts(svgs["throughput"], "axis")
+    thr = svgs["throughput"]
+    assert re.findall(r'<g id="throughput-series-[\w-]+"><title>([^<]*)', thr) == ["tokens/s", "rows/s", "error rows/s"]
+    assert texts(thr, "legend-") == ["tokens/s", "rows/s", "error rows/s"]
+    for gid, data in [("tokens-s", [(0, 100), (2, 100), (2, 200), (4, 200), (4, 300), (5, 300)]),
+                      ("rows-s", [(0, 5), (2, 5), (2, 10), (4, 10), (4, 10), (5, 10)]),
+                      ("error-rows-s", [(0, 0), (2, 0), (2, 1), (4, 1), (4, 1), (5, 1)])]:
+        assert drawn_as(points(thr, f"throughput-series-{gid}"), data), gid
+    assert "300" in ticks(thr, "y") and "0" in ticks(thr, "y") and "5" in ticks(thr, "x")
+    # the panels share the time axis: the lines of both end at the same x
+    assert points(thr, "throughput-series-tokens-s")[-1][0] == points(thr, "throughput-series-rows-s")[-1][0]
 
-    # acceptance: a bar per bin; the counts of the 6 rows with drafts; the job's rate marked
+    # acceptance: a bar per bin, from left to right; the counts of the 6 rows with drafts; the job's rate marked
     acc = svgs["acceptance"]
-    assert acc.count('<rect class="bar"') == 10
-    assert texts(acc, "value") == ["1", "2", "3"]  # bins 0-10%, 50-60%, 90-100%
+    bars = [f"acceptance-bar-{i}" for i in range(10)]
+    assert len(re.findall(r'<g id="acceptance-bar-\d+">', acc)) == 10
+    lefts = [min(x for x, _ in points(acc, bar)) for bar in bars]
+    assert lefts == sorted(lefts) and len(set(lefts)) == 10
+    heights = np.array([size(acc, bar)[1] for bar in bars])
+    assert np.allclose(heights / heights[9] * 3, [1, 0, 0, 0, 0, 2, 0, 0, 0, 3])
+    assert texts(acc, "count-") == ["1", "2", "3"]  # bins 0-10%, 50-60%, 90-100%
+    assert re.findall(r'<g id="acceptance-count-(\d+)">', acc) == ["0", "5", "9"]
     assert re.findall(r"<title>(\d+)% to \d+%: (\d+) rows</title>", acc)[5] == ("50", "2")
+    assert ticks(acc, "x") == [f"{p}%" for p in range(0, 101, 10)]
     assert texts(acc, "marker-label") == ["this run overall: 62.5%"]
+    marker_x = {x for x, _ in points(acc, "acceptance-marker")}
+    left, width = min(x for x, _ in points(acc, bars[6])), size(acc, bars[6])[0]
+    assert len(marker_x) == 1 and marker_x.pop() == pytest.approx(left + 0.25 * width, abs=0.01)  # at 62.5%
     assert "6 output rows with drafted tokens" in page
 
-    # drafters per target: the ratio, and the actor counts
+    # drafters per target: the ratio, and the actor counts (drafters dashed)
     pools = svgs["pools"]
-    assert re.findall(r"<polyline[^>]*><title>([^<]*)", pools) == ["drafters/target", "targets", "drafters"]
-    assert "1.5" in texts(pools, "tick") and "final plan 2 targets, 3 drafters, k=4" in page
+    assert re.findall(r'<g id="pools-series-[\w-]+"><title>([^<]*)', pools) == ["drafters/target", "targets",
+                                                                                 "drafters"]
+    assert texts(pools, "legend-") == ["drafters/target", "targets", "drafters"]
+    assert drawn_as(points(pools, "pools-series-drafters-target"), [(5, 1), (10, 1), (10, 1.5), (15, 1.5), (15, 1.5)])
+    assert drawn_as(points(pools, "pools-series-targets"), [(5, 1), (10, 1), (10, 2), (15, 2), (15, 2)])
+    assert drawn_as(points(pools, "pools-series-drafters"), [(5, 1), (10, 1), (10, 3), (15, 3), (15, 3)])
+    assert re.search(r'<g id="pools-series-drafters"><title>[^<]*</title>\s*<path [^>]*stroke-dasharray', pools)
+    assert "1.5" in ticks(pools, "y") and "final plan 2 targets, 3 drafters, k=4" in page
 
-    # errors: one bar per reason, most frequent first, with its count
+    # errors: one bar per reason, most frequent first (on top), with its count
     err = svgs["errors"]
-    assert err.count('<rect class="bar error"') == 2
-    assert texts(err, "label") == ["bad image", "OutOfMemoryError"]
-    assert texts(err, "value") == ["2", "1"]
+    assert len(re.findall(r'<g id="errors-bar-\d+">', err)) == 2
+    assert texts(err, "label-") == ["bad image", "OutOfMemoryError"]
+    assert texts(err, "count-") == ["2", "1"]
+    (w0, _), (w1, _) = size(err, "errors-bar-0"), size(err, "errors-bar-1")
+    assert w0 == pytest.approx(2 * w1, abs=0.01)
+    assert points(err, "errors-bar-0")[0][1] < points(err, "errors-bar-1")[0][1]
+    assert "<title>bad image: 2 rows</title>" in err
+
+
+def test_report_is_deterministic_and_matplotlib_is_imported_lazily(tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.report import write_report
+
+    out = output_dir(tmp_path / "out", job_metrics())
+    write_report(str(out))
+    first = (out / "report.html").read_text()
+    write_report(str(out))
+    assert (out / "report.html").read_text() == first
+    code = "import sys, pipeline, pipeline.report; print('matplotlib' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-3000:]
 
 
 def test_report_of_a_colocated_job_without_errors(tmp_path):
@@ -156,7 +241,7 @@ def test_report_of_an_s3_output_dir(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         page = fs.cat("specray-report/out/report.html").decode()
         assert list(charts(page)) == ["throughput", "acceptance", "pools", "errors"]
-        assert texts(charts(page)["acceptance"], "value") == ["1", "2", "3"]  # the part files were read from S3
+        assert texts(charts(page)["acceptance"], "count-") == ["1", "2", "3"]  # the part files were read from S3
     finally:
         server.stop()
 
@@ -219,21 +304,30 @@ def test_metrics_do_nothing_outside_ray(monkeypatch):
 
 
 def test_pool_manager_control_loop_sets_the_gauges(monkeypatch):
+    import itertools
+
+    from actors.actor_pool import ActorPool, Member, Pools
+    from actors.control_loop import ControlLoop
     from actors.controller import Plan
-    from actors.pools import PoolManager, _Member
+    from actors.event_log import EventLog
+    from actors.routing import Routing
 
     m = fake_metrics(monkeypatch)
-    pm = PoolManager.__new__(PoolManager)  # no actors: just one round of the control loop
-    pm.spec, pm.lock, pm.t0 = SimpleNamespace(interval_s=0.0, policy="fixed"), threading.RLock(), time.time()
-    pm.plan, pm.waiting, pm.counts, pm.events = Plan("disaggregated", 1, 3, 4), 2, [], []
-    pm.targets = {"target-0": _Member("target-0", None, None, 0.0, ready=True)}
-    pm.drafters = {f"drafter-{i}": _Member(f"drafter-{i}", None, None, 0.0, ready=True) for i in range(3)}
-    for step in ("_refresh_ready", "_drain", "_health", "_measure_rate", "_apply"):
-        setattr(pm, step, lambda: None)
+    log, ids, lock = EventLog(), itertools.count(), threading.RLock()  # no actors: one round of the control loop
+    targets, drafters = ActorPool("target", {}, ids, log), ActorPool("drafter", {}, ids, log)
+    targets.members = {"target-0": Member("target-0", None, None, 0.0, ready=True)}
+    drafters.members = {f"drafter-{i}": Member(f"drafter-{i}", None, None, 0.0, ready=True) for i in range(3)}
+    pools = Pools(targets, drafters, Plan("disaggregated", 1, 3, 4), log)
+    routing = Routing(pools, lock)
+    routing.waiting = 2
+    loop = ControlLoop(pools, routing, controller=None, policy="fixed", interval_s=0.0, lock=lock, log=log)
+    for part, step in ((pools, "refresh_ready"), (pools, "drain"), (loop, "health"), (loop, "measure_rate"),
+                       (pools, "apply")):
+        setattr(part, step, lambda: None)
     rounds = iter([False, True])
-    pm.stop = SimpleNamespace(wait=lambda _: next(rounds))
-    pm._loop()
-    assert pm.events == [] and pm.counts[0]["drafters_per_target"] == 3.0
+    loop.stop = SimpleNamespace(wait=lambda _: next(rounds))
+    loop.run()
+    assert log.events == [] and loop.counts[0]["drafters_per_target"] == 3.0
     assert (m["targets"].calls, m["drafters"].calls, m["queue"].calls) == ([("set", 1, None)], [("set", 3, None)],
                                                                           [("set", 2, None)])
 

@@ -11,8 +11,8 @@ import ray
 import torch
 from transformers import AutoProcessor
 
-from engine.draft_length import DraftLength
 from engine.config import EngineConfig
+from engine.draft_length import DraftLength
 from engine.engine import SpecEngine
 from actors.drafter_channel import DrafterChannel
 from actors.drafter_server import DrafterServer
@@ -41,7 +41,7 @@ def colocated(prompts):
 
 def _servers(n: int):
     server = ray.remote(DrafterServer).options(num_cpus=0.5, max_restarts=0)
-    handles = [server.remote(DRAFTER, TARGET, threads=1) for _ in range(n)]
+    handles = [server.remote(EngineConfig(TARGET, DRAFTER, threads=1)) for _ in range(n)]
     ray.get([h.ping.remote() for h in handles])
     return [(f"drafter-{i}", h) for i, h in enumerate(handles)]
 
