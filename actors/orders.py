@@ -19,9 +19,9 @@ def orders(plan: Plan, target_id: str, targets: list[str], drafters: list[Member
     speculate = plan.k > 0 and (plan.mode == "colocated" or bool(ready))
     groups = groups if plan.mode == "disaggregated" and speculate else 1
     order = sorted(targets).index(target_id) if target_id in targets else 0
-    lanes = []
+    per_group = []
     for g in range(groups):
         first = (order * groups + g) % len(ready) if ready else 0
-        lanes.append([(m.id, m.handle) for m in ready[first:] + ready[:first]])
+        per_group.append([(m.id, m.handle) for m in ready[first:] + ready[:first]])
     return {"mode": plan.mode if speculate else "plain", "k": plan.k if speculate else 0, "groups": groups,
-            "drafters": lanes, "max_k": max_k}
+            "drafters": per_group, "max_k": max_k}

@@ -24,7 +24,7 @@ actors' health, replaces lost ones, re-plans and scales:
   or go on without drafts at their next round) and is killed when it holds no channel, or after
   `drain_timeout_s`;
 - lost (killed, or its node removed): dropped at once; its batches are retried by their routers on another
-  target, its channels fail over (actors/drafter_server.py), and the plan's count is restored when there
+  target, its channels fail over (actors/drafter_channel.py), and the plan's count is restored when there
   is capacity.
 
 Placement: targets and drafters may ask for custom node resources (`autoscaler.target_resources`,

@@ -3,10 +3,8 @@ the job exits 0, no good row is lost, and nothing is written outside the output 
 import io
 import json
 import os
-import struct
 import tarfile
 import uuid
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,148 +12,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from PIL import Image
 
-from actors.generate_rows import RESULT, read_tensors
+from actors.generate_rows import RESULT
 from pipeline.config import InputConfig
-from pipeline.preprocess import build_prompt, decode_image, preprocess_row
+from pipeline.preprocess import build_prompt, preprocess_row
 from pipeline.read import _webdataset_row, list_shards, read_shards, table_row
 from pipeline.rows import output_table
 from pipeline.write import OutputDir
 from tests.conftest import ROOT, run_cli
 from training import corpus
-
-SEED = corpus.SPLIT_SEEDS["test"]
-NO_MODEL = "unused"  # rows that fail before the processor never load a model
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **save) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **save)
-    return buf.getvalue()
-
-
-def scene(i: int = 0) -> Image.Image:
-    return corpus.sample(SEED, i).image
-
-
-PNG = encode(scene())
-JPEG = encode(scene(), "JPEG")
-
-
-def png_16_bit_gray() -> bytes:
-    return encode(Image.fromarray(np.asarray(scene().convert("L")).astype(np.uint16) * 257))  # mode I;16
-
-
-def png_16_bit_rgb(rgb=(65535, 32768, 0), size=4) -> bytes:
-    """PIL cannot write one: a 48-bit PNG by hand."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    raw = b"".join(b"\x00" + struct.pack(">HHH", *rgb) * size for _ in range(size))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 16, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
-
-
-def palette_with_transparency() -> bytes:
-    image = scene().convert("P")
-    return encode(image, transparency=image.getpixel((0, 0)))  # the background colour is transparent
-
-
-def animated(fmt: str) -> bytes:
-    """Two frames, red then blue."""
-    frames = [Image.new("RGB", (16, 16), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))]
-    return encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
-
-
-def exif_rotated() -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-    return encode(scene().resize((96, 48)), "JPEG", exif=exif)
-
-
-def solid(size: tuple[int, int]) -> bytes:
-    return encode(Image.new("RGB", size, (255, 0, 0)))
-
-
-def bomb() -> bytes:
-    return encode(Image.new("L", (7000, 7000)))  # ~50 KB of PNG, 49M pixels: over the default 40M bound
-
-
-def bad_crc_png() -> bytes:
-    i = PNG.index(b"IDAT") + 10
-    return PNG[:i] + bytes([PNG[i] ^ 0xFF]) + PNG[i + 1:]
-
-
-def _row(image: bytes | None, fields: dict | None = None) -> dict:
-    return {"shard": "s", "key": "k", "image": image, "image_path": None,
-            "fields": {"question": "What is it?"} if fields is None else fields}
-
-
-# --- images ------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("data, pixel", [
-    (png_16_bit_gray(), None),  # I;16: the same tones as the 8-bit original
-    (encode(Image.fromarray(np.full((8, 8), 40000, dtype=np.int32)), "TIFF"), (156, 156, 156)),  # mode I
-    (png_16_bit_rgb(), (255, 128, 0)),
-], ids=["png-I;16", "tiff-I", "png-48-bit"])
-def test_16_bit_images_keep_their_tones(data, pixel):
-    image = decode_image(data, 10**6)
-    if pixel is None:
-        expected = np.asarray(scene().convert("L"))
-        assert np.abs(np.asarray(image.convert("L")).astype(int) - expected).max() <= 1
-    else:
-        assert image.getpixel((0, 0)) == pixel  # not clipped to white
-
-
-@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
-def test_animated_images_decode_their_first_frame(fmt):
-    data = animated(fmt)
-    assert Image.open(io.BytesIO(data)).n_frames == 2
-    r, g, b = decode_image(data, 10**6).getpixel((8, 8))
-    assert r > 200 and g < 50 and b < 50
-
-
-def test_transparent_pixels_are_shown_over_white():
-    palette = Image.new("P", (4, 4), 0)
-    palette.putpalette([255, 0, 255, 0, 0, 255])  # entry 0 (magenta) is the transparent one
-    palette.putpixel((1, 1), 1)
-    rgba = Image.new("RGBA", (4, 4), (255, 0, 255, 0))
-    rgba.putpixel((1, 1), (0, 0, 255, 255))
-    la = Image.new("LA", (4, 4), (90, 0))
-    la.putpixel((1, 1), (30, 255))
-    for data, opaque in [(encode(palette, transparency=0), (0, 0, 255)), (encode(rgba), (0, 0, 255)),
-                         (encode(la), (30, 30, 30))]:
-        image = decode_image(data, 10**6)
-        assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)
-        assert image.getpixel((1, 1)) == opaque
-
-
-@pytest.mark.parametrize("size", [(1, 1), (3, 3), (1, 200), (200, 1)])
-def test_tiny_and_long_images_reach_the_model_at_its_size(tiny_model, size):
-    out = preprocess_row(_row(solid(size)), str(tiny_model), "{question}", 10**7)
-    assert out["error"] is None
-    pixels = read_tensors(pa.array([out["model_inputs"]]))[0]["pixel_values"]
-    assert pixels.shape == (1, 3, 96, 96) and pixels[0, 0].min() > 1.5  # red everywhere, normalised
-
-
-@pytest.mark.parametrize("size", [(1, 4000), (4000, 1)])
-def test_extreme_aspect_ratios_are_refused_before_the_processor(size):
-    """Within the pixel bound, yet the processor would scale the short side up to its size and the long side
-    with it: 1x40000 takes 4 GB at the tiny model's 96 pixels."""
-    out = preprocess_row(_row(solid(size)), NO_MODEL, "{question}", 10**7)
-    assert "image aspect ratio too extreme" in out["error"] and out["input_ids"] == []
-
-
-@pytest.mark.parametrize("data, reason", [
-    (b"<html>not an image</html>", "OSError: image: cannot be decoded (not a known image format"),
-    (PNG[:33], "image: cannot be decoded (not a known image format, or its header is cut short)"),
-    (PNG[: len(PNG) // 2], "image: cannot be decoded (PNG: image file is truncated"),
-    (JPEG[: len(JPEG) // 2], "image: cannot be decoded (JPEG: image file is truncated"),
-    (bad_crc_png(), "image: cannot be decoded (PNG: "),
-], ids=["not-an-image", "header-cut", "truncated-png", "truncated-jpeg", "corrupt-png"])
-def test_undecodable_images_get_a_clear_reason(data, reason):
-    out = preprocess_row(_row(data), NO_MODEL, "{question}", 10**7)
-    assert out["error"].startswith("OSError: ") and reason in out["error"] and "BytesIO" not in out["error"]
+from tests.pipeline.hostile_inputs import (
+    encode, scene, png_16_bit_gray, palette_with_transparency, animated, exif_rotated, solid, bomb, PNG, SEED,
+    NO_MODEL)
 
 
 # --- text and WebDataset members ---------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
-import pytest
 
 from pipeline.demo_data import write_demo_data
 from tests.conftest import ROOT, run_cli
@@ -139,7 +138,7 @@ def test_driver_killed_mid_job_then_the_rerun_finishes_without_duplicates(tmp_pa
 
 def _generate_actor_pids() -> list[int]:
     return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("MapBatches(Generator)" in part for part in (p.info["cmdline"] or []))]
+            if any("MapBatches(GenerateActor)" in part for part in (p.info["cmdline"] or []))]
 
 
 def test_a_killed_generate_actor_is_restarted_and_every_row_comes_out_once(tmp_path, ray_address):
