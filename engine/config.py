@@ -46,6 +46,7 @@ class EngineConfig:
     compression: Compression = field(default_factory=Compression)
     gpus: float = 0.0  # > 0 with CUDA available: the model runs on cuda
     threads: int = 1  # torch threads of the process that hosts the engine
+    parity_check: bool = True  # at load: the decoder against the model's own generate (engine/parity.py)
 
     @property
     def lean(self) -> bool:

@@ -1,4 +1,8 @@
-"""The decoder forward the engine owns: Llama / Qwen2 / Mistral text backbones over a slot-indexed KV cache.
+"""The decoder forward the engine owns, over a slot-indexed KV cache, for the text backbones of the families people
+caption with: Llama / Mistral / Qwen2 (LLaVA-style VLMs), Qwen2-VL / Qwen2.5-VL / Qwen3-VL (multimodal RoPE, q/k
+norm, DeepStack) and Gemma / Gemma 2 / Gemma 3 (PaliGemma, Gemma 3: scaled embeddings, (1 + w) norms, GeGLU,
+sandwich norms, soft-capping, sliding and global layers with their own RoPE). What differs between them is read
+once into a Backbone (engine/backbone.py).
 
 Weights come from the loaded Hugging Face model (q/k/v and gate/up fused into one matmul each). A forward call
 takes a KVCache (engine/kv_cache.py), `x` [n, T, hidden] for its slots first..first+n-1 and `starts` [n] (each
@@ -6,6 +10,11 @@ row's cached length), writes the new keys and values at starts[b] .. starts[b]+T
 each row. Rows may use fewer than T of their positions (ragged drafts, ragged prompts): the padding is written
 past the row's length, masked, and later overwritten. The decoder holds weights only; every group of sequences
 brings its own cache.
+
+A prefill may bring what the model's own forward adds for image tokens: `positions` (1-D [n, T] or M-RoPE's
+3-axis [n, T, 3]), `blocks` [n, T] (token spans that attend bidirectionally: each image's tokens in Gemma 3, the
+whole prefix in PaliGemma; -1 elsewhere) and `deepstack` (Qwen3-VL: visual features added to the hidden states
+after the first layers).
 
 The generic fallback for other architectures is engine/hf_decoder.py.
 """
@@ -17,15 +26,20 @@ import torch
 import torch.nn.functional as F
 
 from engine.kv_cache import KVCache
+from engine.backbone import read_backbone
 from kernels.quant import QuantLinear, quantize
-
-LEAN_ARCHITECTURES = {"llama", "mistral", "qwen2"}
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)  # the same cast order as transformers' LlamaRMSNorm
+
+
+def _gemma_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`weight` is 1 + w in float32, as GemmaRMSNorm computes it; the product is cast back at the end."""
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
 
 
 def _linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,14 +64,22 @@ class LeanDecoder:
         self.hidden_size = config.hidden_size
         self.eps = config.rms_norm_eps
         self.group = self.num_heads // self.num_kv_heads
-        self.windows = self._windows(config)
+        self.backbone = bb = read_backbone(config, language_model, device)
+        self.windows = bb.windows
+        self.norm = _gemma_norm if bb.norm == "gemma" else _rms_norm
+        self.act = language_model.layers[0].mlp.act_fn  # the model's own activation (SiLU, tanh-GELU)
 
         def w(t: torch.Tensor) -> torch.Tensor:
             return t.detach().to(device=device, dtype=dtype).contiguous()
 
+        def nw(module) -> torch.Tensor:  # a norm's weight as this family's norm uses it
+            return (1.0 + module.weight.detach().float()).to(device) if bb.norm == "gemma" else w(module.weight)
+
         self.embed_weight = w(language_model.embed_tokens.weight)
+        self.embed_scale = (torch.tensor(bb.embed_scale, dtype=dtype, device=device)
+                            if bb.embed_scale is not None else None)
         self.head_weight = w(lm_head.weight)
-        self.final_norm = w(language_model.norm.weight)
+        self.final_norm = nw(language_model.norm)
         self.layers = []
         for layer in language_model.layers:
             att, mlp = layer.self_attn, layer.mlp
@@ -65,18 +87,21 @@ class LeanDecoder:
             if att.q_proj.bias is not None:
                 qkv_bias = w(torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]))
             self.layers.append({
-                "in_norm": w(layer.input_layernorm.weight),
+                "in_norm": nw(layer.input_layernorm),
                 "qkv": w(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])),
                 "qkv_bias": qkv_bias,
+                "q_norm": nw(att.q_norm) if bb.qk_norm else None,
+                "k_norm": nw(att.k_norm) if bb.qk_norm else None,
                 "o": w(att.o_proj.weight),
                 "o_bias": w(att.o_proj.bias) if att.o_proj.bias is not None else None,
-                "post_norm": w(layer.post_attention_layernorm.weight),
+                # Llama's post_attention_layernorm is the MLP's input norm; Gemma 2/3 norm the attention output
+                # with it and have pre- and post-feedforward norms
+                "attn_out_norm": nw(layer.post_attention_layernorm) if bb.sandwich else None,
+                "mlp_norm": nw(layer.pre_feedforward_layernorm if bb.sandwich else layer.post_attention_layernorm),
+                "mlp_out_norm": nw(layer.post_feedforward_layernorm) if bb.sandwich else None,
                 "gate_up": w(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
                 "down": w(mlp.down_proj.weight),
             })
-        rotary = language_model.rotary_emb
-        self.inv_freq = rotary.inv_freq.detach().float().to(device)
-        self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
         self.quantized: dict | None = None
 
     LINEARS = ("qkv", "o", "gate_up", "down")
@@ -120,73 +145,94 @@ class LeanDecoder:
     def quant_bytes(self) -> int:
         return sum(w.nbytes for p in self.layers for w in p.values() if isinstance(w, QuantLinear))
 
-    @staticmethod
-    def _windows(config) -> list[int | None]:
-        window = getattr(config, "sliding_window", None)
-        n = config.num_hidden_layers
-        types = getattr(config, "layer_types", None)
-        if window is None or (config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False)):
-            return [None] * n
-        if types:
-            return [window if t == "sliding_attention" else None for t in types]
-        return [window] * n
-
     def new_cache(self) -> KVCache:
         """An empty cache for a group of sequences (grown by its allocate)."""
         return KVCache(len(self.layers), self.num_kv_heads, self.head_dim, self.device, self.dtype)
 
-    def _rope(self, rpos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [n, T, 1, head_dim] of rotary positions rpos [n, T]."""
-        freqs = rpos.float()[..., None] * self.inv_freq
+    def _rope(self, rpos: torch.Tensor, table: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [n, T, 1, head_dim] of rotary positions rpos: [n, T], or [n, T, 3] (M-RoPE: each frequency
+        takes the position of its own axis; a 1-D position is the same on every axis)."""
+        inv = self.backbone.inv_freqs[table]
+        axis = self.backbone.mrope_axis
+        if rpos.dim() == 3 and axis is not None:
+            freqs = rpos[..., axis].float() * inv
+        else:
+            freqs = rpos.float()[..., None] * inv
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scale).to(self.dtype)
-        sin = (emb.sin() * self.rope_scale).to(self.dtype)
-        return cos[:, :, None], sin[:, :, None]
+        scale = self.backbone.rope_scales[table]
+        return (emb.cos() * scale).to(self.dtype)[:, :, None], (emb.sin() * scale).to(self.dtype)[:, :, None]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.embed_weight)
+        x = F.embedding(ids, self.embed_weight)
+        return x if self.embed_scale is None else x * self.embed_scale
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.head_weight).float()
+        out = F.linear(hidden, self.head_weight)
+        cap = self.backbone.final_softcap
+        return (out if cap is None else torch.tanh(out / cap) * cap).float()
 
-    def _masks(self, qpos: torch.Tensor, length: int) -> dict:
-        """Attention masks for queries at positions qpos [n, T] over keys 0..length-1, per sliding window."""
+    def _masks(self, qpos: torch.Tensor, length: int, qblocks: torch.Tensor | None = None,
+               kblocks: torch.Tensor | None = None) -> dict:
+        """Attention masks for queries at positions qpos [n, T] over keys 0..length-1, per sliding window.
+        With blocks (a prefill: query and key blocks [n, T] and [n, length]), a query also sees every key of its
+        own block, later ones included; the sliding window still applies (Gemma 3: AND(window, OR(causal, block)))."""
         n, t = qpos.shape
         keys = torch.arange(length, device=self.device)
-        causal = keys[None, None, :] <= qpos[:, :, None]  # [n, T, L]
+        allowed = keys[None, None, :] <= qpos[:, :, None]  # [n, T, L]
+        if qblocks is not None:
+            allowed = allowed | ((qblocks[:, :, None] == kblocks[:, None, :]) & (qblocks[:, :, None] >= 0))
         masks = {}
         for window in set(self.windows):
-            m = causal if window is None else causal & (qpos[:, :, None] - keys[None, None, :] < window)
+            m = allowed if window is None else allowed & (qpos[:, :, None] - keys[None, None, :] < window)
             # query heads sharing a kv head are stacked along the query axis: [n, 1, group*T, L]
             masks[window] = m[:, None, None].expand(n, 1, self.group, t, length).reshape(n, 1, self.group * t, length)
         return masks
 
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        bb = self.backbone
+        if bb.attn_softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=bb.scale)
+        # Gemma 2: soft-capped scores, which SDPA cannot do (as transformers' eager attention computes them)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * bb.scale
+        scores = torch.tanh(scores / bb.attn_softcap) * bb.attn_softcap
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
     def forward(self, cache: KVCache, x: torch.Tensor, starts: torch.Tensor, first: int = 0,
                 last: torch.Tensor | None = None, kv_only: bool = False,
-                positions: torch.Tensor | None = None) -> torch.Tensor | None:
-        """x [n, T, hidden] for the cache's slots first..first+n-1, starts [n] -> final-normed hidden states
-        [n, T, hidden].
+                positions: torch.Tensor | None = None, blocks: torch.Tensor | None = None,
+                deepstack: list[torch.Tensor] | None = None) -> torch.Tensor | None:
+        """x [n, T, hidden] (input embeddings, as the model's own embedding makes them) for the cache's slots
+        first..first+n-1, starts [n] -> final-normed hidden states [n, T, hidden].
 
         `last` [n] (an index into T per row): only that position's hidden state is wanted ([n, 1, hidden]), so
         the final layer's attention and MLP run for it alone. `kv_only`: nothing is wanted but the cache (a
-        drafter's prefill), so the final layer stops once its keys and values are written. `positions` [n, T]:
-        the tokens' rotary positions, when they are not their cache indices (a prefill of a pruned prompt; the
-        caller then sets the cache's rope_offset for the tokens that follow).
+        drafter's prefill), so the final layer stops once its keys and values are written. `positions` [n, T]
+        or [n, T, 3]: the tokens' rotary positions, when they are not their cache indices plus the slot's
+        rope_offset (a prefill: the model's own positions; the caller sets rope_offset for the tokens that
+        follow). `blocks` [n, T] and `deepstack` (a list of [n, T, hidden], one per early layer): a prefill's
+        bidirectional spans and DeepStack features; both need starts == 0.
         """
         n, t, _ = x.shape
         pos = starts[:, None] + torch.arange(t, device=self.device)[None, :]  # [n, T]
         length = int(pos.max()) + 1
-        masks = self._masks(pos, length)
+        if blocks is not None and length != t:
+            raise ValueError("blocks need a prefill (every start 0)")
+        masks = self._masks(pos, length, blocks, blocks)
         rpos = positions if positions is not None else pos + cache.rope_offset[first:first + n, None]
-        cos, sin = self._rope(rpos)  # [n, T, 1, head_dim]
+        ropes = {r: self._rope(rpos, r) for r in set(self.backbone.ropes)}  # cos, sin [n, T, 1, head_dim]
         rows = torch.arange(first, first + n, device=self.device)[:, None].expand(n, t)
         nq, nkv, hd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim
         final = len(self.layers) - 1
+        norm, eps = self.norm, self.eps
         h = x
         for i, p in enumerate(self.layers):
-            r = _rms_norm(h, p["in_norm"], self.eps)
+            cos, sin = ropes[self.backbone.ropes[i]]
+            r = norm(h, p["in_norm"], eps)
             q, k, v = _linear(r, p["qkv"], p["qkv_bias"]).split([nq, nkv, nkv], dim=-1)
             k = k.view(n, t, self.num_kv_heads, hd)
+            if p["k_norm"] is not None:
+                k = norm(k, p["k_norm"], eps)
             cache.k[i][rows, :, pos] = k * cos + _rotate_half(k) * sin
             cache.v[i][rows, :, pos] = v.view(n, t, self.num_kv_heads, hd)
             if i == final and kv_only:
@@ -195,19 +241,24 @@ class LeanDecoder:
             if i == final and last is not None:  # from here on only one position per row is needed
                 pick = torch.arange(n, device=self.device)
                 q, h = q[pick, last][:, None], h[pick, last][:, None]
-                c, s = cos[pick, last][:, None], sin[pick, last][:, None]
-                masks, t = self._masks(pos[pick, last][:, None], length), 1
-            else:
-                c, s = cos, sin
-            q = q * c + _rotate_half(q) * s
+                cos, sin = cos[pick, last][:, None], sin[pick, last][:, None]
+                qb = blocks[pick, last][:, None] if blocks is not None else None
+                masks, t = self._masks(pos[pick, last][:, None], length, qb, blocks), 1
+                if deepstack is not None:
+                    deepstack = [d[pick, last][:, None] for d in deepstack]
+            if p["q_norm"] is not None:
+                q = norm(q, p["q_norm"], eps)
+            q = q * cos + _rotate_half(q) * sin
             q = q.view(n, t, self.num_kv_heads, self.group, hd).permute(0, 2, 3, 1, 4)
             q = q.reshape(n, self.num_kv_heads, self.group * t, hd)
-            a = F.scaled_dot_product_attention(q, cache.k[i][first:first + n, :, :length],
-                                               cache.v[i][first:first + n, :, :length],
-                                               attn_mask=masks[self.windows[i]])
+            a = self._attend(q, cache.k[i][first:first + n, :, :length], cache.v[i][first:first + n, :, :length],
+                             masks[self.windows[i]])
             a = a.view(n, self.num_kv_heads, self.group, t, hd).permute(0, 3, 1, 2, 4).reshape(n, t, nq)
-            h = h + _linear(a, p["o"], p["o_bias"])
-            r = _rms_norm(h, p["post_norm"], self.eps)
-            gate, up = _linear(r, p["gate_up"]).chunk(2, dim=-1)
-            h = h + _linear(F.silu(gate) * up, p["down"])
-        return _rms_norm(h, self.final_norm, self.eps)
+            a = _linear(a, p["o"], p["o_bias"])
+            h = h + (a if p["attn_out_norm"] is None else norm(a, p["attn_out_norm"], eps))
+            gate, up = _linear(norm(h, p["mlp_norm"], eps), p["gate_up"]).chunk(2, dim=-1)
+            m = _linear(self.act(gate) * up, p["down"])
+            h = h + (m if p["mlp_out_norm"] is None else norm(m, p["mlp_out_norm"], eps))
+            if deepstack is not None and i < len(deepstack):
+                h = h + deepstack[i]
+        return norm(h, self.final_norm, eps)

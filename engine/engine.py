@@ -61,7 +61,7 @@ class SpecEngine:
         self.compression, _ = config.compression.for_models(config.drafter)
         _, self_draft = config.compression.for_models(config.drafter)
         self.target = LoadedModel(config.target, self.device, self.dtype, trust_remote_code=config.trust_remote_code,
-                                  lean=config.lean, compression=self.compression,
+                                  lean=config.lean, compression=self.compression, check_parity=config.parity_check,
                                   self_draft_bits=self_draft.bits if config.drafter in SELF_DRAFTERS else None)
         self.tokenizer = self.target.tokenizer
         self.drafter = self.load_drafter(config.drafter)
@@ -176,26 +176,21 @@ class SpecEngine:
         cache of its own."""
         dec, out = self.target.decoder, [0] * len(requests)
         for j in range(0, len(requests), batch):
-            reqs, refs = requests[j:j + batch], [list(r) + [0] for r in references[j:j + batch]]  # + a dummy feed
+            reqs, refs = requests[j:j + batch], [list(r) for r in references[j:j + batch]]
             pe = self.target.embed_prompts([r.input_ids for r in reqs], [r.model_inputs for r in reqs])
-            n, width = len(reqs), max(a + len(b) for a, b in zip(pe.lengths, refs))
-            x = torch.zeros(n, width, dec.hidden_size, device=self.device, dtype=self.dtype)
-            positions = torch.zeros(n, width, dtype=torch.long, device=self.device)
-            offsets = pe.offsets or [0] * n
-            for i, (length, ref) in enumerate(zip(pe.lengths, refs)):
-                x[i, :length] = pe.embeds[i, :length]
-                x[i, length:length + len(ref) - 1] = dec.embed(torch.tensor(ref[:-1], device=self.device))
-                positions[i, :length] = (pe.positions[i, :length] if pe.positions is not None
-                                         else torch.arange(length, device=self.device))
-                positions[i, length:] = torch.arange(length, width, device=self.device) + offsets[i]
+            n = len(reqs)
+            lengths = torch.tensor(pe.lengths, device=self.device)
             cache = dec.new_cache()
-            cache.allocate(n, width + 1)
-            cache.set_offsets(0, offsets)
-            picks = dec.logits(dec.forward(cache, x, torch.zeros(n, dtype=torch.long, device=self.device),
-                                           positions=positions)).argmax(-1)
-            for i, (length, ref) in enumerate(zip(pe.lengths, refs)):
-                got = picks[i, length - 1:length - 2 + len(ref)]
-                out[j + i] = int((got == torch.tensor(ref[:-1], device=self.device)).sum())
+            cache.allocate(n, max(pe.lengths) + max(map(len, refs)) + 1)
+            first = dec.logits(self.target.prefill(cache, pe, last=lengths - 1)[:, 0]).argmax(-1)  # [n]
+            width = max(1, max(map(len, refs)) - 1)
+            feed = torch.zeros(n, width, dtype=torch.long, device=self.device)
+            for i, ref in enumerate(refs):  # the reference's own tokens, fed back (the last is never fed)
+                feed[i, :max(0, len(ref) - 1)] = torch.tensor(ref[:-1], dtype=torch.long)
+            picks = dec.logits(dec.forward(cache, dec.embed(feed), lengths)).argmax(-1)  # [n, width]
+            for i, ref in enumerate(refs):
+                got = torch.cat([first[i:i + 1], picks[i, :len(ref) - 1]])[:len(ref)]
+                out[j + i] = int((got == torch.tensor(ref, dtype=torch.long, device=self.device)).sum())
         return out
 
     def _admit(self, group: SequenceGroup, new: list[Sequence], params: SamplingParams) -> None:
@@ -208,9 +203,7 @@ class SpecEngine:
         for s, n in zip(new, pe.lengths):
             s.prompt_len = n
         lengths = torch.tensor(pe.lengths, device=self.device)
-        group.cache.set_offsets(first, pe.offsets or [0] * len(new))
-        hidden = self.target.decoder.forward(group.cache, pe.embeds, torch.zeros_like(lengths), first=first,
-                                             last=lengths - 1, positions=pe.positions)
+        hidden = self.target.prefill(group.cache, pe, first=first, last=lengths - 1)
         tokens = self._pick(self.target.decoder.logits(hidden[:, 0]), params).tolist()
         if group.drafter is not None:
             group.drafter.admit(first, prompts, arrays)

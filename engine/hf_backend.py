@@ -5,7 +5,7 @@ It is the reference: the correctness oracle for the specray engine and the basel
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from engine.config import EngineConfig
 from engine.model import eos_ids, resolve_device, resolve_dtype
@@ -18,8 +18,7 @@ class HFBackend:
         self.device = device or resolve_device(config.gpus)
         self.dtype = resolve_dtype(config.dtype, "hf", self.device)
         trust = config.trust_remote_code
-        self.processor = AutoProcessor.from_pretrained(config.target, trust_remote_code=trust)
-        self.tokenizer = self.processor.tokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(config.target, trust_remote_code=trust)
         self.model = AutoModelForImageTextToText.from_pretrained(
             config.target, dtype=self.dtype, trust_remote_code=trust, use_safetensors=True,
         ).to(self.device).eval()
@@ -34,7 +33,7 @@ class HFBackend:
             ids[i, width - len(r.input_ids):] = torch.tensor(r.input_ids)
             mask[i, width - len(r.input_ids):] = 1
         inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
-        return inputs | stack_arrays([r.model_inputs for r in requests], self.dtype, self.device)
+        return inputs | stack_arrays([r.model_inputs for r in requests], self.dtype, self.device, width, left=True)
 
     @torch.inference_mode()
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Result]:

@@ -1,7 +1,9 @@
 """The generic fallback decoder: any architecture, by re-running the Hugging Face language model over each row's
 whole sequence every call. Quadratic and slower than the lean decoder, but it is the model's own forward.
 
-Its "cache" is a HiddenStore: each row's input embeddings, kept so the next call can re-run them.
+Its "cache" is a HiddenStore: each row's input embeddings and rotary positions (the model's own: 3-axis under
+M-RoPE), kept so the next call can re-run them. What it cannot give the model is a prefill's bidirectional spans
+or DeepStack features: it refuses those (and the parity check at load refuses the model).
 """
 from __future__ import annotations
 
@@ -15,20 +17,25 @@ class HiddenStore:
         self.hidden_size, self.device, self.dtype = hidden_size, device, dtype
         self.slots = self.max_len = 0
         self.store = torch.zeros(0, 0, hidden_size, device=device, dtype=dtype)
+        self.pos = torch.zeros(0, 0, 3, dtype=torch.long, device=device)
+        self.rope_offset = torch.zeros(0, dtype=torch.long, device=device)
 
     def allocate(self, slots: int, max_len: int) -> None:
         if slots <= self.slots and max_len <= self.max_len:
             return
         self.slots, self.max_len = max(slots, self.slots), max(max_len, self.max_len)
         self.store = torch.zeros(self.slots, self.max_len, self.hidden_size, device=self.device, dtype=self.dtype)
+        self.pos = torch.zeros(self.slots, self.max_len, 3, dtype=torch.long, device=self.device)
+        self.rope_offset = torch.zeros(self.slots, dtype=torch.long, device=self.device)
 
     def move(self, src: list[int], dst: list[int]) -> None:
         if src:
-            self.store[torch.tensor(dst, device=self.device)] = self.store[torch.tensor(src, device=self.device)]
+            s, d = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+            for t in (self.store, self.pos, self.rope_offset):
+                t[d] = t[s]
 
     def set_offsets(self, first: int, offsets: list[int]) -> None:
-        if any(offsets):
-            raise ValueError("compression.visual_tokens: pruning needs the lean decoder (decoding.decoder: lean)")
+        self.rope_offset[first:first + len(offsets)] = torch.tensor(offsets, device=self.device)
 
 
 class HFDecoder:
@@ -37,6 +44,8 @@ class HFDecoder:
         self.lm, self.head = language_model, lm_head
         self.device, self.dtype = device, dtype
         self.hidden_size = config.hidden_size
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
+        self.mrope = hasattr(getattr(language_model, "rotary_emb", None), "recomposition_frequencies")
         self.quantized = None
 
     def new_cache(self) -> HiddenStore:
@@ -46,21 +55,31 @@ class HFDecoder:
         return self.lm.embed_tokens(ids)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden).float()
+        out, cap = self.head(hidden), self.final_softcap
+        return (out if cap is None else torch.tanh(out / cap) * cap).float()
 
     def forward(self, cache: HiddenStore, x: torch.Tensor, starts: torch.Tensor, first: int = 0,
                 last: torch.Tensor | None = None, kv_only: bool = False,
-                positions: torch.Tensor | None = None) -> torch.Tensor | None:
+                positions: torch.Tensor | None = None, blocks: torch.Tensor | None = None,
+                deepstack: list[torch.Tensor] | None = None) -> torch.Tensor | None:
+        if blocks is not None and bool((blocks >= 0).any()):
+            raise ValueError("the generic decoder cannot apply the model's bidirectional attention over its prompt")
+        if deepstack is not None:
+            raise ValueError("the generic decoder cannot add DeepStack visual features to the language model")
         n, t, _ = x.shape
         pos = starts[:, None] + torch.arange(t, device=self.device)[None, :]
         rows = torch.arange(first, first + n, device=self.device)[:, None].expand(n, t)
         cache.store[rows, pos] = x
+        rpos = positions if positions is not None else pos + cache.rope_offset[first:first + n, None]
+        cache.pos[rows, pos] = rpos if rpos.dim() == 3 else rpos[..., None]
         if kv_only:
             return None
         length = int(pos.max()) + 1
         # right padding: every row's own positions are 0..len-1, so plain causal attention is exact for them
         mask = (torch.arange(length, device=self.device)[None, :] < (starts + t)[:, None]).long()
+        stored = cache.pos[first:first + n, :length]
+        position_ids = stored.permute(2, 0, 1) if self.mrope else stored[..., 0]
         out = self.lm(inputs_embeds=cache.store[first:first + n, :length], attention_mask=mask,
-                      use_cache=False).last_hidden_state
+                      position_ids=position_ids, use_cache=False).last_hidden_state
         out = out[rows - first, pos]
         return out if last is None else out[torch.arange(n, device=self.device), last][:, None]

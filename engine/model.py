@@ -20,9 +20,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from engine.config import Compression
-from engine.decoder import LEAN_ARCHITECTURES, LeanDecoder
+from engine.backbone import LEAN_ARCHITECTURES
+from engine.decoder import LeanDecoder
 from engine.hf_decoder import HFDecoder
+from engine.parity import check
 from engine.request import shape_key, stack_arrays
+from engine.support import BLOCK_MASKS, HF_BACKEND, plan, refusal
 from engine.visual_tokens import VisualTokenPruner
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,58 +61,59 @@ def eos_ids(generation_config, tokenizer) -> set[int]:
 class PromptEmbeds(NamedTuple):
     embeds: torch.Tensor  # [n, width, hidden], right-padded
     lengths: list[int]  # tokens per row the decoder sees
-    positions: torch.Tensor | None = None  # [n, width] rotary positions (pruned prompts only)
-    offsets: list[int] | None = None  # per row: the prompt's length minus `lengths` (pruned image tokens)
-
-
-MROPE_MODELS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"}
+    positions: torch.Tensor | None = None  # [n, width] or [n, width, 3] (M-RoPE): the model's own rotary positions
+    offsets: list[int] | None = None  # per row: the next token's rotary position minus its cache index
+    blocks: torch.Tensor | None = None  # [n, width]: spans attending bidirectionally (-1: none); see decoder.py
+    deepstack: list[torch.Tensor] | None = None  # Qwen3-VL: [n, width, hidden] per early layer, 0 off the image
 
 
 class _Captured(Exception):
-    def __init__(self, embeds: torch.Tensor):
-        self.embeds = embeds
+    def __init__(self, kwargs: dict):
+        self.kwargs = kwargs
 
 
 class LoadedModel:
     def __init__(self, path: str, device: str, dtype: torch.dtype, trust_remote_code: bool = False,
-                 lean: bool = True, compression: Compression | None = None, self_draft_bits: int | None = None):
+                 lean: bool = True, compression: Compression | None = None, self_draft_bits: int | None = None,
+                 check_parity: bool = False):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        why = refusal(config)
+        if why:  # before any weights are read
+            raise ValueError(f"{path}: {why}; {HF_BACKEND}")
         text_config = config.get_text_config()
-        rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
-        if "mrope_section" in rope or config.model_type in MROPE_MODELS:
-            # positions are not 0..n-1 (multimodal RoPE, e.g. Qwen2-VL): neither decoder knows them
-            raise ValueError(f"{path}: multimodal RoPE models are not supported by the specray backend; "
-                             "use decoding.backend: hf")
+        self.plan = plan(config, lean)
+        self.family = config.model_type
         self.is_vlm = hasattr(config, "vision_config")
         auto = AutoModelForImageTextToText if self.is_vlm else AutoModelForCausalLM
         self.model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                           use_safetensors=True).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        self.device, self.dtype = device, dtype
+        self.path, self.device, self.dtype = path, device, dtype
         self.image_token_id = image_token_id(config)
         self.language_model = self.model.get_decoder()
         head = self.model.get_output_embeddings()
-        self.lean = lean and text_config.model_type in LEAN_ARCHITECTURES
+        self.lean = self.plan.kind == "lean"
         self.decoder = (LeanDecoder if self.lean else HFDecoder)(self.language_model, head, text_config, device, dtype)
         self.compression = compression = compression or Compression()
         if (compression.bits or self_draft_bits) and not self.lean:
             raise ValueError(f"compression.weights: quantization needs the lean decoder (decoding.decoder: lean and a "
-                             f"Llama-family model); {path} has {text_config.model_type}")
+                             f"backbone it runs); {path} has {text_config.model_type}")
+        self.pruner = None
+        self.max_positions = getattr(text_config, "max_position_embeddings", None)
+        self.eos_ids = eos_ids(self.model.generation_config, self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.parity = check(self) if check_parity else None  # the dense decoder against the model's own generate
         # self-speculation: a quantized copy of the dense decoder, made before the target's own is quantized
         self.self_decoder = self.decoder.quantized_copy(self_draft_bits, compression.group_size) if self_draft_bits else None
         if compression.bits:
             self.decoder.quantize(compression.bits, compression.group_size)
         if self.lean:  # the lean decoder has its own copy of every decoder weight
             self.language_model.layers = torch.nn.ModuleList()
-        self.pruner = None
         if compression.visual_keep < 1:
             if not self.is_vlm:
                 raise ValueError(f"compression.visual_tokens: {path} is not a vision-language model")
             self.pruner = VisualTokenPruner(self.model, config, compression.visual_keep, compression.visual_method,
                                             compression.visual_merge)
-        self.max_positions = getattr(text_config, "max_position_embeddings", None)
-        self.eos_ids = eos_ids(self.model.generation_config, self.tokenizer)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def with_decoder(self, decoder) -> "LoadedModel":
         """The same model (tokenizer, tower, prompt embedding) over another decoder: self-speculation's drafter."""
@@ -126,40 +130,71 @@ class LoadedModel:
 
     @torch.inference_mode()
     def embed_prompts(self, prompts: list[list[int]], arrays: list[dict[str, np.ndarray]]) -> PromptEmbeds:
-        """Right-padded input embeddings [n, max_len, hidden] of prompts (with their images, for a VLM); with
-        visual-token pruning, only the kept tokens, at their original rotary positions."""
+        """Right-padded input embeddings [n, max_len, hidden] of prompts, with everything else the model's own
+        forward gives its language model for them (for a VLM: the image features merged in, the rotary positions,
+        bidirectional spans, DeepStack features); with visual-token pruning, only the kept tokens, each with its
+        original position."""
         width = max(map(len, prompts))
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
         ids = ids.to(self.device)
         lengths = [len(p) for p in prompts]
-        if not self.is_vlm or not arrays or not arrays[0]:
-            return PromptEmbeds(self.decoder.embed(ids), lengths)
+        if not self.is_vlm:
+            return PromptEmbeds(self.decoder.embed(ids), lengths, offsets=[0] * len(prompts))
         out = torch.empty(len(prompts), width, self.decoder.hidden_size, device=self.device, dtype=self.dtype)
-        positions, pruned = torch.zeros_like(ids), list(lengths)
+        positions = blocks = deepstack = None
         groups: dict[tuple, list[int]] = {}
         for i, a in enumerate(arrays):
-            groups.setdefault(shape_key(a), []).append(i)
+            groups.setdefault(shape_key(a or {}), []).append(i)
+        keep = torch.ones_like(ids, dtype=torch.bool)  # the tokens the decoder sees (visual-token pruning)
         for idx in groups.values():
-            inputs = stack_arrays([arrays[i] for i in idx], self.dtype, self.device)
+            inputs = stack_arrays([arrays[i] or {} for i in idx], self.dtype, self.device, width)
             handle = self.pruner.hook() if self.pruner is not None else None
             try:
-                out[idx] = self._vlm_embeds(ids[idx], inputs)
+                kw = self._language_model_inputs(ids[idx], inputs)
             finally:
                 if handle is not None:
                     handle.remove()
-            if self.pruner is not None:  # the encoder's attention just captured belongs to this group
-                self._prune(out, ids, idx, pruned, positions)
-        if self.pruner is None:
-            return PromptEmbeds(out, lengths)
-        width = max(pruned)
-        return PromptEmbeds(out[:, :width], pruned, positions[:, :width], [a - b for a, b in zip(lengths, pruned)])
+            out[idx] = kw["inputs_embeds"]
+            if self.pruner is not None:  # the tower's attention just captured belongs to this group
+                keep[idx] = self._kept(out, ids, idx)
+            pos = prompt_positions(kw.get("position_ids"), len(idx), width, self.device)
+            if positions is None:
+                positions = torch.zeros(len(prompts), *pos.shape[1:], dtype=torch.long, device=self.device)
+            positions[idx] = pos
+            b = self._blocks(inputs)
+            if b is not None:
+                blocks = torch.full((len(prompts), width), -1, dtype=torch.long, device=self.device)
+                blocks[idx] = b
+            if kw.get("deepstack_visual_embeds") is not None:  # Qwen3-VL: features for the image positions
+                mask = kw["visual_pos_masks"]
+                if deepstack is None:
+                    deepstack = [torch.zeros_like(out) for _ in kw["deepstack_visual_embeds"]]
+                for d, feats in zip(deepstack, kw["deepstack_visual_embeds"]):
+                    part = torch.zeros_like(out[idx])
+                    part[mask] = feats.to(self.dtype)
+                    d[idx] = part
+        pe = PromptEmbeds(out, lengths, positions, None, blocks, deepstack)
+        if self.pruner is not None:
+            pe = self._prune(pe, keep)
+        return pe._replace(offsets=[int(pe.positions[i, :n].max()) + 1 - n for i, n in enumerate(pe.lengths)])
 
-    def _prune(self, out: torch.Tensor, ids: torch.Tensor, idx: list[int], lengths: list[int],
-               positions: torch.Tensor) -> None:
-        """Drop the pruned image tokens of rows idx in place: kept tokens move left (their original positions go in
-        `positions`), lengths shrink."""
+    def _blocks(self, inputs: dict) -> torch.Tensor | None:
+        """Bidirectional spans as the model's own mask makes them from its token type ids: each image's tokens
+        (Gemma 3), the whole prefix (PaliGemma). None: causal only."""
+        types = inputs.get("token_type_ids")
+        if types is None or self.family not in BLOCK_MASKS:
+            return None
+        if BLOCK_MASKS[self.family] == "prefix":
+            return torch.where(types == 0, 0, -1)
+        image = types == 1
+        starts = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
+        return torch.where(image, starts.long().cumsum(1) - 1, -1)
+
+    def _kept(self, out: torch.Tensor, ids: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        """Which tokens of rows idx the pruner keeps [g, width]: every text token and the selected image tokens
+        (with merging, the pruned ones are folded into the kept ones in `out`)."""
         is_image = ids[idx] == self.image_token_id  # [g, width]
         counts = is_image.sum(1)
         if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
@@ -169,28 +204,64 @@ class LoadedModel:
         rows = torch.tensor(idx, device=self.device)
         kept = self.pruner.select(out[rows[:, None], image_at])  # [g, n]
         if self.pruner.merge_pruned:
-            merged = self.pruner.merge(out[rows[:, None], image_at], kept)
-            out[rows[:, None], image_at.gather(1, kept)] = merged
+            out[rows[:, None], image_at.gather(1, kept)] = self.pruner.merge(out[rows[:, None], image_at], kept)
         keep = ~is_image  # text tokens stay...
         keep.scatter_(1, image_at.gather(1, kept), True)  # ...and so do the kept image tokens
-        for j, i in enumerate(idx):
-            keep_pos = keep[j][:lengths[i]].nonzero().squeeze(1)
-            n = len(keep_pos)
-            out[i, :n] = out[i, keep_pos]
-            positions[i, :n] = keep_pos
-            lengths[i] = n
+        return keep
 
-    def _vlm_embeds(self, ids: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The model's own multimodal merge (vision tower, projector, placeholder scatter), stopped at the decoder's
-        door: the embeddings the HF model would feed its language model, whatever the architecture."""
+    @staticmethod
+    def _prune(pe: PromptEmbeds, keep: torch.Tensor) -> PromptEmbeds:
+        """The prompt without its pruned tokens: kept tokens move left with their positions (all three axes
+        under M-RoPE), spans and DeepStack features; lengths shrink."""
+        lengths = list(pe.lengths)
+        tensors = [pe.embeds, pe.positions, pe.blocks, *(pe.deepstack or [])]
+        for i in range(len(lengths)):
+            at = keep[i, :lengths[i]].nonzero().squeeze(1)
+            for t in tensors:
+                if t is not None:
+                    t[i, :len(at)] = t[i, at].clone()
+            lengths[i] = len(at)
+        w = max(lengths)
+        return PromptEmbeds(pe.embeds[:, :w], lengths, pe.positions[:, :w], None,
+                            None if pe.blocks is None else pe.blocks[:, :w],
+                            None if pe.deepstack is None else [d[:, :w] for d in pe.deepstack])
+
+    def prefill(self, cache, pe: PromptEmbeds, first: int = 0, last: torch.Tensor | None = None,
+                kv_only: bool = False) -> torch.Tensor | None:
+        """Prompts embedded by embed_prompts into slots first.. of `cache`: the decoder's prefill."""
+        cache.set_offsets(first, pe.offsets or [0] * len(pe.lengths))
+        extra = {k: v for k, v in (("blocks", pe.blocks), ("deepstack", pe.deepstack)) if v is not None}
+        starts = torch.zeros(len(pe.lengths), dtype=torch.long, device=self.device)
+        return self.decoder.forward(cache, pe.embeds, starts, first=first, last=last, kv_only=kv_only,
+                                    positions=pe.positions, **extra)
+
+    def _language_model_inputs(self, ids: torch.Tensor, inputs: dict[str, torch.Tensor]) -> dict:
+        """What the model's own forward passes its language model (vision tower, projector, placeholder scatter,
+        rotary positions, DeepStack features...), captured at the decoder's door: the HF model is run, not
+        re-implemented, whatever the architecture."""
         def stop(_module, args, kwargs):
-            raise _Captured(kwargs.get("inputs_embeds", args[0] if args else None))
+            if args:
+                kwargs = dict(kwargs, inputs_embeds=args[0])
+            raise _Captured(kwargs)
 
         handle = self.language_model.register_forward_pre_hook(stop, with_kwargs=True)
         try:
             self.model.model(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs)
         except _Captured as c:
-            return c.embeds
+            if c.kwargs.get("inputs_embeds") is None:
+                raise ValueError(f"{self.family} passes token ids, not embeddings, to its language model; "
+                                 f"the specray engine cannot run it; {HF_BACKEND}") from None
+            return c.kwargs
         finally:
             handle.remove()
-        raise RuntimeError("the model never called its language model")
+        raise ValueError(f"{self.family} never called its language model; {HF_BACKEND}")
+
+
+def prompt_positions(position_ids: torch.Tensor | None, n: int, width: int, device) -> torch.Tensor:
+    """The rotary positions a model's forward gave its language model, as [n, width] or [n, width, 3] (M-RoPE);
+    none given: 0..width-1, as the language model makes them itself."""
+    if position_ids is None:
+        return torch.arange(width, device=device)[None].expand(n, width)
+    if position_ids.dim() == 3:  # [3, n, width] (or [4, ...]: text positions first, for packed masks)
+        return position_ids[-3:].permute(1, 2, 0).expand(n, width, 3)
+    return position_ids.expand(n, width)

@@ -39,18 +39,28 @@ def error_result(reason: str) -> Result:
     return Result(text="", finish_reason="error", num_output_tokens=0, error=reason)
 
 
+# processor outputs with one entry per prompt token ([1, prompt_len]): padded to the batch's width, not stacked by shape
+TOKEN_ALIGNED = ("token_type_ids", "mm_token_type_ids")
+
+
 def shape_key(arrays: dict[str, np.ndarray]) -> tuple:
     """Requests whose image tensors share this key can be stacked into one batch."""
-    return tuple((k, v.shape[1:]) for k, v in sorted(arrays.items()))
+    return tuple((k, v.shape[1:]) for k, v in sorted(arrays.items()) if k not in TOKEN_ALIGNED)
 
 
-def stack_arrays(arrays: list[dict[str, np.ndarray]], dtype, device) -> dict:
-    """Same-shaped requests' image tensors as one batch of torch tensors (floats in the model's dtype)."""
+def stack_arrays(arrays: list[dict[str, np.ndarray]], dtype, device, width: int | None = None,
+                 left: bool = False) -> dict:
+    """Same-shaped requests' image tensors as one batch of torch tensors (floats in the model's dtype); per-token
+    entries (TOKEN_ALIGNED) padded with 0 to `width`, on the right (or the left, as the prompts are)."""
     import torch
 
     out = {}
     for name in arrays[0]:
-        t = torch.cat([torch.from_numpy(a[name]) for a in arrays]).to(device)
+        parts = [torch.from_numpy(np.asarray(a[name])) for a in arrays]
+        if name in TOKEN_ALIGNED and width is not None:
+            parts = [torch.nn.functional.pad(p, (width - p.shape[-1], 0) if left else (0, width - p.shape[-1]))
+                     for p in parts]
+        t = torch.cat(parts).to(device)
         out[name] = t.to(dtype) if t.is_floating_point() else t
     return out
 

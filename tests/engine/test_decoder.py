@@ -1,10 +1,27 @@
-"""The lean decoder against the Hugging Face forward of the same weights: Llama, Qwen2 (q/k/v biases) and Mistral
-(sliding window), for a batched prefill and then ragged continuations (every row at its own length)."""
+"""The lean decoder against the Hugging Face forward of the same weights, for a batched prefill and then ragged
+continuations (every row at its own length): Llama, Qwen2 (q/k/v biases), Mistral (sliding window), Qwen3 (q/k
+norm), Gemma ((1 + w) norms, scaled embeddings, GeGLU), Gemma 2 (sandwich norms, soft-capping, alternating
+sliding and global layers) and Gemma 3 (q/k norm, a RoPE base per layer type)."""
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from engine.decoder import LeanDecoder
 from engine.hf_decoder import HFDecoder
@@ -17,7 +34,24 @@ MODELS = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**SIZES)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SIZES)),
     "mistral": lambda: MistralForCausalLM(MistralConfig(**SIZES, sliding_window=6)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SIZES, head_dim=16)),
+    "gemma": lambda: GemmaForCausalLM(GemmaConfig(**SIZES, head_dim=16)),
+    "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(**SIZES, head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
+                                                     attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(
+        **SIZES, head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1000.0, "factor": 2.0}})),
 }
+
+
+def randomize_norms(model) -> None:
+    """Norm weights start at 0 (Gemma: 1 + w) or 1: drawn at random, a norm applied wrongly shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.5)
 
 
 def with_cache(dec, slots: int, max_len: int):
@@ -32,6 +66,7 @@ def with_cache(dec, slots: int, max_len: int):
 def test_prefill_and_ragged_continuation_match_the_hf_forward(arch, decoder_cls):
     torch.manual_seed(0)
     model = MODELS[arch]().eval()
+    randomize_norms(model)
     ids = torch.randint(0, SIZES["vocab_size"], (3, 24))
     with torch.inference_mode():
         full = model(input_ids=ids).logits
@@ -82,11 +117,17 @@ def test_a_model_drafter_never_proposes_the_image_token():
     assert 4 not in tokens.tolist() and probs[:, 4].eq(0).all()
 
 
-def test_multimodal_rope_models_are_refused_before_loading(tmp_path):
-    from transformers import Qwen2VLConfig
+@pytest.mark.parametrize("family", ["mllama", "florence2"])
+def test_cross_attention_and_encoder_decoder_models_are_refused_before_loading(tmp_path, family):
+    """Neither puts image tokens into a decoder-only sequence: refused with one line naming the reason and the hf
+    backend, from the config alone (no weights are read)."""
+    from transformers import Florence2Config, MllamaConfig
 
     from engine.model import LoadedModel
 
-    Qwen2VLConfig().save_pretrained(tmp_path)  # a config only: the refusal must come before any weights are read
-    with pytest.raises(ValueError, match="multimodal RoPE"):
+    (MllamaConfig if family == "mllama" else Florence2Config)().save_pretrained(tmp_path)
+    with pytest.raises(ValueError) as e:
         LoadedModel(str(tmp_path), "cpu", torch.float32)
+    message = str(e.value)
+    assert "\n" not in message and "decoding.backend: hf" in message
+    assert ("cross-attention" if family == "mllama" else "encoder-decoder") in message
