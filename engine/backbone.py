@@ -25,7 +25,8 @@ LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text"}
 QWEN3_LIKE = {"qwen3", "qwen3_vl_text"}
 GEMMA_LIKE = {"gemma", "gemma2", "gemma3_text"}
 LEAN_ARCHITECTURES = LLAMA_LIKE | QWEN3_LIKE | GEMMA_LIKE
-SUPPORTED_ROPE = {"default", "linear", "llama3"}  # rotary tables fixed at load (dynamic NTK / longrope change with length)
+# rotary tables fixed at load (dynamic NTK and longrope change with the length: refused)
+SUPPORTED_ROPE = {"default", "linear", "llama3"}
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,7 @@ class LoadedModel:
             if positions is None:
                 positions = torch.zeros(len(prompts), *pos.shape[1:], dtype=torch.long, device=self.device)
             positions[idx] = pos
-            b = self._blocks(inputs)
+            b = self._blocks(inputs, [lengths[i] for i in idx])
             if b is not None:
                 blocks = torch.full((len(prompts), width), -1, dtype=torch.long, device=self.device)
                 blocks[idx] = b
@@ -180,33 +180,42 @@ class LoadedModel:
             pe = self._prune(pe, keep)
         return pe._replace(offsets=[int(pe.positions[i, :n].max()) + 1 - n for i, n in enumerate(pe.lengths)])
 
-    def _blocks(self, inputs: dict) -> torch.Tensor | None:
+    def _blocks(self, inputs: dict, lengths: list[int]) -> torch.Tensor | None:
         """Bidirectional spans as the model's own mask makes them from its token type ids: each image's tokens
-        (Gemma 3), the whole prefix (PaliGemma). None: causal only."""
+        (Gemma 3), the whole prefix (PaliGemma); never the padding past a row's length. None: causal only."""
         types = inputs.get("token_type_ids")
         if types is None or self.family not in BLOCK_MASKS:
             return None
         if BLOCK_MASKS[self.family] == "prefix":
-            return torch.where(types == 0, 0, -1)
-        image = types == 1
-        starts = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
-        return torch.where(image, starts.long().cumsum(1) - 1, -1)
+            blocks = torch.where(types == 0, 0, -1)
+        else:
+            image = types == 1
+            starts = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
+            blocks = torch.where(image, starts.long().cumsum(1) - 1, -1)
+        ends = torch.tensor(lengths, device=types.device)[:, None]
+        return blocks.masked_fill(torch.arange(types.shape[1], device=types.device)[None] >= ends, -1)
 
     def _kept(self, out: torch.Tensor, ids: torch.Tensor, idx: list[int]) -> torch.Tensor:
         """Which tokens of rows idx the pruner keeps [g, width]: every text token and the selected image tokens
-        (with merging, the pruned ones are folded into the kept ones in `out`)."""
+        (with merging, the pruned ones are folded into the kept ones in `out`). Rows whose images have as many
+        tokens are selected together; dynamic-resolution images (Qwen-VL) one row at a time."""
         is_image = ids[idx] == self.image_token_id  # [g, width]
         counts = is_image.sum(1)
-        if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
-            raise ValueError("compression.visual_tokens: every prompt needs one image's tokens to prune")
-        m = int(counts[0])
-        image_at = is_image.nonzero()[:, 1].view(len(idx), m)  # [g, m]
-        rows = torch.tensor(idx, device=self.device)
-        kept = self.pruner.select(out[rows[:, None], image_at])  # [g, n]
-        if self.pruner.merge_pruned:
-            out[rows[:, None], image_at.gather(1, kept)] = self.pruner.merge(out[rows[:, None], image_at], kept)
+        if int(counts.min()) == 0:
+            raise ValueError("compression.visual_tokens: every prompt needs image tokens to prune")
         keep = ~is_image  # text tokens stay...
-        keep.scatter_(1, image_at.gather(1, kept), True)  # ...and so do the kept image tokens
+        together = bool((counts == counts[0]).all())
+        for part in ([list(range(len(idx)))] if together else [[j] for j in range(len(idx))]):
+            if not together and self.pruner.method == "attention":
+                raise ValueError("compression.visual_tokens.method: attention needs images of one size in a "
+                                 "batch; use diversity")
+            p = torch.tensor(part, device=self.device)
+            image_at = is_image[p].nonzero()[:, 1].view(len(part), int(counts[part[0]]))  # [g, m]
+            rows = torch.tensor([idx[j] for j in part], device=self.device)
+            kept = self.pruner.select(out[rows[:, None], image_at])  # [g, n]
+            if self.pruner.merge_pruned:
+                out[rows[:, None], image_at.gather(1, kept)] = self.pruner.merge(out[rows[:, None], image_at], kept)
+            keep[p[:, None], image_at.gather(1, kept)] = True  # ...and so do the kept image tokens
         return keep
 
     @staticmethod

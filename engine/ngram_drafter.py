@@ -1,6 +1,7 @@
 """A model-free drafter: prompt lookup. It proposes the continuation of the latest earlier occurrence of the
-sequence's last n tokens (n = 3, 2, 1), found in the prompt's text and the output so far; image placeholder
-tokens are never looked at, so never proposed."""
+sequence's last n tokens (n = 3, 2, 1), found in the prompt's text and the output so far. Image placeholder
+tokens are never looked at, and a proposal stops at the first banned id (engine/drafter.py: placeholders, the
+target's special tokens but EOS, ids no token has, ids from `limit` on), so none is ever proposed."""
 from __future__ import annotations
 
 import array
@@ -12,14 +13,20 @@ from engine.request import SamplingParams
 
 
 class NgramDrafter(LocalDrafter):
-    def __init__(self, image_token_id: int | None, max_ngram: int = 3, device: str = "cpu"):
+    def __init__(self, banned: set[int] = frozenset(), max_ngram: int = 3, device: str = "cpu", *,
+                 image_token_id: int | None = None, limit: int | None = None):
+        """`banned`: ids never proposed; `image_token_id` (banned too) is dropped from prompts; `limit`: ids from
+        it on (past the target's tokenizer) are never proposed either."""
         self.image_token_id = image_token_id
+        self.banned = frozenset(banned) | ({image_token_id} - {None})
+        self.limit = limit
         self.max_ngram = max_ngram
         self.device = device
         self.prompts: list[list[int]] = []
 
     def fork(self) -> "NgramDrafter":
-        return NgramDrafter(self.image_token_id, self.max_ngram, self.device)
+        return NgramDrafter(self.banned, self.max_ngram, self.device, image_token_id=self.image_token_id,
+                            limit=self.limit)
 
     def allocate(self, slots: int, max_len: int) -> None:
         self.prompts = [[] for _ in range(slots)]
@@ -50,10 +57,12 @@ class NgramDrafter(LocalDrafter):
         n = len(histories)
         drafts = torch.zeros(n, k, dtype=torch.long)
         num = torch.zeros(n, dtype=torch.long)
+        limit = float("inf") if self.limit is None else self.limit
         for i, h in enumerate(histories):
             found = self._lookup(self.prompts[i] + h, k)
-            if self.image_token_id in found:
-                found = found[:found.index(self.image_token_id)]
+            stop = next((j for j, t in enumerate(found) if t in self.banned or t >= limit), None)
+            if stop is not None:
+                found = found[:stop]
             drafts[i, :len(found)] = torch.tensor(found, dtype=torch.long)
             num[i] = len(found)
         return drafts.to(self.device), num.to(self.device), None

@@ -82,7 +82,8 @@ def check(model) -> dict:
     try:
         got = engine_logits(model, ids, arrays, tokens)
     except ValueError as e:
-        raise ValueError(f"{model.path}: {model.plan.kind} decoder cannot run {model.family}: {e}") from None
+        raise ValueError(f"{model.path}: the {model.plan.kind} decoder cannot run {model.family}: {e}; "
+                         f"{HF_BACKEND}") from None
     width = min(ref.shape[-1], got.shape[-1])
     ref, got = ref[:, :width], got[:, :width]
     tol = TOLERANCE.get(model.dtype, 8e-2) * max(1.0, float(ref.abs().max()))

@@ -37,6 +37,17 @@ class RoundRecord:
     num_drafts: list[int]
 
 
+def fit_width(draft_probs: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    """A drafter's probabilities [n, k, V_draft] over the target's vocabulary [n, k, width]: zero-padded when the
+    drafter's vocabulary is smaller (a prefix of the target's), cut when its logits are wider (the columns past
+    the target's width are banned in the drafter, so they hold no probability)."""
+    if draft_probs is None or draft_probs.shape[-1] == width:
+        return draft_probs
+    if draft_probs.shape[-1] > width:
+        return draft_probs[..., :width]
+    return torch.nn.functional.pad(draft_probs, (0, width - draft_probs.shape[-1]))
+
+
 def request_drafts(group: SequenceGroup, k: int, params: SamplingParams) -> None:
     """Ask the group's drafter for k tokens per row (a local drafter drafts right away; k = 0: none)."""
     handle = group.drafter.submit([s.generated for s in group.active], k, params) if k > 0 else None
@@ -86,7 +97,7 @@ def speculative_round(engine, group: SequenceGroup, params: SamplingParams) -> R
             reject = rejection_sample_torch
             if device == "cuda":
                 from kernels.acceptance_triton import rejection_sample as reject
-            accepted, nxt = reject(drafts, q, p, num, u, ru)
+            accepted, nxt = reject(drafts, fit_width(q, p.shape[-1]), p, num, u, ru)
 
     # 4. commit: rows gain their accepted drafts plus the target's token; the drafter rolls back to match
     accepted_l, nxt_l, num_l, drafts_l = accepted.tolist(), nxt.tolist(), num.tolist(), drafts.tolist()

@@ -67,6 +67,7 @@ class DecodingConfig(Section):
     max_batch_size: int = Field(ENGINE.max_batch_size, ge=1)  # the engine's slots: sequences decoded together
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 for specray; hf: fp32 on CPU
     decoder: Literal["lean", "hf"] = ENGINE.decoder  # hf: the generic HF forward (any architecture; slower)
+    parity_check: bool = ENGINE.parity_check  # at load: refuse a model the decoder would run wrong (engine/parity.py)
     max_new_tokens: int = Field(64, ge=1, le=8192)
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -208,7 +209,8 @@ class JobConfig(Section):
         return EngineConfig(target=model_path(self.model.target), drafter=drafter, backend=d.backend, dtype=d.dtype,
                             decoder=d.decoder, max_batch_size=d.max_batch_size, num_draft_tokens=d.num_draft_tokens,
                             trust_remote_code=self.model.trust_remote_code, compression=self.compression.to_engine(),
-                            gpus=r.gpus_per_actor, threads=max(1, round(r.cpus_per_actor)))
+                            gpus=r.gpus_per_actor, threads=max(1, round(r.cpus_per_actor)),
+                            parity_check=d.parity_check)
 
     def sampling(self) -> SamplingParams:
         d = self.decoding

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline.config import JobConfig, dump, load_config
+from pipeline.config import ConfigError, JobConfig, dump, load_config
 from pipeline.preprocess import prompt_columns
 from pipeline.read import Shard, list_shards, read_shards, resolve_format, unreadable
 from pipeline.rows import check_columns, output_table
@@ -155,16 +155,34 @@ def run_job(config: str | Path | dict | JobConfig, overrides: list[str] | None =
     cfg = load_config(config, overrides)
     cfg.check_job()
     check_columns(cfg)  # an output.columns entry that would shadow an output column: exit 2 before any work
+    decoder = decoder_plan(cfg)  # a model the engine cannot run exactly: exit 2 before any work
     start = time.time()
     out = OutputDir(cfg.output.path)
     out.lock(cfg.output.lock_stale_s)  # raises OutputLocked while another live run writes here
     try:
-        return _run_locked(cfg, out, start)
+        return _run_locked(cfg, out, start, decoder)
     finally:
         out.unlock()
 
 
-def _run_locked(cfg: JobConfig, out: OutputDir, start: float) -> JobResult:
+def decoder_plan(cfg: JobConfig) -> dict:
+    """Which decoder the job's target runs on and why (from its config alone: engine/support.py); a model that
+    no specray decoder runs exactly is a config error naming model.target."""
+    if cfg.decoding.backend == "hf":
+        return {"kind": "hf generate", "reason": "decoding.backend: hf", "parity_check": False}
+    from engine.support import check_model
+
+    engine = cfg.engine()
+    try:
+        plan = check_model(engine.target, engine.trust_remote_code, engine.lean)
+    except ValueError as e:
+        raise ConfigError(f"model.target: {e}") from None
+    except OSError:
+        return {"kind": "unknown", "reason": "the target's config could not be read here", "parity_check": False}
+    return {"kind": plan.kind, "reason": plan.reason, "parity_check": engine.parity_check}
+
+
+def _run_locked(cfg: JobConfig, out: OutputDir, start: float, decoder: dict) -> JobResult:
     out.prepare(cfg.output.overwrite)
     shards = list_shards(cfg.input)
     done = out.committed()
@@ -211,6 +229,7 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float) -> JobResult:
         "stage_s": {"generate_actor_busy": tally.generate_s},
         "timeline": tally.timeline,  # [{t (s since the job began), cumulative rows, errors, output_tokens, drafted, accepted}]
         "pools": pool_report,  # disaggregated mode: the controller's decisions and the actors over time
+        "decoder": decoder,  # lean | fallback (engine/support.py), and why; parity-checked at each engine's load
         "compression": tally.compression(cfg),
         "shards_written": written,
         "shards_skipped": skipped,

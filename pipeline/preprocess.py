@@ -1,37 +1,29 @@
 """Preprocessing one row: decode and validate the image, build the prompt, run the model's processor.
 
 A failure of any step becomes the row's `error` (one line); the row still flows to the output.
-A source row in, a preprocessed row out (pipeline/rows.py): `input_ids` plus `model_inputs`, the processor's
-image tensors (pixel_values and whatever else the processor returns) as raw Arrow bytes with their name, dtype
-and shape, so any processor works without Ray Data having to understand its tensor shapes. The prompt's
-columns are used up here; only output.columns (`carried`) go on.
+A source row in, a preprocessed row out (pipeline/rows.py): `input_ids` plus `model_inputs`, the processor's image
+tensors (pixel_values and whatever else the model's processor returns: engine/processor.py loads it, on a machine
+without torchvision too) as raw Arrow bytes with their name, dtype and shape, so any processor works without Ray
+Data having to understand its tensor shapes. The prompt's columns are used up here; only output.columns
+(`carried`) go on.
 """
 from __future__ import annotations
 
-import functools
 import io
 import string
 from typing import Any
 
 import fsspec
-import numpy as np
 from PIL import Image, ImageOps
 
 from actors.generate_rows import CARRIED, tensor_entries
+from engine.processor import encode, load_processor
 from engine.request import one_line
 from pipeline.rows import carried_values
 
-TEXT_KEYS = ("input_ids", "attention_mask")
 # A 1x4000 strip passes the pixel bound, yet the processor resizes its short side up to the model's size and the
 # long side with it (gigabytes per row); wider than this is refused. 200:1, as Qwen2-VL's processor does.
 MAX_ASPECT_RATIO = 200
-
-
-@functools.lru_cache(maxsize=4)
-def load_processor(model_path: str, trust_remote_code: bool = False):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -113,13 +105,6 @@ def prompt_columns(template: str) -> set[str]:
     return {name.split(".", 1)[0].split("[", 1)[0] for name in names} - {""}
 
 
-def chat_text(processor, prompt: str) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    if getattr(processor, "chat_template", None):
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return f"{getattr(processor, 'image_token', '<image>')}\n{prompt}"
-
-
 def preprocess_row(row: dict, model_path: str, prompt_template: str, max_pixels: int,
                    trust_remote_code: bool = False, carry: list[str] | None = None) -> dict:
     """A source row's preprocessed row; `carry`: the fields it carries on (None: all of them)."""
@@ -132,9 +117,8 @@ def preprocess_row(row: dict, model_path: str, prompt_template: str, max_pixels:
         prompt = build_prompt(prompt_template, fields)
         image = decode_image(read_image_bytes(row), max_pixels)
         processor = load_processor(model_path, trust_remote_code)
-        enc = processor(text=[chat_text(processor, prompt)], images=[image], return_tensors="np")
-        ids = np.asarray(enc["input_ids"][0]).astype(np.int64).tolist()
-        inputs = tensor_entries({k: np.asarray(v) for k, v in enc.items() if k not in TEXT_KEYS})
+        ids, arrays = encode(processor, prompt, image)
+        inputs = tensor_entries(arrays)
         out.update(input_ids=ids, num_prompt_tokens=len(ids), model_inputs=inputs)
     except Exception as e:  # noqa: BLE001 - any failure of one row becomes that row's error
         out["error"] = one_line(e)

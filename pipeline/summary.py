@@ -32,6 +32,9 @@ def summary(result: JobResult, n: int = 5) -> str:
         f"rows:   {result.rows} this run ({result.errors} errors), {m.get('rows_in_output', 0)} in the output",
         f"tokens: {result.output_tokens} generated in {result.wall_s:.1f}s = {result.tokens_per_s:.1f} tokens/s",
     ]
+    if m.get("decoder"):
+        d = m["decoder"]
+        lines.append(f"decoder: {d['kind']} ({d['reason']})" + (", parity-checked at load" if d["parity_check"] else ""))
     if m.get("acceptance_rate") is not None:
         lines.append(f"speculation: {m['accepted_tokens']}/{m['drafted_tokens']} drafted tokens accepted "
                      f"({m['acceptance_rate']:.1%})")

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from actors.generate_rows import PREPROCESSED, read_tensors
-from pipeline.preprocess import (build_prompt, chat_text, decode_image, load_processor, preprocess_row,
-                                 prompt_columns)
+from engine.processor import chat_text, load_processor
+from pipeline.preprocess import build_prompt, decode_image, preprocess_row, prompt_columns
 from tests.conftest import corrupt_bytes
 
 

@@ -1,0 +1,64 @@
+"""The families through the CLI: a job over a tiny Qwen2.5-VL and a tiny Gemma 3, each with its own saved
+processor, on this machine without torchvision, gives the `hf` backend's output row for row; Mllama and Florence-2
+are refused at start with one line (exit 2), before any work. The other families run through the job in
+benchmarks/families.py --job."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from benchmarks.family_models import build_family
+from pipeline.demo_data import write_demo_data
+from tests.conftest import run_cli
+
+
+def config(tmp_path, model, backend: str, out: str):
+    cfg = {
+        "input": {"paths": [str(tmp_path / "shards" / "*.tar")], "format": "webdataset"},
+        "task": {"kind": "vqa", "prompt": "{question}"},
+        "model": {"target": str(model), "drafter": "ngram" if backend == "specray" else None},
+        "decoding": {"backend": backend, "dtype": "float32", "max_new_tokens": 12},
+        "output": {"path": str(tmp_path / out)},
+        "resources": {"num_actors": 1, "cpus_per_actor": 1, "batch_size": 16},
+    }
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def texts(out) -> dict:
+    rows = pq.read_table(sorted(out.glob("part-*.parquet"))).to_pylist()
+    assert all(r["error"] is None for r in rows), [r["error"] for r in rows]
+    return {r["key"]: r["text"] for r in rows}
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3"])
+def test_a_family_job_with_its_own_processor_equals_the_hf_backend(name, tmp_path, ray_address):
+    assert importlib.util.find_spec("torchvision") is None
+    model = build_family(name, tmp_path / "model")
+    write_demo_data(str(tmp_path / "shards"), num_samples=12, fmt="webdataset", rows_per_shard=6)
+    for backend in ("specray", "hf"):
+        done = run_cli("run", str(config(tmp_path, model, backend, backend)), address=ray_address)
+        assert done.returncode == 0, done.stderr[-3000:]
+    spec, hf = texts(tmp_path / "specray"), texts(tmp_path / "hf")
+    assert len(spec) == 12 and spec == hf
+    assert len(set(spec.values())) > 6  # the rows' answers differ
+    metrics = json.loads((tmp_path / "specray" / "metrics.json").read_text())
+    assert metrics["decoder"]["kind"] == "lean" and metrics["decoder"]["parity_check"]
+    assert metrics["drafted_tokens"] > 0
+
+
+@pytest.mark.parametrize("name", ["mllama", "florence2"])
+def test_a_model_no_decoder_runs_exactly_is_refused_at_start(name, tmp_path):
+    model = build_family(name, tmp_path / "model")
+    write_demo_data(str(tmp_path / "shards"), num_samples=2, fmt="webdataset")
+    done = run_cli("run", str(config(tmp_path, model, "specray", "out")))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: model.target:")
+    assert "decoding.backend: hf" in lines[0]
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))
