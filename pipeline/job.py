@@ -166,20 +166,29 @@ def run_job(config: str | Path | dict | JobConfig, overrides: list[str] | None =
 
 
 def decoder_plan(cfg: JobConfig) -> dict:
-    """Which decoder the job's target runs on and why (from its config alone: engine/support.py); a model that
-    no specray decoder runs exactly is a config error naming model.target."""
-    if cfg.decoding.backend == "hf":
-        return {"kind": "hf generate", "reason": "decoding.backend: hf", "parity_check": False}
+    """Which decoder the job's target runs on and why (from its config alone: engine/support.py). A model that
+    no specray decoder runs exactly, or whose processor cannot be loaded here, is a config error naming
+    model.target: otherwise every row would fail the same way."""
+    from engine.processor import load_processor
+    from engine.request import one_line
     from engine.support import check_model
 
     engine = cfg.engine()
-    try:
-        plan = check_model(engine.target, engine.trust_remote_code, engine.lean)
-    except ValueError as e:
-        raise ConfigError(f"model.target: {e}") from None
-    except OSError:
-        return {"kind": "unknown", "reason": "the target's config could not be read here", "parity_check": False}
-    return {"kind": plan.kind, "reason": plan.reason, "parity_check": engine.parity_check}
+    plan = {"kind": "hf generate", "reason": "decoding.backend: hf", "parity_check": False}
+    if cfg.decoding.backend == "specray":
+        try:
+            p = check_model(engine.target, engine.trust_remote_code, engine.lean)
+            plan = {"kind": p.kind, "reason": p.reason, "parity_check": engine.parity_check}
+        except ValueError as e:
+            raise ConfigError(f"model.target: {e}") from None
+        except OSError:
+            plan = {"kind": "unknown", "reason": "the target's config could not be read here", "parity_check": False}
+    if Path(engine.target).is_dir():  # a hub id is left to the actors (the driver may not reach the hub)
+        try:
+            load_processor(engine.target, engine.trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - whatever stops it would stop every row
+            raise ConfigError(f"model.target: its processor cannot be loaded: {one_line(e)}") from None
+    return plan
 
 
 def _run_locked(cfg: JobConfig, out: OutputDir, start: float, decoder: dict) -> JobResult:

@@ -62,3 +62,17 @@ def test_a_model_no_decoder_runs_exactly_is_refused_at_start(name, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("config error: model.target:")
     assert "decoding.backend: hf" in lines[0]
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))
+
+
+def test_a_model_whose_processor_cannot_load_here_is_refused_at_start(tmp_path):
+    """Every row would fail the same way (e.g. a processor that needs torchvision): one line, exit 2, no work."""
+    model = build_family("qwen2_5_vl", tmp_path / "model")
+    saved = model / "processor_config.json"
+    processor = json.loads(saved.read_text())
+    processor["image_processor"]["image_processor_type"] = "NoSuchImageProcessor"
+    saved.write_text(json.dumps(processor))
+    write_demo_data(str(tmp_path / "shards"), num_samples=2, fmt="webdataset")
+    done = run_cli("run", str(config(tmp_path, model, "specray", "out")))
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: model.target: its processor cannot be loaded")
