@@ -94,8 +94,7 @@ def target_vocab(tokenizer, image_token_id: int | None, target: LoadedModel | st
 
     config = None
     if isinstance(target, LoadedModel):
-        config, eos = target.model.config, set(target.eos_ids)
-        name = getattr(config, "_name_or_path", "") or tokenizer.name_or_path
+        config, eos, name = target.model.config, set(target.eos_ids), target.path
     elif isinstance(target, str):
         config, name = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code), target
         try:

@@ -1,7 +1,8 @@
 """The specray engine against the oracle: `model.generate` through the hf backend, on the shipped model pair.
 
 Greedy output with speculation on is token for token the target's, for every drafter kind and batch size.
-Both sides run in float32: the claim is exactness against the same model at the same precision.
+Both sides run in float32: the claim is exactness against the same model at the same precision. The default run
+uses 128 held-out prompts; `pytest -m full` repeats it on 500.
 """
 from __future__ import annotations
 
@@ -24,20 +25,29 @@ from training.evaluate import heldout_requests
 
 TARGET = str(ROOT / "models/target")
 DRAFTERS = {"vlm": str(ROOT / "models/drafter-vlm"), "text": str(ROOT / "models/drafter-text"), "ngram": "ngram"}
-N_PROMPTS = 500
+N_PROMPTS, N_FULL = 128, 500
 GREEDY = SamplingParams(max_new_tokens=64)
 
 
-@pytest.fixture(scope="module")
-def heldout():
+def oracle_rows(n: int):
     torch.set_num_threads(2)
     processor = AutoProcessor.from_pretrained(TARGET)
-    requests = heldout_requests(processor, N_PROMPTS)
+    requests = heldout_requests(processor, n)
     hf = HFBackend(EngineConfig(TARGET, backend="hf", dtype="float32"))
     oracle = []
     for i in range(0, len(requests), 32):
         oracle += hf.generate(requests[i:i + 32], GREEDY)
     return requests, oracle
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return oracle_rows(N_PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def heldout_full():
+    return oracle_rows(N_FULL)
 
 
 def _same(results, oracle):
@@ -48,7 +58,16 @@ def _same(results, oracle):
 
 @pytest.mark.parametrize("drafter", sorted(DRAFTERS))
 def test_greedy_speculation_is_identical_to_hf_generate(heldout, drafter):
-    requests, oracle = heldout
+    check_greedy_speculation(*heldout, drafter)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("drafter", sorted(DRAFTERS))
+def test_greedy_speculation_is_identical_to_hf_generate_on_500_prompts(heldout_full, drafter):
+    check_greedy_speculation(*heldout_full, drafter)
+
+
+def check_greedy_speculation(requests, oracle, drafter):
     engine = SpecEngine(EngineConfig(TARGET, DRAFTERS[drafter], dtype="float32", num_draft_tokens=4))
     for batch in (1, 7, 32):
         engine.max_batch = batch
@@ -65,7 +84,7 @@ def test_greedy_speculation_is_identical_to_hf_generate(heldout, drafter):
 def test_plain_decoding_and_the_generic_hf_decoder_are_identical_too(heldout):
     requests, oracle = heldout
     plain = SpecEngine(EngineConfig(TARGET, None, dtype="float32", max_batch_size=16))
-    bad, examples = _same(plain.generate(requests[:200], GREEDY), oracle[:200])
+    bad, examples = _same(plain.generate(requests, GREEDY), oracle)
     assert not bad, examples
     generic = SpecEngine(EngineConfig(TARGET, DRAFTERS["vlm"], dtype="float32", max_batch_size=8, decoder="hf"))
     assert not generic.target.lean

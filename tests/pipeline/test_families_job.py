@@ -1,24 +1,55 @@
 """The families through the CLI: a job over a tiny Qwen2.5-VL and a tiny Gemma 3, each with its own saved
-processor, on this machine without torchvision, gives the `hf` backend's output row for row; Mllama and Florence-2
-are refused at start with one line (exit 2), before any work. The other families run through the job in
-benchmarks/families.py --job."""
+processor, on this machine without torchvision, gives the `hf` backend's output row for row (the backend run on
+the same images and questions); Mllama and Florence-2 are refused at start with one line (exit 2), before any
+work. The other families run through the job on both backends in benchmarks/families.py --job."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from benchmarks.family_models import build_family
-from pipeline.demo_data import write_demo_data
+from benchmarks.family_models import build_family, sample_images
+from engine.config import EngineConfig
+from engine.hf_backend import HFBackend
+from engine.processor import encode, load_processor
+from engine.request import Request, SamplingParams
 from tests.conftest import run_cli
+
+QUESTIONS = ["What is shown?", "Describe the colours.", "Count the shapes."]
+
+
+def write_rows(tmp_path, n: int = 12) -> list:
+    """A parquet shard of n images and questions; returns the images and questions."""
+    images, questions = sample_images(n, seed=5), [QUESTIONS[i % len(QUESTIONS)] for i in range(n)]
+    data = []
+    for image in images:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data.append(buf.getvalue())
+    (tmp_path / "shards").mkdir()
+    pq.write_table(pa.table({"key": [f"r{i}" for i in range(n)], "image": data, "question": questions}),
+                   tmp_path / "shards" / "shard-0.parquet")
+    return list(zip(images, questions))
+
+
+def hf_backend_texts(model, rows) -> dict:
+    """The hf backend (model.generate, left-padded batches, float32) on the same images and questions."""
+    processor = load_processor(str(model))
+    requests = [Request(key=f"r{i}", input_ids=ids, model_inputs=arrays)
+                for i, (ids, arrays) in enumerate(encode(processor, q, image) for image, q in rows)]
+    results = HFBackend(EngineConfig(str(model), backend="hf", dtype="float32")).generate(
+        requests, SamplingParams(max_new_tokens=12))
+    return {r.key: res.text for r, res in zip(requests, results)}
 
 
 def config(tmp_path, model, backend: str, out: str):
     cfg = {
-        "input": {"paths": [str(tmp_path / "shards" / "*.tar")], "format": "webdataset"},
+        "input": {"paths": [str(tmp_path / "shards" / "*.parquet")], "format": "parquet", "id_column": "key"},
         "task": {"kind": "vqa", "prompt": "{question}"},
         "model": {"target": str(model), "drafter": "ngram" if backend == "specray" else None},
         "decoding": {"backend": backend, "dtype": "float32", "max_new_tokens": 12},
@@ -40,11 +71,10 @@ def texts(out) -> dict:
 def test_a_family_job_with_its_own_processor_equals_the_hf_backend(name, tmp_path, ray_address):
     assert importlib.util.find_spec("torchvision") is None
     model = build_family(name, tmp_path / "model")
-    write_demo_data(str(tmp_path / "shards"), num_samples=12, fmt="webdataset", rows_per_shard=6)
-    for backend in ("specray", "hf"):
-        done = run_cli("run", str(config(tmp_path, model, backend, backend)), address=ray_address)
-        assert done.returncode == 0, done.stderr[-3000:]
-    spec, hf = texts(tmp_path / "specray"), texts(tmp_path / "hf")
+    rows = write_rows(tmp_path)
+    done = run_cli("run", str(config(tmp_path, model, "specray", "specray")), address=ray_address)
+    assert done.returncode == 0, done.stderr[-3000:]
+    spec, hf = texts(tmp_path / "specray"), hf_backend_texts(model, rows)
     assert len(spec) == 12 and spec == hf
     assert len(set(spec.values())) > 6  # the rows' answers differ
     metrics = json.loads((tmp_path / "specray" / "metrics.json").read_text())
@@ -55,7 +85,7 @@ def test_a_family_job_with_its_own_processor_equals_the_hf_backend(name, tmp_pat
 @pytest.mark.parametrize("name", ["mllama", "florence2"])
 def test_a_model_no_decoder_runs_exactly_is_refused_at_start(name, tmp_path):
     model = build_family(name, tmp_path / "model")
-    write_demo_data(str(tmp_path / "shards"), num_samples=2, fmt="webdataset")
+    write_rows(tmp_path, 2)
     done = run_cli("run", str(config(tmp_path, model, "specray", "out")))
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
@@ -71,7 +101,7 @@ def test_a_model_whose_processor_cannot_load_here_is_refused_at_start(tmp_path):
     processor = json.loads(saved.read_text())
     processor["image_processor"]["image_processor_type"] = "NoSuchImageProcessor"
     saved.write_text(json.dumps(processor))
-    write_demo_data(str(tmp_path / "shards"), num_samples=2, fmt="webdataset")
+    write_rows(tmp_path, 2)
     done = run_cli("run", str(config(tmp_path, model, "specray", "out")))
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
