@@ -1,7 +1,9 @@
-"""Building the model pair from plain transformers configs: LLaVA (CLIP vision + Llama) VLMs and a Llama text LM.
+"""Building the model pair from plain transformers configs: LLaVA (CLIP vision + Llama) VLMs and a Llama text LM,
+and the same in the Qwen2.5-VL architecture (its vision tower with window attention and the 2x2 patch merger, a
+Qwen2 decoder with multimodal RoPE) with a Qwen2 text LM.
 
-Nothing here is specific to training: tests use `build_vlm`/`build_text_lm` with tiny sizes to get
-random-weight models of exactly the shipped architecture.
+Nothing here is specific to training: tests use these builders with tiny sizes to get random-weight models of
+exactly the shipped architectures.
 """
 from __future__ import annotations
 
@@ -14,6 +16,12 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2VLImageProcessorPil,
 )
 
 from training import corpus
@@ -88,3 +96,55 @@ def user_prompt(processor: LlavaProcessor, question: str, with_image: bool = Tru
     content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                          tokenize=False)
+
+
+# Qwen2.5-VL: 12-pixel patches merged 2x2, so a 96x96 image is 8x8 patches and 16 image tokens (min = max pixels:
+# one fixed grid, as the corpus's images are all one size)
+QWEN_PATCH, QWEN_MERGE = 12, 2
+
+
+def _qwen_text(spec: dict, tokenizer: PreTrainedTokenizerFast, max_positions: int) -> dict:
+    return dict(vocab_size=len(tokenizer), max_position_embeddings=max_positions, tie_word_embeddings=True,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, **spec)
+
+
+def build_qwen_vlm(spec: dict, tokenizer: PreTrainedTokenizerFast, max_positions: int = 256):
+    """A Qwen2.5-VL: spec["vision"] (depth, hidden_size, num_heads, intermediate_size) and spec["text"] (a
+    Qwen2 decoder; head_dim 2 * sum(mrope_section))."""
+    text = _qwen_text(spec["text"], tokenizer, max_positions)
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    half = head_dim // 2  # the rotary frequencies, split t / h / w as Qwen2.5-VL splits its 64 (16 / 24 / 24)
+    section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
+    image = tokenizer.convert_tokens_to_ids(IMAGE)
+    vision = dict(spec["vision"], patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=2,
+                  out_hidden_size=text["hidden_size"], window_size=4 * QWEN_PATCH * QWEN_MERGE,
+                  fullatt_block_indexes=[spec["vision"]["depth"] - 1])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=image,
+                              video_token_id=tokenizer.unk_token_id, vision_start_token_id=tokenizer.bos_token_id,
+                              vision_end_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def build_qwen_text_lm(spec: dict, tokenizer: PreTrainedTokenizerFast, max_positions: int = 256) -> Qwen2ForCausalLM:
+    model = Qwen2ForCausalLM(Qwen2Config(**_qwen_text(spec["text"], tokenizer, max_positions)))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def build_qwen_processor(tokenizer: PreTrainedTokenizerFast, image_size: int = corpus.IMAGE_SIZE):
+    """Qwen2.5-VL's processor with its PIL image processor, without the video processor (it needs torchvision;
+    saved under Qwen2_5_VLProcessor, it loads as a real checkpoint's does)."""
+    from engine.processor import image_only_processor_class
+
+    pixels = {"shortest_edge": image_size * image_size, "longest_edge": image_size * image_size}
+    image_processor = Qwen2VLImageProcessorPil(size=pixels, patch_size=QWEN_PATCH, merge_size=QWEN_MERGE,
+                                               temporal_patch_size=2, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    return image_only_processor_class(Qwen2_5_VLProcessor)(image_processor=image_processor, tokenizer=tokenizer,
+                                                           chat_template=tokenizer.chat_template)

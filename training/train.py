@@ -73,6 +73,9 @@ class Batcher:
         }
         if self.with_image:
             out["pixel_values"] = torch.from_numpy(np.stack(enc["pixel_values"]))
+            if "image_grid_thw" in enc:  # Qwen2.5-VL: patches of every image in one tensor, their grids, token types
+                out["image_grid_thw"] = torch.tensor(np.asarray(enc["image_grid_thw"]))
+                out["mm_token_type_ids"] = (out["input_ids"] == self.image_id).long()
         return out
 
 
