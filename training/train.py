@@ -24,7 +24,15 @@ import torch
 import yaml
 
 from training import corpus
-from training.modelpair import build_processor, build_text_lm, build_vlm, user_prompt
+from training.modelpair import (
+    build_processor,
+    build_qwen_processor,
+    build_qwen_text_lm,
+    build_qwen_vlm,
+    build_text_lm,
+    build_vlm,
+    user_prompt,
+)
 from training.optim import fit
 from training.tokenizer import train_tokenizer
 from training.vision_pretrain import pretrain_vision
@@ -134,6 +142,31 @@ def cycle_batches(batcher: Batcher, items: list[tuple], batch_size: int, seed: i
             yield batcher([items[k] for k in order[j:j + batch_size]])
 
 
+def architecture(cfg: dict, tok):
+    """(processor, build_vlm(spec), build_text_lm(spec)) of the config's `arch`: llava (CLIP + Llama, the
+    default) or qwen2_5_vl (Qwen2.5-VL's tower and merger + a Qwen2 decoder with multimodal RoPE)."""
+    if cfg.get("arch", "llava") == "qwen2_5_vl":
+        return (build_qwen_processor(tok, cfg["image_size"]), lambda spec: build_qwen_vlm(spec, tok),
+                lambda spec: build_qwen_text_lm(spec, tok))
+    kw = {"image_size": cfg["image_size"], "patch_size": cfg["patch_size"]}
+    return (build_processor(tok, cfg["image_size"], cfg["patch_size"]), lambda spec: build_vlm(spec, tok, **kw),
+            lambda spec: build_text_lm(spec, tok))
+
+
+def vision_tower(model):
+    """The tower the recipe pretrains: CLIP's, or Qwen2.5-VL's (with its merger, which maps into the decoder)."""
+    return getattr(model.model, "vision_tower", None) or model.model.visual
+
+
+def freeze_tower(model, frozen: bool) -> None:
+    """As LLaVA: the pretrained tower stays frozen while the projector (Qwen2.5-VL: the merger) and the decoder
+    learn; the fine-tune unfreezes it."""
+    vision_tower(model).requires_grad_(not frozen)
+    merger = getattr(vision_tower(model), "merger", None)
+    if merger is not None:
+        merger.requires_grad_(True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
@@ -151,7 +184,6 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.time()
     timings = {}
 
-    kw = {"image_size": cfg["image_size"], "patch_size": cfg["patch_size"]}
     tc, vc, ft = cfg["train"]["target"], cfg["train"]["vision"], cfg["train"]["finetune"]
     if args.resume_target:
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -164,17 +196,17 @@ def main(argv: list[str] | None = None) -> None:
         target_losses, vision_losses = before["target_losses"], {"target": before.get("vision_losses", {}).get("target")}
     else:
         tok = train_tokenizer(vocab_size=cfg["vocab_size"])
-        processor = build_processor(tok, cfg["image_size"], cfg["patch_size"])
-        target = build_vlm(cfg["target"], tok, **kw)
+        processor, vlm, _ = architecture(cfg, tok)
+        target = vlm(cfg["target"])
         t = time.time()
-        vision_losses = {"target": pretrain_vision(target.model.vision_tower, processor.image_processor, vc["steps"],
+        vision_losses = {"target": pretrain_vision(vision_tower(target), processor.image_processor, vc["steps"],
                                                    vc["batch_size"], vc["lr"], cfg["seed"], device=args.device)}
-        target.model.vision_tower.requires_grad_(False)  # as LLaVA: the pretrained tower stays frozen
+        freeze_tower(target, True)
         target_losses = train_model(target, ground_truth_batches(Batcher(processor), tc["batch_size"]),
                                     tc["steps"], tc["lr"], tc["warmup"], "target", device=args.device)
         timings["target_s"] = time.time() - t
     t = time.time()
-    target.model.vision_tower.requires_grad_(True)
+    freeze_tower(target, False)
     finetune_losses = train_model(target, ground_truth_batches(Batcher(processor), tc["batch_size"],
                                                                start=tc["steps"] * tc["batch_size"]),
                                   ft["steps"], ft["lr"], ft["warmup"], "finetune", device=args.device)
@@ -191,15 +223,16 @@ def main(argv: list[str] | None = None) -> None:
 
     fc = cfg["train"]["drafter"]
     drafter_losses = {}
-    for name, builder, with_image in (("drafter-vlm", lambda: build_vlm(cfg["drafter_vlm"], tok, **kw), True),
-                                      ("drafter-text", lambda: build_text_lm(cfg["drafter_text"], tok), False)):
+    _, vlm, text_lm = architecture(cfg, tok)
+    for name, builder, with_image in (("drafter-vlm", lambda: vlm(cfg["drafter_vlm"]), True),
+                                      ("drafter-text", lambda: text_lm(cfg["drafter_text"]), False)):
         torch.manual_seed(cfg["seed"])
         model = builder()
         t = time.time()
         if with_image:
-            vision_losses[name] = pretrain_vision(model.model.vision_tower, processor.image_processor, vc["steps"],
+            vision_losses[name] = pretrain_vision(vision_tower(model), processor.image_processor, vc["steps"],
                                                   vc["batch_size"], vc["lr"], cfg["seed"], device=args.device)
-            model.model.vision_tower.requires_grad_(False)
+            freeze_tower(model, True)
         drafter_losses[name] = train_model(model, cycle_batches(Batcher(processor, with_image), distill,
                                                                 fc["batch_size"], cfg["seed"]),
                                            fc["steps"], fc["lr"], fc["warmup"], name, device=args.device)

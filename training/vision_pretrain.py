@@ -57,13 +57,33 @@ class SceneProbe(nn.Module):
         return self.cells(patches), self.word(patches.mean(1))
 
 
+def tower_features(vision_tower, image_processor, images, device: str) -> torch.Tensor:
+    """[images, tokens, hidden]: the tower's per-token features, as its VLM's decoder will see them. CLIP: the
+    patch tokens without [CLS]. Qwen2.5-VL: the merger's output, one token per 2x2 patches (row-major)."""
+    enc = image_processor(images)
+    pixels = torch.from_numpy(np.stack(enc["pixel_values"])).to(device)
+    if "image_grid_thw" not in enc:
+        return vision_tower(pixel_values=pixels).last_hidden_state[:, 1:]
+    grid = torch.tensor(np.asarray(enc["image_grid_thw"]), device=device)
+    merged = vision_tower(pixels, grid_thw=grid).pooler_output
+    return merged.view(len(images), -1, merged.shape[-1])
+
+
+def tower_grid(vision_tower) -> tuple[int, int]:
+    """(image size, pixels per feature token) of a tower."""
+    config = vision_tower.config
+    if hasattr(config, "spatial_merge_size"):  # Qwen2.5-VL: the corpus's image size, merged patches
+        return corpus.IMAGE_SIZE, config.patch_size * config.spatial_merge_size
+    return config.image_size, config.patch_size
+
+
 def pretrain_vision(vision_tower, image_processor, steps: int, batch_size: int, lr: float, seed: int,
                     log_every: int = 50, device: str = "cpu") -> list[float]:
     rng = random.Random(seed)
     config = vision_tower.config
-    probe = SceneProbe(config.hidden_size).to(device)
+    probe = SceneProbe(getattr(config, "out_hidden_size", config.hidden_size)).to(device)
     vision_tower.to(device)
-    cell_of_patch = patch_cells(config.image_size, config.patch_size)
+    cell_of_patch = patch_cells(*tower_grid(vision_tower))
     params = list(vision_tower.parameters()) + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -72,10 +92,9 @@ def pretrain_vision(vision_tower, image_processor, steps: int, batch_size: int, 
 
     def loss_fn() -> torch.Tensor:
         scenes = [corpus.make_scene(rng) for _ in range(batch_size)]
-        pixels = torch.from_numpy(np.stack(image_processor([corpus.render(s) for s in scenes])["pixel_values"]))
         labels = [{k: v.to(device) for k, v in scene_labels(s).items()} for s in scenes]
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
-            patches = vision_tower(pixel_values=pixels.to(device)).last_hidden_state[:, 1:]  # drop [CLS], as the VLM does
+            patches = tower_features(vision_tower, image_processor, [corpus.render(s) for s in scenes], device)
             cells, word = probe(patches)
         loss = ce(word.float(), torch.stack([lab["word"] for lab in labels]))
         start = 0
