@@ -31,6 +31,14 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
+def with_token_ids(model, tokenizer: PreTrainedTokenizerFast):
+    """The model, its generation config naming the tokenizer's pad, EOS and BOS ids."""
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
 def num_image_tokens(image_size: int, patch_size: int) -> int:
     return (image_size // patch_size) ** 2  # CLIP's [CLS] is dropped ("default" feature strategy)
 
@@ -60,10 +68,7 @@ def build_vlm(spec: dict, tokenizer: PreTrainedTokenizerFast, image_size: int = 
         tie_word_embeddings=True,
     )
     model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    return model
+    return with_token_ids(model, tokenizer)
 
 
 def build_text_lm(spec: dict, tokenizer: PreTrainedTokenizerFast, max_positions: int = 256) -> LlamaForCausalLM:
@@ -125,10 +130,7 @@ def build_qwen_vlm(spec: dict, tokenizer: PreTrainedTokenizerFast, max_positions
                               video_token_id=tokenizer.unk_token_id, vision_start_token_id=tokenizer.bos_token_id,
                               vision_end_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
     model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    return model
+    return with_token_ids(model, tokenizer)
 
 
 def build_qwen_text_lm(spec: dict, tokenizer: PreTrainedTokenizerFast, max_positions: int = 256) -> Qwen2ForCausalLM:
