@@ -20,7 +20,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from engine.config import Compression
-from engine.backbone import LEAN_ARCHITECTURES
 from engine.decoder import LeanDecoder
 from engine.hf_decoder import HFDecoder
 from engine.parity import check
@@ -165,7 +164,8 @@ class LoadedModel:
             positions[idx] = pos
             b = self._blocks(inputs, [lengths[i] for i in idx])
             if b is not None:
-                blocks = torch.full((len(prompts), width), -1, dtype=torch.long, device=self.device)
+                if blocks is None:
+                    blocks = torch.full((len(prompts), width), -1, dtype=torch.long, device=self.device)
                 blocks[idx] = b
             if kw.get("deepstack_visual_embeds") is not None:  # Qwen3-VL: features for the image positions
                 mask = kw["visual_pos_masks"]
@@ -178,7 +178,12 @@ class LoadedModel:
         pe = PromptEmbeds(out, lengths, positions, None, blocks, deepstack)
         if self.pruner is not None:
             pe = self._prune(pe, keep)
-        return pe._replace(offsets=[int(pe.positions[i, :n].max()) + 1 - n for i, n in enumerate(pe.lengths)])
+        # the next token's position: one past the prompt's largest (every axis), read in one transfer
+        n = torch.tensor(pe.lengths, device=self.device)
+        pos = pe.positions if pe.positions.dim() == 3 else pe.positions[..., None]
+        past = torch.arange(pos.shape[1], device=self.device)[None, :, None] >= n[:, None, None]
+        following = pos.masked_fill(past, -1).amax((1, 2)) + 1
+        return pe._replace(offsets=(following - n).tolist())
 
     def _blocks(self, inputs: dict, lengths: list[int]) -> torch.Tensor | None:
         """Bidirectional spans as the model's own mask makes them from its token type ids: each image's tokens
