@@ -57,12 +57,12 @@ SETTINGS = {  # name -> (drafter, compression section)
 
 
 def load_rows(per_task: int):
-    from transformers import AutoProcessor
+    from engine.processor import load_processor
 
     from training import corpus
     from training.evaluate import TEST_SEED, heldout_requests
 
-    processor = AutoProcessor.from_pretrained(ROOT / "models/target")
+    processor = load_processor(str(ROOT / "models/target"))
     requests, answers, tasks = [], [], []
     for task in TASKS:
         requests += heldout_requests(processor, per_task, task=task)

@@ -88,9 +88,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     models = Path(args.models)
-    from transformers import AutoProcessor
+    from engine.processor import load_processor
 
-    requests = heldout_requests(AutoProcessor.from_pretrained(models / "target"), args.rows, task=args.task)
+    requests = heldout_requests(load_processor(str(models / "target")), args.rows, task=args.task)
     batches = [int(b) for b in args.batches.split(",")]
     print(f"# {args.rows} test-split rows ({args.task or 'all tasks'}), greedy, max {PARAMS.max_new_tokens} new tokens; device {args.device} "
           f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); torch {torch.__version__}")

@@ -19,24 +19,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+from engine.processor import load_processor
 
 from training import corpus
 from training.modelpair import user_prompt
 
 TEST_SEED = corpus.SPLIT_SEEDS["test"]
+FRESH_SEED = 7000  # a held-out stream that no split (nor the demo data) draws from
 
 
-def heldout_requests(processor, n: int, start: int = 0, task: str | None = None) -> list:
-    """n engine Requests from the test split (a mix of tasks unless `task` is given), one image each."""
+def heldout_requests(processor, n: int, start: int = 0, task: str | None = None, seed: int = TEST_SEED) -> list:
+    """n engine Requests from the test split (or another held-out seed; a mix of tasks unless `task` is given),
+    one image each."""
+    from engine.processor import encode
     from engine.request import Request
 
     out = []
     for i in range(start, start + n):
-        s = corpus.sample(TEST_SEED, i, task)
-        enc = processor(text=[user_prompt(processor, s.question)], images=[s.image])
-        out.append(Request(key=s.key, input_ids=[int(t) for t in enc["input_ids"][0]],
-                           model_inputs={"pixel_values": np.asarray(enc["pixel_values"], dtype=np.float32)}))
+        s = corpus.sample(seed, i, task)
+        ids, arrays = encode(processor, s.question, s.image)  # as the pipeline encodes a row
+        arrays["pixel_values"] = arrays["pixel_values"].astype(np.float32)
+        out.append(Request(key=s.key, input_ids=ids, model_inputs=arrays))
     return out
 
 
@@ -92,7 +97,12 @@ def draft_matches(drafter, processor, items: list[tuple], outputs: list[list[int
         width = max(map(len, seqs))
         input_ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        kwargs = {"pixel_values": torch.from_numpy(np.stack(enc["pixel_values"]))} if with_image else {}
+        kwargs = {}
+        if with_image:
+            kwargs["pixel_values"] = torch.from_numpy(np.stack(enc["pixel_values"]))
+            if "image_grid_thw" in enc:  # Qwen2.5-VL: the grids, and which tokens are image tokens (its M-RoPE)
+                kwargs["image_grid_thw"] = torch.tensor(np.asarray(enc["image_grid_thw"]))
+                kwargs["mm_token_type_ids"] = (input_ids == image_id).long()
         pred = drafter(input_ids=input_ids, attention_mask=mask, **kwargs).logits.argmax(-1)
         for row, start, y in zip(pred.tolist(), starts, outs):
             result.append([row[start - 1 + i] == y[i] for i in range(len(y))])
@@ -118,9 +128,9 @@ def decode_step_ms(model, vocab: int, batch: int, prompt_len: int = 80, steps: i
     return (time.perf_counter() - t) / steps * 1000
 
 
-def evaluate(model_dir: Path, per_task: int, k: int = 4) -> dict:
+def evaluate(model_dir: Path, per_task: int, k: int = 4, prune_per_task: int = 50) -> dict:
     torch.set_num_threads(2)
-    processor = AutoProcessor.from_pretrained(model_dir / "target")
+    processor = load_processor(str(model_dir / "target"))
     fp32 = {"dtype": torch.float32}  # as the hf reference backend runs on CPU (the files are bf16)
     target = AutoModelForImageTextToText.from_pretrained(model_dir / "target", **fp32).eval()
     drafters = {
@@ -128,18 +138,21 @@ def evaluate(model_dir: Path, per_task: int, k: int = 4) -> dict:
         "drafter-text": (AutoModelForCausalLM.from_pretrained(model_dir / "drafter-text", **fp32).eval(), False),
     }
     assert AutoTokenizer.from_pretrained(model_dir / "drafter-text").get_vocab() == processor.tokenizer.get_vocab()
-    report: dict = {"per_task": per_task, "k": k, "accuracy": {}, "acceptance": {}, "step_ms": {}}
+    report: dict = {"per_task": per_task, "k": k, "acceptance": {}, "step_ms": {}}
     all_items, all_outputs = [], []
     t = time.time()
-    for task in corpus.TASKS:
-        samples = [corpus.sample(TEST_SEED, i, task=task) for i in range(per_task)]
-        items = [(s.image, s.question) for s in samples]
-        answers, ids = generate_answers(target, processor, items, return_ids=True)
-        report["accuracy"][task] = sum(a == s.answer for a, s in zip(answers, samples)) / len(samples)
-        wrong = [(s.question, s.answer, a) for a, s in zip(answers, samples) if a != s.answer]
-        report.setdefault("examples_wrong", {})[task] = wrong[:3]
-        all_items += items
-        all_outputs += ids
+    for key, seed in (("accuracy", TEST_SEED), ("accuracy_fresh", FRESH_SEED)):
+        report[key] = {}
+        for task in corpus.TASKS:
+            samples = [corpus.sample(seed, i, task=task) for i in range(per_task)]
+            items = [(s.image, s.question) for s in samples]
+            answers, ids = generate_answers(target, processor, items, return_ids=True)
+            report[key][task] = sum(a == s.answer for a, s in zip(answers, samples)) / len(samples)
+            if seed == TEST_SEED:
+                wrong = [(s.question, s.answer, a) for a, s in zip(answers, samples) if a != s.answer]
+                report.setdefault("examples_wrong", {})[task] = wrong[:3]
+                all_items += items
+                all_outputs += ids
     report["target_eval_s"] = time.time() - t
     for name, (drafter, with_image) in drafters.items():
         matches = draft_matches(drafter, processor, all_items, all_outputs, with_image)
@@ -155,24 +168,37 @@ def evaluate(model_dir: Path, per_task: int, k: int = 4) -> dict:
         ms = {n: decode_step_ms(m, vocab, batch) for n, m in models.items()}
         report["step_ms"][f"batch{batch}"] = {n: {"ms": v, "relative_to_target": v / ms["target"]} for n, v in ms.items()}
     report["params"] = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
+    report["architecture"] = target.config.model_type
+    if prune_per_task:
+        from training.evaluate_pruning import pruning_sweep
+        report["pruning"] = pruning_sweep(model_dir, prune_per_task, TEST_SEED)
     report["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     return report
 
 
+ARCHITECTURES = {  # model_type -> (VLM, its decoder alone)
+    "llava": ("LLaVA: CLIP vision tower + Llama decoder", "Llama decoder"),
+    "qwen2_5_vl": ("Qwen2.5-VL: its vision tower with the 2x2 patch merger + Qwen2 decoder with M-RoPE",
+                   "Qwen2 decoder"),
+}
+
+
 def model_card(report: dict, training: dict | None) -> str:
     p = report["params"]
+    vlm, text = ARCHITECTURES.get(report.get("architecture", "llava"), (report.get("architecture"), "decoder"))
+    config = (training or {}).get("command", "python -m training.train configs/modelpair.yaml").split()[3]
     lines = [
         "# The specray model pair",
         "",
-        "Trained from scratch on the synthetic corpus (`training/corpus.py`) by `python -m training.train "
-        "configs/modelpair.yaml`; evaluated by `python -m training.evaluate models`. Standard transformers "
-        "architectures: load with `AutoModelForImageTextToText` / `AutoModelForCausalLM` and `AutoProcessor`.",
+        f"Trained from scratch on the synthetic corpus (`training/corpus.py`) by `python -m training.train "
+        f"{config}`; evaluated by `python -m training.evaluate models`. Standard transformers "
+        "architectures: load with `AutoModelForImageTextToText` / `AutoModelForCausalLM` and `AutoProcessor` (`engine.processor.load_processor` without torchvision).",
         "",
         "| model | architecture | parameters |",
         "|---|---|---|",
-        f"| `target/` | LLaVA: CLIP vision tower + Llama decoder | {p['target'] / 1e6:.2f}M |",
-        f"| `drafter-vlm/` | LLaVA, same recipe | {p['drafter-vlm'] / 1e6:.2f}M ({p['target'] / p['drafter-vlm']:.0f}x fewer) |",
-        f"| `drafter-text/` | Llama decoder, text only (no image) | {p['drafter-text'] / 1e6:.2f}M ({p['target'] / p['drafter-text']:.0f}x fewer) |",
+        f"| `target/` | {vlm} | {p['target'] / 1e6:.2f}M |",
+        f"| `drafter-vlm/` | the same architecture, smaller | {p['drafter-vlm'] / 1e6:.2f}M ({p['target'] / p['drafter-vlm']:.0f}x fewer) |",
+        f"| `drafter-text/` | {text}, text only (no image) | {p['drafter-text'] / 1e6:.2f}M ({p['target'] / p['drafter-text']:.0f}x fewer) |",
         "",
         "All three share one byte-level BPE tokenizer trained on the corpus; `<image>` is a special token.",
         "The drafters are distilled from the target's own greedy answers.",
@@ -196,11 +222,12 @@ def model_card(report: dict, training: dict | None) -> str:
             "",
         ]
     lines += [
-        f"## Evaluation (test split, {report['per_task']} rows per task)",
+        f"## Evaluation ({report['per_task']} rows per task, greedy, HF generate in float32)",
         "",
-        "| task | target exact match |",
-        "|---|---|",
-        *[f"| {task} | {acc:.1%} |" for task, acc in report["accuracy"].items()],
+        f"| task | target exact match: test split | fresh seed ({FRESH_SEED}) |",
+        "|---|---|---|",
+        *[f"| {task} | {acc:.1%} | {report.get('accuracy_fresh', {}).get(task, float('nan')):.1%} |"
+          for task, acc in report["accuracy"].items()],
         "",
         f"Greedy acceptance against the target at k={report['k']} (over the target's answers to every task above):",
         "",
@@ -216,6 +243,12 @@ def model_card(report: dict, training: dict | None) -> str:
     for n in report["params"]:
         b1, b16 = report["step_ms"]["batch1"][n], report["step_ms"]["batch16"][n]
         lines.append(f"| {n} | {b1['ms']:.2f} ms ({b1['relative_to_target']:.2f}) | {b16['ms']:.2f} ms ({b16['relative_to_target']:.2f}) |")
+    if "pruning" in report:
+        from training.evaluate_pruning import card_lines
+        sw = report["pruning"]
+        lines += ["", f"Visual-token pruning through the engine (float32, greedy; test split, {sw['per_task']} rows per "
+                  f"task, prefill of every row in batches of {sw['batch']}: tower, merger, pruning, decoder), exact "
+                  "match and points against keep 1.0:", "", *card_lines(sw)]
     lines += ["", f"Machine: {report['machine']}. Raw figures: `eval.json`.", ""]
     return "\n".join(lines)
 
@@ -224,10 +257,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Evaluate the model pair and write its model card.")
     ap.add_argument("model_dir")
     ap.add_argument("--per-task", type=int, default=100)
+    ap.add_argument("--prune-per-task", type=int, default=50, help="rows per task of the pruning sweep (0: skip it)")
     args = ap.parse_args(argv)
     model_dir = Path(args.model_dir)
-    report = evaluate(model_dir, args.per_task)
-    print(json.dumps({k: report[k] for k in ("accuracy", "acceptance", "step_ms", "params")}, indent=1))
+    report = evaluate(model_dir, args.per_task, prune_per_task=args.prune_per_task)
+    print(json.dumps({k: report.get(k) for k in ("accuracy", "accuracy_fresh", "acceptance", "step_ms", "params")},
+                     indent=1))
     (model_dir / "eval.json").write_text(json.dumps(report, indent=1))
     training_path = model_dir / "training.json"
     training = json.loads(training_path.read_text()) if training_path.exists() else None

@@ -103,8 +103,9 @@ def user_prompt(processor: LlavaProcessor, question: str, with_image: bool = Tru
                                          tokenize=False)
 
 
-# Qwen2.5-VL: 12-pixel patches merged 2x2, so a 96x96 image is 8x8 patches and 16 image tokens (min = max pixels:
-# one fixed grid, as the corpus's images are all one size)
+# Qwen2.5-VL: patches merged 2x2 (min = max pixels: one fixed grid, as the corpus's images are all one size). The
+# shipped pair uses 8-pixel patches: a 96x96 image is 12x12 patches and 6x6 image tokens, each token a 16-pixel
+# square, so every grid cell of the corpus is exactly 2x2 tokens
 QWEN_PATCH, QWEN_MERGE = 12, 2
 
 
@@ -114,7 +115,8 @@ def _qwen_text(spec: dict, tokenizer: PreTrainedTokenizerFast, max_positions: in
                 eos_token_id=tokenizer.eos_token_id, **spec)
 
 
-def build_qwen_vlm(spec: dict, tokenizer: PreTrainedTokenizerFast, max_positions: int = 256):
+def build_qwen_vlm(spec: dict, tokenizer: PreTrainedTokenizerFast, max_positions: int = 256,
+                   patch_size: int = QWEN_PATCH):
     """A Qwen2.5-VL: spec["vision"] (depth, hidden_size, num_heads, intermediate_size) and spec["text"] (a
     Qwen2 decoder; head_dim 2 * sum(mrope_section))."""
     text = _qwen_text(spec["text"], tokenizer, max_positions)
@@ -123,8 +125,8 @@ def build_qwen_vlm(spec: dict, tokenizer: PreTrainedTokenizerFast, max_positions
     section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
     image = tokenizer.convert_tokens_to_ids(IMAGE)
-    vision = dict(spec["vision"], patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=2,
-                  out_hidden_size=text["hidden_size"], window_size=4 * QWEN_PATCH * QWEN_MERGE,
+    vision = dict(spec["vision"], patch_size=patch_size, spatial_merge_size=QWEN_MERGE, temporal_patch_size=2,
+                  out_hidden_size=text["hidden_size"], window_size=4 * patch_size * QWEN_MERGE,
                   fullatt_block_indexes=[spec["vision"]["depth"] - 1])
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=image,
                               video_token_id=tokenizer.unk_token_id, vision_start_token_id=tokenizer.bos_token_id,
@@ -140,13 +142,14 @@ def build_qwen_text_lm(spec: dict, tokenizer: PreTrainedTokenizerFast, max_posit
     return model
 
 
-def build_qwen_processor(tokenizer: PreTrainedTokenizerFast, image_size: int = corpus.IMAGE_SIZE):
+def build_qwen_processor(tokenizer: PreTrainedTokenizerFast, image_size: int = corpus.IMAGE_SIZE,
+                         patch_size: int = QWEN_PATCH):
     """Qwen2.5-VL's processor with its PIL image processor, without the video processor (it needs torchvision;
     saved under Qwen2_5_VLProcessor, it loads as a real checkpoint's does)."""
     from engine.processor import image_only_processor_class
 
     pixels = {"shortest_edge": image_size * image_size, "longest_edge": image_size * image_size}
-    image_processor = Qwen2VLImageProcessorPil(size=pixels, patch_size=QWEN_PATCH, merge_size=QWEN_MERGE,
+    image_processor = Qwen2VLImageProcessorPil(size=pixels, patch_size=patch_size, merge_size=QWEN_MERGE,
                                                temporal_patch_size=2, image_mean=CLIP_MEAN, image_std=CLIP_STD)
     return image_only_processor_class(Qwen2_5_VLProcessor)(image_processor=image_processor, tokenizer=tokenizer,
                                                            chat_template=tokenizer.chat_template)

@@ -34,6 +34,7 @@ from training.modelpair import (
     user_prompt,
 )
 from training.optim import fit
+from training.token_dropout import TokenDropout
 from training.tokenizer import train_tokenizer
 from training.vision_pretrain import pretrain_vision
 
@@ -87,9 +88,15 @@ class Batcher:
         return out
 
 
+def autocast(device: str):
+    """bf16 autocast on a GPU; float32 on a CPU (without native bf16, autocast makes a Qwen2.5-VL step ~20x slower)."""
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+
+
 def train_model(model, batches, steps: int, lr: float, warmup: int, name: str, log_every: int = 50,
-                device: str = "cpu") -> list[float]:
-    """AdamW + warmup/cosine schedule under bf16 autocast; returns the loss per logged window."""
+                device: str = "cpu", dropout: TokenDropout | None = None) -> list[float]:
+    """AdamW + warmup/cosine schedule (bf16 autocast on a GPU); with `dropout`, some batches see only part of
+    each image's tokens. Returns the loss per logged window."""
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -97,8 +104,8 @@ def train_model(model, batches, steps: int, lr: float, warmup: int, name: str, l
 
     def loss_fn() -> torch.Tensor:
         batch = {k: v.to(device) for k, v in next(batches).items()}
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
-            return model(**batch).loss
+        with autocast(device):
+            return dropout.loss(model, batch) if dropout else model(**batch).loss
 
     losses = fit(model.parameters(), loss_fn, opt, sched, steps, name, log_every)
     model.eval()
@@ -111,12 +118,15 @@ def save_bf16(model, path: Path) -> None:
     model.float()
 
 
-def ground_truth_batches(batcher: Batcher, batch_size: int, start: int = 0):
+def ground_truth_batches(batcher: Batcher, batch_size: int, start: int = 0, task_mix: dict | None = None):
+    """Batches of the train stream; `task_mix` ({task: weight}) draws each sample's task, else the corpus's mix."""
     i = start
+    rng = random.Random(start)
+    tasks, weights = zip(*task_mix.items()) if task_mix else (None, None)
     while True:
         items = []
         for _ in range(batch_size):
-            s = corpus.sample(TRAIN_SEED, i)
+            s = corpus.sample(TRAIN_SEED, i, rng.choices(tasks, weights)[0] if tasks else None)
             items.append((s.image, s.question, s.answer))
             i += 1
         yield batcher(items)
@@ -146,7 +156,8 @@ def architecture(cfg: dict, tok):
     """(processor, build_vlm(spec), build_text_lm(spec)) of the config's `arch`: llava (CLIP + Llama, the
     default) or qwen2_5_vl (Qwen2.5-VL's tower and merger + a Qwen2 decoder with multimodal RoPE)."""
     if cfg.get("arch", "llava") == "qwen2_5_vl":
-        return (build_qwen_processor(tok, cfg["image_size"]), lambda spec: build_qwen_vlm(spec, tok),
+        patch = cfg["patch_size"]
+        return (build_qwen_processor(tok, cfg["image_size"], patch), lambda spec: build_qwen_vlm(spec, tok, patch_size=patch),
                 lambda spec: build_qwen_text_lm(spec, tok))
     kw = {"image_size": cfg["image_size"], "patch_size": cfg["patch_size"]}
     return (build_processor(tok, cfg["image_size"], cfg["patch_size"]), lambda spec: build_vlm(spec, tok, **kw),
@@ -186,9 +197,11 @@ def main(argv: list[str] | None = None) -> None:
 
     tc, vc, ft = cfg["train"]["target"], cfg["train"]["vision"], cfg["train"]["finetune"]
     if args.resume_target:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
-        processor = AutoProcessor.from_pretrained(args.resume_target)
+        from engine.processor import load_processor
+
+        processor = load_processor(args.resume_target)
         tok = processor.tokenizer
         target = AutoModelForImageTextToText.from_pretrained(args.resume_target, dtype=torch.float32)
         before = json.loads((Path(args.resume_target).parent / "training.json").read_text())
@@ -202,14 +215,18 @@ def main(argv: list[str] | None = None) -> None:
         vision_losses = {"target": pretrain_vision(vision_tower(target), processor.image_processor, vc["steps"],
                                                    vc["batch_size"], vc["lr"], cfg["seed"], device=args.device)}
         freeze_tower(target, True)
-        target_losses = train_model(target, ground_truth_batches(Batcher(processor), tc["batch_size"]),
-                                    tc["steps"], tc["lr"], tc["warmup"], "target", device=args.device)
+        target_losses = train_model(target, ground_truth_batches(Batcher(processor), tc["batch_size"],
+                                                                 task_mix=tc.get("task_mix")),
+                                    tc["steps"], tc["lr"], tc["warmup"], "target", device=args.device,
+                                    dropout=TokenDropout(tc.get("token_dropout"), cfg["seed"]))
         timings["target_s"] = time.time() - t
     t = time.time()
     freeze_tower(target, False)
     finetune_losses = train_model(target, ground_truth_batches(Batcher(processor), tc["batch_size"],
-                                                               start=tc["steps"] * tc["batch_size"]),
-                                  ft["steps"], ft["lr"], ft["warmup"], "finetune", device=args.device)
+                                                               start=tc["steps"] * tc["batch_size"],
+                                                               task_mix=tc.get("task_mix")),
+                                  ft["steps"], ft["lr"], ft["warmup"], "finetune", device=args.device,
+                                  dropout=TokenDropout(tc.get("token_dropout"), cfg["seed"] + 1))
     timings["finetune_s"] = time.time() - t
     save_bf16(target, out / "target")
     processor.save_pretrained(out / "target")

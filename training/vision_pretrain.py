@@ -42,10 +42,11 @@ def patch_cells(image_size: int, patch_size: int) -> torch.Tensor:
 
 
 class SceneProbe(nn.Module):
-    """Linear read-outs: every patch token says what its own cell holds; the mean token says the word.
+    """Linear read-outs: every patch token says what its own cell holds, and which word is written.
 
     Per-patch labels make each token carry its cell's content, which is what the decoder's attention
-    needs: it can find the token of "the circle" and read its colour from the same token.
+    needs: it can find the token of "the circle" and read its colour from the same token. The word on every
+    token (not only their mean) keeps it readable when visual-token pruning drops most of them.
     """
 
     def __init__(self, hidden: int):
@@ -54,7 +55,7 @@ class SceneProbe(nn.Module):
         self.word = nn.Linear(hidden, len(WORDS))
 
     def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cells(patches), self.word(patches.mean(1))
+        return self.cells(patches), self.word(patches)
 
 
 def tower_features(vision_tower, image_processor, images, device: str) -> torch.Tensor:
@@ -93,10 +94,11 @@ def pretrain_vision(vision_tower, image_processor, steps: int, batch_size: int, 
     def loss_fn() -> torch.Tensor:
         scenes = [corpus.make_scene(rng) for _ in range(batch_size)]
         labels = [{k: v.to(device) for k, v in scene_labels(s).items()} for s in scenes]
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
             patches = tower_features(vision_tower, image_processor, [corpus.render(s) for s in scenes], device)
             cells, word = probe(patches)
-        loss = ce(word.float(), torch.stack([lab["word"] for lab in labels]))
+        words = torch.stack([lab["word"] for lab in labels])[:, None].expand(word.shape[:2])  # (batch, patches)
+        loss = ce(word.float().reshape(-1, word.shape[-1]), words.reshape(-1))
         start = 0
         for name, n in HEADS.items():
             target = torch.stack([lab[name] for lab in labels])[:, cell_of_patch.to(device)]  # (batch, patches)

@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from transformers import AutoProcessor
 
 from engine.config import EngineConfig
 from engine.draft_length import DraftLength
@@ -19,6 +18,7 @@ from actors.drafter_server import DrafterServer
 from engine.request import SamplingParams
 from tests.conftest import ROOT
 from pipeline.demo_data import write_demo_data
+from engine.processor import load_processor
 from training.evaluate import heldout_requests
 
 TARGET = str(ROOT / "models/target")
@@ -28,7 +28,7 @@ GREEDY = SamplingParams(max_new_tokens=64)
 
 @pytest.fixture(scope="module")
 def prompts():
-    return heldout_requests(AutoProcessor.from_pretrained(TARGET), 64)  # the rows of the demo shards below
+    return heldout_requests(load_processor(TARGET), 64)  # the rows of the demo shards below
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoProcessor, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from engine.config import Compression, EngineConfig
 from engine.engine import SpecEngine
 from engine.request import SamplingParams
 from engine.visual_tokens import VisualTokenPruner, _max_min_subset
 from kernels.quant import QuantLinear
+from engine.processor import load_processor
 from training.evaluate import heldout_requests
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +23,7 @@ PARAMS = SamplingParams(max_new_tokens=32)
 
 @pytest.fixture(scope="module")
 def rows():
-    requests = heldout_requests(AutoProcessor.from_pretrained(TARGET), 24)
+    requests = heldout_requests(load_processor(TARGET), 24)
     plain = SpecEngine(EngineConfig(TARGET, None, dtype="float32", max_batch_size=12))
     return requests, plain.generate(requests, PARAMS), plain
 

@@ -11,7 +11,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from transformers import AutoProcessor
 
 from engine.drafter import LocalDrafter
 from engine.ngram_drafter import NgramDrafter
@@ -21,6 +20,7 @@ from engine.engine import SpecEngine
 from engine.hf_backend import HFBackend
 from engine.request import SamplingParams
 from tests.conftest import ROOT
+from engine.processor import load_processor
 from training.evaluate import heldout_requests
 
 TARGET = str(ROOT / "models/target")
@@ -31,7 +31,7 @@ GREEDY = SamplingParams(max_new_tokens=64)
 
 def oracle_rows(n: int):
     torch.set_num_threads(2)
-    processor = AutoProcessor.from_pretrained(TARGET)
+    processor = load_processor(TARGET)
     requests = heldout_requests(processor, n)
     hf = HFBackend(EngineConfig(TARGET, backend="hf", dtype="float32"))
     oracle = []

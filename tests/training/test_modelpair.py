@@ -15,9 +15,11 @@ MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 def test_shipped_vlms_reload_from_disk_and_generate():
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
-    processor = AutoProcessor.from_pretrained(MODELS / "target")
+    from engine.processor import load_processor
+
+    processor = load_processor(str(MODELS / "target"))
     s = [corpus.sample(corpus.SPLIT_SEEDS["test"], i, task="vqa") for i in range(4)]
     for name in ("target", "drafter-vlm"):
         model = AutoModelForImageTextToText.from_pretrained(MODELS / name).eval()
@@ -26,10 +28,12 @@ def test_shipped_vlms_reload_from_disk_and_generate():
 
 
 def test_shipped_text_drafter_shares_the_tokenizer_and_generates():
-    from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.processor import load_processor
 
     tok = AutoTokenizer.from_pretrained(MODELS / "drafter-text")
-    assert tok.get_vocab() == AutoProcessor.from_pretrained(MODELS / "target").tokenizer.get_vocab()
+    assert tok.get_vocab() == load_processor(str(MODELS / "target")).tokenizer.get_vocab()
     model = AutoModelForCausalLM.from_pretrained(MODELS / "drafter-text").eval()
     ids = tok("<s>USER: How many shapes are there?\nASSISTANT:", return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)

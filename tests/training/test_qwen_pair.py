@@ -95,3 +95,26 @@ def test_the_qwen_tower_pretrains_on_scene_labels():
     losses = pretrain_vision(model.model.visual, build_qwen_processor(tok).image_processor, steps=30,
                              batch_size=16, lr=3e-3, seed=0, log_every=10)
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_token_dropout_trains_on_the_kept_tokens_at_their_own_positions(pair):
+    """At keep 1.0 the dropout step is the model's own loss; at 0.5 it sees fewer tokens (a different loss) and
+    its gradient reaches the merger and the decoder."""
+    from transformers import AutoModelForImageTextToText
+
+    from engine.processor import load_processor
+    from training.token_dropout import dropout_loss
+
+    path, _ = pair
+    model = AutoModelForImageTextToText.from_pretrained(path / "target", dtype=torch.float32)
+    batch = next(ground_truth_batches(Batcher(load_processor(str(path / "target"))), 4))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        full = model(**batch).loss
+        assert torch.allclose(dropout_loss(model, batch, 1.0, "random", g), full, atol=1e-5)
+        halves = [dropout_loss(model, batch, 0.5, m, g) for m in ("random", "diversity")]
+    assert all(abs(h - full) > 1e-4 for h in halves), (full, halves)
+    loss = dropout_loss(model, batch, 0.5, "random", g)
+    loss.backward()
+    assert model.model.visual.merger.mlp[0].weight.grad.abs().sum() > 0
+    assert model.lm_head.weight.grad.abs().sum() > 0

@@ -1,0 +1,96 @@
+"""The target's accuracy and prefill speed under visual-token pruning, through the engine that prunes in a job.
+
+For each ranking method the engine offers on the target's vision tower (engine/visual_tokens.py) and each keep
+fraction, the held-out rows run through `SpecEngine` (float32, greedy, no drafter) with
+`compression.visual_keep/visual_method`; per task, the share of exact answers; and the prefill time of every
+row (vision tower, merger, pruning, decoder over the prompt; best of two passes) as a speed ratio against keep
+1.0 in the same run. A method the tower does not support is recorded with the engine's own reason.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from training import corpus
+
+KEEPS = (1.0, 0.75, 0.5, 0.25)
+
+
+@torch.inference_mode()
+def prefill_seconds(engine, requests, batch: int) -> float:
+    best = float("inf")
+    model = engine.target
+    for _ in range(2):
+        t = time.perf_counter()
+        for i in range(0, len(requests), batch):
+            chunk = requests[i:i + batch]
+            pe = model.embed_prompts([r.input_ids for r in chunk], [r.model_inputs for r in chunk])
+            lengths = torch.tensor(pe.lengths, device=engine.device)
+            cache = model.decoder.new_cache()
+            cache.allocate(len(chunk), int(lengths.max()) + 1)
+            model.decoder.logits(model.prefill(cache, pe, last=lengths - 1))
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def pruning_sweep(model_dir: Path, per_task: int, seed: int, batch: int = 32,
+                  methods: tuple[str, ...] = ("attention", "diversity")) -> dict:
+    from engine.config import Compression, EngineConfig
+    from engine.engine import SpecEngine
+    from engine.request import SamplingParams
+    from training.evaluate import heldout_requests
+
+    from engine.processor import load_processor
+
+    processor = load_processor(str(model_dir / "target"))
+    requests, answers, tasks = [], [], []
+    for task in corpus.TASKS:
+        requests += heldout_requests(processor, per_task, task=task, seed=seed)
+        answers += [corpus.sample(seed, i, task).answer for i in range(per_task)]
+        tasks += [task] * per_task
+    params = SamplingParams(max_new_tokens=64)
+
+    def run(keep: float, method: str) -> dict:
+        config = EngineConfig(str(model_dir / "target"), None, dtype="float32", max_batch_size=batch,
+                              parity_check=False, compression=Compression(visual_keep=keep, visual_method=method))
+        try:
+            engine = SpecEngine(config, device="cpu")
+        except ValueError as err:
+            return {"unsupported": str(err)}
+        out = engine.generate(requests, params)
+        right = [r.text.strip() == a for r, a in zip(out, answers)]
+        return {"accuracy": {t: sum(ok for ok, tt in zip(right, tasks) if tt == t) / per_task for t in corpus.TASKS},
+                "prefill_s": prefill_seconds(engine, requests, batch)}
+
+    full = run(1.0, methods[-1])
+    sweep: dict = {"per_task": per_task, "seed": seed, "batch": batch, "keep_1.0": full, "methods": {}}
+    for method in methods:
+        rows = {}
+        for keep in KEEPS[1:]:
+            r = run(keep, method)
+            if "unsupported" in r:
+                rows = r
+                break
+            r["prefill_speedup"] = full["prefill_s"] / r["prefill_s"]
+            r["points_lost"] = {t: 100 * (full["accuracy"][t] - r["accuracy"][t]) for t in corpus.TASKS}
+            rows[str(keep)] = r
+        sweep["methods"][method] = rows
+    return sweep
+
+
+def card_lines(sweep: dict) -> list[str]:
+    """The model card's table: accuracy per task at each keep, points lost, prefill speed."""
+    full = sweep["keep_1.0"]
+    head = " | ".join(corpus.TASKS)
+    lines = [f"| method | keep | {head} | prefill speed |", "|---|---|" + "---|" * (len(corpus.TASKS) + 1),
+             "| (none) | 1.0 | " + " | ".join(f"{full['accuracy'][t]:.1%}" for t in corpus.TASKS) + " | 1.00x |"]
+    for method, rows in sweep["methods"].items():
+        if "unsupported" in rows:
+            lines.append(f"| {method} | - | unsupported by this tower: {rows['unsupported']} |")
+            continue
+        for keep, r in rows.items():
+            cells = [f"{r['accuracy'][t]:.1%} ({-r['points_lost'][t]:+.1f})" for t in corpus.TASKS]
+            lines.append(f"| {method} | {keep} | " + " | ".join(cells) + f" | {r['prefill_speedup']:.2f}x |")
+    return lines

@@ -1,0 +1,74 @@
+"""Visual-token dropout: train the target on prompts from which image tokens were removed, as the engine's
+pruning removes them at inference (engine/visual_tokens.py), so that pruning costs it nothing.
+
+A training step with dropout runs the model's own pieces: the vision tower and merger, the placeholder
+scatter and the model's own 3-axis M-RoPE positions (`get_rope_index`), then drops image tokens and hands
+the language model only the kept ones, each at its original (t, h, w) position: exactly what the engine
+hands its decoder after pruning. Which tokens survive is drawn per batch: uniformly at random, or the
+engine's own ranking (`diversity`, a max-min subset of the projected tokens), at a keep fraction drawn from
+the config's list.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from engine.visual_tokens import _max_min_subset
+
+
+def _kept_image_tokens(feats: torch.Tensor, keep: float, method: str, generator: torch.Generator) -> torch.Tensor:
+    """feats [images, m, d] -> kept indices [images, n], sorted."""
+    b, m, _ = feats.shape
+    n = max(1, round(keep * m))
+    if method == "random":
+        kept = torch.stack([torch.randperm(m, generator=generator)[:n] for _ in range(b)])
+    else:
+        kept = _max_min_subset(feats.detach().float(), n)
+    return kept.sort(-1).values
+
+
+def dropout_loss(model, batch: dict, keep: float, method: str, generator: torch.Generator) -> torch.Tensor:
+    """The causal-LM loss of a Qwen2.5-VL batch (one image per row) with only `keep` of each image's tokens."""
+    inner = model.model
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    grid = batch["image_grid_thw"]
+    embeds = inner.get_input_embeddings()(ids)
+    feats = torch.cat(inner.get_image_features(batch["pixel_values"], grid).pooler_output).to(embeds.dtype)
+    is_image = ids == model.config.image_token_id
+    embeds = embeds.masked_scatter(is_image[..., None].expand_as(embeds), feats)
+    positions, _ = inner.get_rope_index(ids, mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=grid,
+                                        attention_mask=mask)  # [3, b, t]
+    b, t = ids.shape
+    m = int(is_image[0].sum())
+    kept = _kept_image_tokens(feats.view(b, m, -1), keep, method, generator)  # [b, n]
+    # each row: its text tokens, and its kept image tokens in their place (every row has one image of m tokens)
+    image_cols = is_image.nonzero()[:, 1].view(b, m)
+    keep_mask = ~is_image
+    keep_mask[torch.arange(b)[:, None], image_cols.gather(1, kept)] = True
+    cols = keep_mask.nonzero()[:, 1].view(b, -1)
+    rows = torch.arange(b)[:, None]
+    hidden = inner.language_model(inputs_embeds=embeds[rows, cols], attention_mask=mask[rows, cols],
+                                  position_ids=positions[:, rows, cols]).last_hidden_state
+    logits = model.lm_head(hidden).float()
+    kept_labels = labels[rows, cols]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             kept_labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+class TokenDropout:
+    """The per-batch draw: with probability `p`, a keep fraction from `keep` and a method from `methods`."""
+
+    def __init__(self, spec: dict | None, seed: int):
+        spec = spec or {}
+        self.p = float(spec.get("p", 0.0))
+        self.keep = list(spec.get("keep", [0.25, 0.5, 0.75]))
+        self.methods = list(spec.get("methods", ["random", "diversity"]))
+        self.rng = random.Random(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        if self.p > 0 and "image_grid_thw" in batch and self.rng.random() < self.p:
+            return dropout_loss(model, batch, self.rng.choice(self.keep), self.rng.choice(self.methods),
+                                self.generator)
+        return model(**batch).loss
