@@ -7,6 +7,9 @@ memory) is split in halves and retried, down to single rows, so one bad row cann
 from __future__ import annotations
 
 import time
+
+from actors.startup import StartupLog  # noqa: I001 - first: it notes when this process's imports began
+
 import zlib
 from dataclasses import replace
 
@@ -19,6 +22,8 @@ from engine.config import EngineConfig
 from engine.loading import make_engine
 from engine.request import Request, Result, SamplingParams, error_result, one_line, shape_key
 
+IMPORTS_DONE = time.time()
+
 
 def evaluated(key: str, fraction: float) -> bool:
     """Whether a row is in compression.evaluate's sample: a stable hash of its key, not its position."""
@@ -26,7 +31,9 @@ def evaluated(key: str, fraction: float) -> bool:
 
 
 class GenerateActor:
-    def __init__(self, engine: EngineConfig, params: SamplingParams, evaluate: float | None = None):
+    def __init__(self, engine: EngineConfig, params: SamplingParams, evaluate: float | None = None,
+                 run_id: str | None = None):
+        self.startup = StartupLog(run_id, IMPORTS_DONE)  # run_id: the job's, whose driver reports start-up phases
         torch.set_num_threads(max(1, engine.threads))
         self.engine = make_engine(engine)
         self.params = params
@@ -35,6 +42,7 @@ class GenerateActor:
         # compression.evaluate: the uncompressed target, decoding plainly, is the reference
         self.reference = make_engine(replace(engine, drafter=None, compression=type(engine.compression)(),
                                              num_draft_tokens="auto")) if evaluate else None
+        self.startup.loaded()
 
     def _evaluate(self, requests: dict[int, Request], results: list[Result | None]) -> dict[int, tuple[int, int, bool]]:
         """Greedy agreement with the uncompressed target on the sampled rows: {row: (tokens, agreed, exact)}."""
@@ -62,6 +70,13 @@ class GenerateActor:
             return self._run(requests[:half]) + self._run(requests[half:])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.time()
+        try:
+            return self._call(batch)
+        finally:
+            self.startup.batch(started)
+
+    def _call(self, batch: pa.Table) -> pa.Table:
         errors = batch.column("error").to_pylist()
         keys = batch.column("key").to_pylist()
         results: list[Result | None] = [error_result(e) if e is not None else None for e in errors]

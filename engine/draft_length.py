@@ -7,6 +7,17 @@ comes from the rounds themselves (both in engine/estimates.py). The chosen k max
 k = 0 is plain decoding, chosen whenever speculation would not pay. A few rounds are spent exploring at the
 start and now and then afterwards, so that a shift in acceptance (a new kind of input) or in cost (a smaller
 batch) is noticed.
+
+Rounds are not the whole bill: before a row can be drafted for, the drafter must prefill its prompt (a VLM
+drafter runs its own vision tower and decoder over the whole prompt). `pays()` weighs that per-row cost
+against what speculation saves over a row's whole answer:
+
+    saved per row = L * (t_plain - t_spec(k*)),   t_plain = verify(0) / B,   t_spec(k) = (verify(k) + k d) / (B E(k))
+
+(L: output tokens per row, B: rows per round, E(k): tokens per row per round, d: one drafter step; all
+measured). When the drafter's prefill costs more than that, the engine stops admitting rows to the drafter and
+decodes plainly: speculation never makes a job slower than plain decoding by more than the probing. While off,
+one `generate` call in `probe_every` speculates again, so that estimates stay fresh.
 """
 from __future__ import annotations
 
@@ -14,7 +25,8 @@ from engine.estimates import Acceptance, CostLine
 
 
 class DraftLength:
-    def __init__(self, fixed: int | None, max_k: int = 8, explore_every: int = 16, decay: float = 0.9):
+    def __init__(self, fixed: int | None, max_k: int = 8, explore_every: int = 16, decay: float = 0.9,
+                 probe_every: int = 8):
         self.fixed = fixed
         self.max_k = max_k if fixed is None else fixed
         self.explore_every = explore_every
@@ -24,6 +36,51 @@ class DraftLength:
         self.accept = Acceptance(decay)
         self.rounds = 0
         self.history: list[int] = []
+        self.prefill_row_s: float | None = None  # the drafter's prefill, per admitted row
+        self.row_tokens: float | None = None  # output tokens per finished row
+        self.batch_rows: float | None = None  # rows per round
+        self.probe_every = probe_every
+        self.calls = 0
+
+    def _avg(self, old: float | None, new: float) -> float:
+        return new if old is None else self.decay * old + (1 - self.decay) * new
+
+    def record_prefill(self, rows: int, seconds: float) -> None:
+        """The drafter's prefill of `rows` newly admitted rows took `seconds`."""
+        if rows:
+            self.prefill_row_s = self._avg(self.prefill_row_s, seconds / rows)
+
+    def record_finished(self, tokens: list[int]) -> None:
+        """Output tokens of rows that just finished."""
+        for t in tokens:
+            self.row_tokens = self._avg(self.row_tokens, float(t))
+
+    def saving_per_row(self) -> float | None:
+        """Seconds that speculation at its best k saves over one row's answer, before the drafter's prefill (None
+        until plain and speculative rounds, a finished row and a row count have been measured)."""
+        if (self.row_tokens is None or self.batch_rows is None or not self.accept.seen or 0 not in self.verify_s.bins
+                or self.draft_step_s is None):
+            return None
+        b = max(self.batch_rows, 1.0)
+        t_plain = self.verify_s(0) / b
+        best = max(range(1, self.max_k + 1), key=self.rate)
+        t_spec = 1 / (self.rate(best) * b)
+        return self.row_tokens * (t_plain - t_spec)
+
+    def pays(self) -> bool:
+        """Whether new rows should be admitted to the drafter: its prefill per row costs less than speculation
+        saves per row (True while either is unmeasured, and always with a fixed k)."""
+        if self.fixed is not None:
+            return True
+        saving = self.saving_per_row()
+        if saving is None or self.prefill_row_s is None:
+            return True
+        return saving > self.prefill_row_s
+
+    def use_drafter(self) -> bool:
+        """At the start of a `generate` call: speculate in it? Yes when it pays, and now and then to probe."""
+        self.calls += 1
+        return self.pays() or self.calls % self.probe_every == 0
 
     def rate(self, k: int) -> float:
         """Predicted tokens per second per row for k drafts."""
@@ -51,6 +108,8 @@ class DraftLength:
                rows: int = 0) -> None:
         d = self.decay
         self.verify_s.add(k, verify_s)
+        if rows:
+            self.batch_rows = self._avg(self.batch_rows, float(rows))
         if k == 0:
             return
         step = draft_s / k

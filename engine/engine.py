@@ -34,6 +34,7 @@ from engine.speculative import RoundRecord, request_drafts, speculative_round
 class EngineStats:
     """Where the time goes (seconds), and the speculation counters, accumulated over the engine's life."""
     prefill_s: float = 0.0
+    drafter_prefill_s: float = 0.0  # the part of prefill_s the drafter spent on its own prefill
     draft_s: float = 0.0  # drafter compute (for a remote drafter, as its server measured it)
     wait_s: float = 0.0  # time the target waited for drafts (a local drafter: its compute; remote: not hidden)
     verify_s: float = 0.0
@@ -102,6 +103,9 @@ class SpecEngine:
         if not queue:
             return results  # type: ignore[return-value]
         policy = policy or self.policy
+        own = drafters is None and self.drafter is not None and hasattr(policy, "use_drafter")
+        if own and not policy.use_drafter():  # the drafter's prefill costs more than it saves (draft_length.py)
+            drafters = [None]
         groups = self._groups(drafters, min(self.max_batch, len(queue)))
         max_k = max(self.max_k, getattr(policy, "max_k", 0))
         max_len = max(s.prompt_len for s in queue) + params.max_new_tokens + max_k + 2
@@ -118,13 +122,15 @@ class SpecEngine:
                 if g.pending is not None:
                     rows = len(g.active)
                     self._record(policy if g.drafter is not None else None, speculative_round(self, g, params), rows)
-                    self._retire(g, results, params)
+                    self._retire(g, results, params, policy)
+                if own and g.drafter is not None and g.pending is None and not policy.pays():
+                    g.drafter = None  # from here on this call decodes plainly; rows need no drafter prefill
                 free = g.slots - len(g.active)
                 # prefill in groups: a call per freed slot would pay the vision tower's and the decoder's fixed
                 # costs per row; waiting until a quarter of the slots are free costs a few rounds instead
                 if queue and free and (not g.active or free >= min(max(1, g.slots // 4), len(queue))):
-                    self._admit(g, [queue.pop() for _ in range(min(free, len(queue)))], params)
-                    self._retire(g, results, params)
+                    self._admit(g, [queue.pop() for _ in range(min(free, len(queue)))], params, policy)
+                    self._retire(g, results, params, policy)
                 if g.active:
                     request_drafts(g, policy.choose() if g.drafter is not None else 0, params)
         return results  # type: ignore[return-value]
@@ -193,7 +199,7 @@ class SpecEngine:
                 out[j + i] = int((got == torch.tensor(ref, dtype=torch.long, device=self.device)).sum())
         return out
 
-    def _admit(self, group: SequenceGroup, new: list[Sequence], params: SamplingParams) -> None:
+    def _admit(self, group: SequenceGroup, new: list[Sequence], params: SamplingParams, policy=None) -> None:
         self.sync()
         t0 = time.perf_counter()
         first = len(group.active)
@@ -205,8 +211,15 @@ class SpecEngine:
         lengths = torch.tensor(pe.lengths, device=self.device)
         hidden = self.target.prefill(group.cache, pe, first=first, last=lengths - 1)
         tokens = self._pick(self.target.decoder.logits(hidden[:, 0]), params).tolist()
-        if group.drafter is not None:
+        if group.drafter is not None:  # timed apart: the whole-job cost model weighs it (draft_length.py)
+            self.sync()
+            t1 = time.perf_counter()
             group.drafter.admit(first, prompts, arrays)
+            self.sync()
+            dt = time.perf_counter() - t1
+            self.stats.drafter_prefill_s += dt
+            if hasattr(policy, "record_prefill"):
+                policy.record_prefill(len(new), dt)
         for s, t in zip(new, tokens):
             self.extend(s, [t], params)
         group.active.extend(new)
@@ -237,11 +250,14 @@ class SpecEngine:
             s.finish = "stop"
         self.stats.tokens += len(s.generated) - before
 
-    def _retire(self, group: SequenceGroup, results: list[Result | None], params: SamplingParams) -> None:
+    def _retire(self, group: SequenceGroup, results: list[Result | None], params: SamplingParams,
+                policy=None) -> None:
         """Finished rows leave; the last live rows move into their slots so live rows stay in 0..n-1."""
         active = group.active
         if all(s.finish is None for s in active):
             return
+        if hasattr(policy, "record_finished"):
+            policy.record_finished([len(s.generated) for s in active if s.finish is not None])
         for s in active:
             if s.finish is not None:
                 text, _ = finish_text(self.tokenizer, s.generated, params.stop)

@@ -87,6 +87,9 @@ class OutputConfig(Section):
     columns: list[str] = []  # input columns copied to the output rows
     overwrite: bool = False
     lock_stale_s: float = Field(120.0, gt=0)  # a lock whose heartbeat is older than this is taken over
+    # any: a shard is committed as soon as all its rows are out, whatever order batches finish in (WebDataset
+    # shards keyed by their samples; other inputs keep input order); input: rows come in input order
+    commit_order: Literal["any", "input"] = "any"
 
 
 class ResourcesConfig(Section):

@@ -1,10 +1,16 @@
 """Running a job: shards in, one committed parquet file per shard out, then metrics.json and _SUCCESS.
 
-The driver streams the generate stage's output in input order (Ray Data's preserve_order), so each
-shard's rows arrive together: when the first row of the next shard arrives, the previous shard is
-complete and is committed at once. It keeps a shard's result rows as the Arrow batches they came in
-(pipeline/rows.py's output_table makes the part file of them), never as Python rows. A killed job loses
-only the shards it had not committed; the rerun skips every committed shard.
+The driver takes the generate stage's output batches in whatever order they finish (one slow batch holds up
+nothing behind it) and commits a shard as soon as all of its rows are out: each shard's row count is known
+before the job reads it (pipeline/read.py's inspect_shard). Each row is written once: a shard's rows are
+counted by key (WebDataset sample keys, unique within a tar), a repeated key (a batch re-run after its actor
+died) is dropped, and a shard is never written twice. Where keys are not unique by construction (parquet and
+hf rows are keyed by position at commit, or by a user's id column), or with output.commit_order: input, the
+output comes in input order (Ray Data's preserve_order) and a shard is committed when the next one's first
+row arrives.
+The driver keeps a shard's result rows as the Arrow batches they came in (pipeline/rows.py's output_table
+makes the part file of them), never as Python rows. A killed job loses only the shards it had not committed;
+the rerun skips every committed shard.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import os
 import platform
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -22,9 +29,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from actors.startup import collect, phases
 from pipeline.config import ConfigError, JobConfig, dump, load_config
 from pipeline.preprocess import prompt_columns
-from pipeline.read import Shard, list_shards, read_shards, resolve_format, unreadable
+from pipeline.read import Shard, inspect_shard, list_shards, read_shards, resolve_format
 from pipeline.rows import check_columns, output_table
 from pipeline.stages import generate_stages, start_pools
 from pipeline.write import OutputDir
@@ -62,6 +70,7 @@ class _Tally:
         self.finish: dict[str, int] = {}
         self.eval_rows = self.eval_tokens = self.eval_agreed = self.eval_exact = 0
         self.start = time.time()
+        self.first_row: float | None = None  # when the first result row reached the driver
         self.timeline: list[dict] = []  # cumulative counts, sampled at most once a second (report.html's plots)
 
     def sample(self, final: bool = False) -> None:
@@ -96,6 +105,8 @@ class _Tally:
 
     def add(self, batch: pa.Table) -> None:
         """Count a batch of result rows (actors/generate_rows.py's RESULT)."""
+        if self.first_row is None and batch.num_rows:
+            self.first_row = time.time()
         self.rows += batch.num_rows
         self.prompt_tokens += _sum(batch.column("num_prompt_tokens"))
         self.output_tokens += _sum(batch.column("num_output_tokens"))
@@ -198,7 +209,8 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float, decoder: dict) -> 
     pending = [s for s in shards if s.name not in done]
     skipped = [s.name for s in shards if s.name in done]
     fmt = resolve_format(cfg.input)
-    bad = {s.name: why for s in pending if (why := unreadable(s, fmt)) is not None}
+    inspected = {s.name: inspect_shard(s, fmt) for s in pending}
+    bad = {name: why for name, (why, _) in inspected.items() if why is not None}
     if bad and cfg.input.on_unreadable == "fail":
         name, why = next(iter(bad.items()))
         raise UnreadableShard(f"shard {name}: {why} ({len(bad)} unreadable in all; input.on_unreadable is fail)")
@@ -206,23 +218,32 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float, decoder: dict) -> 
         print(f"skipping shard {name}: {why}", file=sys.stderr, flush=True)
     pending = [s for s in pending if s.name not in bad]
     tally, written, pool_report = _Tally(), [], None
+    tally.start = start
+    ray_ready, run_id, any_order = None, uuid.uuid4().hex, False
     if pending:
         _ensure_ray(cfg)
+        ray_ready = time.time()
         ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True
+        counts = {s.name: inspected[s.name][1] for s in pending}
+        any_order = (cfg.output.commit_order == "any" and fmt == "webdataset" and cfg.input.id_column is None
+                     and None not in counts.values())
+        ctx.execution_options.preserve_order = not any_order
         # a block of carried values that share no Arrow type travels pickled (actors/generate_rows.py)
         ctx.enable_fallback_to_arrow_object_ext_type = True
         needed = prompt_columns(cfg.task.prompt) | set(check_columns(cfg))
         ds, normalise = read_shards(cfg.input, pending, needed)
         pools = start_pools(cfg) if cfg.resources.mode == "disaggregated" else None
         try:
-            written = _stream(generate_stages(ds, cfg, normalise, pools), out, cfg, pending, tally)
+            results = generate_stages(ds, cfg, normalise, pools, run_id=run_id)
+            written = (_stream_any_order(results, out, cfg, pending, counts, tally) if any_order
+                       else _stream(results, out, cfg, pending, tally))
         finally:
             if pools is not None:
                 pool_report = ray.get(pools.shutdown.remote())
                 ray.kill(pools)
     wall = time.time() - start
     tally.sample(final=True)
+    startup = phases(start, ray_ready, tally.first_row, collect(run_id) if ray_ready is not None else [])
     metrics = {
         "rows": tally.rows,
         "errors": tally.errors,
@@ -236,6 +257,8 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float, decoder: dict) -> 
         "wall_s": wall,
         "tokens_per_s": tally.output_tokens / wall if wall > 0 else 0.0,
         "stage_s": {"generate_actor_busy": tally.generate_s},
+        "startup": startup,
+        "commit_order": "any" if any_order else "input",  # any: each shard committed once all its rows are out  # seconds: Ray, actor start, imports, model load, first batch; first output row
         "timeline": tally.timeline,  # [{t (s since the job began), cumulative rows, errors, output_tokens, drafted, accepted}]
         "pools": pool_report,  # disaggregated mode: the controller's decisions and the actors over time
         "decoder": decoder,  # lean | fallback (engine/support.py), and why; parity-checked at each engine's load
@@ -300,4 +323,46 @@ def _stream(ds: ray.data.Dataset, out: OutputDir, cfg: JobConfig, pending: list[
         if shard.name not in written:
             current, parts = shard.name, []
             commit()
+    return written
+
+
+def _stream_any_order(ds: ray.data.Dataset, out: OutputDir, cfg: JobConfig, pending: list[Shard],
+                      counts: dict[str, int], tally: _Tally) -> list[str]:
+    """Commit each shard once all of its `counts[shard]` rows are out, whatever order the batches come in."""
+    carried = check_columns(cfg)
+    written: list[str] = []
+    parts: dict[str, list[pa.Table]] = {}
+    keys: dict[str, set[str]] = {}
+
+    def commit(shard: str) -> None:
+        table = output_table(shard, parts.pop(shard, []), carried)
+        keys.pop(shard, None)
+        out.commit(shard, table)
+        written.append(shard)
+        t = time.time() - tally.start
+        print(f"[{t:7.1f}s] committed {shard}: {table.num_rows} rows | {len(written)}/{len(pending)} shards, "
+              f"{tally.rows} rows, {tally.errors} errors, {tally.output_tokens / max(t, 1e-9):.1f} tokens/s",
+              file=sys.stderr, flush=True)
+
+    for shard in pending:  # shards with no rows at all: their (empty) part file at once
+        if counts[shard.name] == 0:
+            commit(shard.name)
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for shard, rows in _shard_runs(batch):
+            if shard in written:
+                raise RuntimeError(f"shard {shard} has more rows than the {counts[shard]} it was read with; "
+                                   "refusing to write it twice")
+            seen = keys.setdefault(shard, set())
+            fresh = [k not in seen for k in rows.column("key").to_pylist()]
+            if not all(fresh):  # a repeat of rows already out (a re-run batch): each row is written once
+                rows = rows.filter(pa.array(fresh))
+            seen.update(rows.column("key").to_pylist())
+            tally.add(rows)
+            parts.setdefault(shard, []).append(rows)
+            if len(seen) >= counts[shard]:
+                commit(shard)
+        tally.sample()
+    for shard in pending:  # a count that was too high (never expected): the rows that came are committed
+        if shard.name not in written:
+            commit(shard.name)
     return written

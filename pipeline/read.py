@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Collection
 
@@ -259,33 +260,43 @@ class _ShardLookup(dict):
         return super().__getitem__(_norm(url))
 
 
-def unreadable(shard: Shard, fmt: str) -> str | None:
-    """Why a shard cannot be read (a truncated or corrupt tar, a parquet file without a valid footer), or None.
+def _sample_key(name: str) -> str | None:
+    """The WebDataset sample a tar member belongs to, as Ray's reader groups them: the member's path up to the
+    first dot of its file name (None: a name without an extension, which the reader skips)."""
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", _utf8_name(name))
+    return match.group(1) if match else None
+
+
+def inspect_shard(shard: Shard, fmt: str) -> tuple[str | None, int | None]:
+    """(why the shard cannot be read or None, how many rows it holds or None where that is not cheap to know).
+
     Checked before the job reads anything, so one bad shard is reported instead of failing the whole read:
-    a tar's member headers and sizes are walked (data is skipped), a parquet file's footer is parsed."""
+    a tar's member headers and sizes are walked (data is skipped), a parquet file's footer is parsed. The row
+    count (a parquet file's, or a tar's runs of members sharing a sample key, as Ray's reader groups them) lets
+    the driver commit a shard as soon as all its rows are out, in any order."""
     import tarfile
 
     import pyarrow.parquet as pq
 
     if fmt not in ("webdataset", "parquet"):
-        return None
+        return None, None
     try:
         fs, path = fsspec.core.url_to_fs(shard.path)
         size = fs.size(path)
         with fs.open(path, "rb") as f:
             if fmt == "parquet":
-                pq.ParquetFile(f).metadata
-                return None
+                return None, pq.ParquetFile(f).metadata.num_rows
             with tarfile.open(fileobj=f, mode="r:") as tar:
                 members = tar.getmembers()
             if size > 0 and not members:
-                return "unreadable shard: no tar members"
+                return "unreadable shard: no tar members", None
             cut = next((m.name for m in members if m.offset_data + m.size > size), None)
             if cut is not None:
-                return f"unreadable shard: truncated tar (member {cut!r} runs past the end of the file)"
+                return f"unreadable shard: truncated tar (member {cut!r} runs past the end of the file)", None
             last = members[-1]
             if size < last.offset_data + -(-last.size // 512) * 512 + 1024:  # the end-of-archive marker is missing
-                return f"unreadable shard: truncated tar (it ends after member {last.name!r} without an end marker)"
+                return f"unreadable shard: truncated tar (it ends after member {last.name!r} without an end marker)", None
+            keys = [k for m in members if m.isfile() and (k := _sample_key(m.name)) is not None]
+            return None, sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1])
     except Exception as e:  # noqa: BLE001 - any failure to read is the reason
-        return f"unreadable shard: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-    return None
+        return f"unreadable shard: {type(e).__name__}: {' '.join(str(e).split())[:200]}", None

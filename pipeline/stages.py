@@ -63,10 +63,10 @@ def start_pools(cfg: JobConfig):
 
 
 def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[dict], dict],
-                    pools=None, all_columns: bool = False) -> ray.data.Dataset:
+                    pools=None, all_columns: bool = False, run_id: str | None = None) -> ray.data.Dataset:
     """Source rows in (`normalise` maps them to pipeline.read's row shape), result rows out, carrying the
     job's output.columns (all_columns: every input column, as pipeline.generate does). A disaggregated
-    config needs `pools` (start_pools)."""
+    config needs `pools` (start_pools). `run_id`: the actors record their start-up under it (actors/startup.py)."""
     model = cfg.engine().target
     r = cfg.resources
     ds = ds.map(_normalise_and_preprocess, num_cpus=r.preprocess_cpus, fn_kwargs={
@@ -80,7 +80,8 @@ def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[d
                               batch_format="pyarrow", num_cpus=0.01)
     return ds.map_batches(
         GenerateActor,
-        fn_constructor_kwargs={"engine": cfg.engine(), "params": cfg.sampling(), "evaluate": _evaluate(cfg)},
+        fn_constructor_kwargs={"engine": cfg.engine(), "params": cfg.sampling(), "evaluate": _evaluate(cfg),
+                               "run_id": run_id},
         compute=ActorPoolStrategy(size=r.num_actors),
         batch_size=r.batch_size,
         batch_format="pyarrow",

@@ -7,6 +7,7 @@ uses 128 held-out prompts; `pytest -m full` repeats it on 500.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -205,6 +206,50 @@ def test_adaptive_draft_length_follows_acceptance_and_cost():
     assert 1 <= np.mean(simulate(0.6, 0.0010)) <= 4  # a mediocre one: draft short
     tail = simulate(0.1, 0.004)  # a useless, costly one: plain decoding (with occasional probes)
     assert sum(k == 0 for k in tail) >= 17
+
+
+def test_the_cost_model_weighs_the_drafters_prefill_against_what_speculation_saves_per_row():
+    def trained(prefill_row_s: float) -> DraftLength:
+        policy = DraftLength(None, max_k=8)
+        for _ in range(40):
+            k = policy.choose()
+            accepted = [min(k, 3)] * 16  # acceptance about 0.75
+            policy.record(k, 0.010 + 0.001 * k, 0.0005 * k, accepted, [k] * 16, rows=16)
+        policy.record_finished([30] * 16)
+        policy.record_prefill(16, 16 * prefill_row_s)
+        return policy
+
+    saving = trained(0.0).saving_per_row()
+    # plain: 30 tokens x 10 ms / 16 rows; speculating saves about half of that per row
+    assert 0.3 * 30 * 0.010 / 16 < saving < 0.8 * 30 * 0.010 / 16, saving
+    assert trained(0.5 * saving).pays() and not trained(2 * saving).pays()
+    off = trained(2 * saving)
+    calls = [off.use_drafter() for _ in range(16)]  # off, but one call in probe_every probes again
+    assert sum(calls) == 16 // off.probe_every and calls[off.probe_every - 1]
+    assert DraftLength(4).pays()  # a fixed k is the user's order
+
+
+def test_a_drafter_whose_prefill_cannot_pay_is_turned_off_and_the_output_stays_the_targets(heldout):
+    """A drafter made slow on purpose (its prefill sleeps 0.3 s a row): within the first call the engine stops
+    admitting rows to it, the next call decodes plainly from the start, and every row equals HF generate's."""
+    requests, oracle = heldout
+    engine = SpecEngine(EngineConfig(TARGET, DRAFTERS["vlm"], dtype="float32", max_batch_size=8))
+    admit = engine.drafter.admit
+    admitted = []
+
+    def slow_admit(first, prompts, arrays):
+        time.sleep(0.3 * len(prompts))
+        admitted.append(len(prompts))
+        admit(first, prompts, arrays)
+
+    engine.drafter.admit = slow_admit
+    first = engine.generate(requests[:24], GREEDY)
+    assert not engine.policy.pays() and sum(admitted) < 24, admitted
+    drafted, rows = engine.stats.drafted, sum(admitted)
+    second = engine.generate(requests[24:48], GREEDY)
+    assert engine.stats.drafted == drafted and sum(admitted) == rows
+    assert engine.stats.drafter_prefill_s >= 0.3 * rows
+    assert not _same(first + second, oracle[:48])[0]
 
 
 def test_a_prompt_too_long_for_the_model_is_an_error_row_not_a_failed_batch(heldout):

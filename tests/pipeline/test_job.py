@@ -87,6 +87,13 @@ def test_cli_job_end_to_end(tmp_path, tiny_model, ray_address, fmt, suffix):
     assert metrics["rows"] == 23 and metrics["errors"] == 3
     assert metrics["output_tokens"] == sum(r["num_output_tokens"] for r in rows.values())
     assert metrics["config"]["model"]["target"] == str(tiny_model) and metrics["tokens_per_s"] > 0
+    # where the first seconds went: each phase up to the first output row, from the actor's own record
+    st = metrics["startup"]
+    phases = ("ray_s", "actor_start_s", "imports_s", "model_load_s", "wait_first_batch_s", "first_batch_s")
+    assert st["actors"] == 1 and all(st[p] >= 0 for p in phases), st
+    assert st["imports_s"] > 0 and st["model_load_s"] > 0 and st["first_batch_s"] > 0
+    assert sum(st[p] for p in phases) <= st["first_row_s"] + 0.5 and st["first_row_s"] <= metrics["wall_s"]
+    assert "start:  first row after" in first.stdout
 
     # a rerun skips every committed shard and adds nothing
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}

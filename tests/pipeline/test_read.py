@@ -44,3 +44,33 @@ def test_a_source_row_holds_only_the_columns_the_job_needs():
     row = _webdataset_row(sample, InputConfig(), {"/d/s.tar": "s"}, columns=["question", "meta", "txt"])
     assert list(row) == SOURCE.names and row["error"] is None
     assert row["fields"] == {"question": "q?", "meta": {"lang": "en", "n": [1, 2]}, "txt": "a caption"}
+
+
+def test_a_shards_row_count_is_known_before_it_is_read_as_ray_reads_it(tmp_path, ray_address):
+    """inspect_shard counts a tar's samples as Ray's WebDataset reader groups members (runs of one key, names
+    without an extension skipped) and a parquet file's rows; the any-order commit relies on both."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipeline.read import Shard, inspect_shard
+
+    path = tmp_path / "odd.tar"
+    with tarfile.open(path, "w") as tar:
+        for name in ("a.png", "a.json", "dir/b.png", "dir/b.json", "README", "c.d.png", "c.d.json", "e.png"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+        folder = tarfile.TarInfo("dir2")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    assert inspect_shard(Shard("odd", str(path)), "webdataset") == (None, 4)
+    assert ray.data.read_webdataset(str(path), decoder=None).count() == 4
+    pq.write_table(pa.table({"x": list(range(7))}), tmp_path / "p.parquet")
+    assert inspect_shard(Shard("p", str(tmp_path / "p.parquet")), "parquet") == (None, 7)
+    (tmp_path / "bad.parquet").write_bytes(b"nope")
+    why, rows = inspect_shard(Shard("bad", str(tmp_path / "bad.parquet")), "parquet")
+    assert why.startswith("unreadable shard") and rows is None
