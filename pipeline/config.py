@@ -65,7 +65,7 @@ class DecodingConfig(Section):
     backend: Literal["specray", "hf"] = "specray"  # hf: plain model.generate, the reference
     num_draft_tokens: int | Literal["auto"] = ENGINE.num_draft_tokens
     max_batch_size: int = Field(ENGINE.max_batch_size, ge=1)  # the engine's slots: sequences decoded together
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 for specray; hf: fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32
     decoder: Literal["lean", "hf"] = ENGINE.decoder  # hf: the generic HF forward (any architecture; slower)
     parity_check: bool = ENGINE.parity_check  # at load: refuse a model the decoder would run wrong (engine/parity.py)
     max_new_tokens: int = Field(64, ge=1, le=8192)
