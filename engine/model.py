@@ -225,13 +225,13 @@ class LoadedModel:
         keep = ~is_image  # text tokens stay...
         together = bool((counts == counts[0]).all())
         for part in ([list(range(len(idx)))] if together else [[j] for j in range(len(idx))]):
-            if not together and self.pruner.method == "attention":
+            if not together and not self.pruner.per_image:
                 raise ValueError("compression.visual_tokens.method: attention needs images of one size in a "
-                                 "batch; use diversity")
+                                 "batch with this vision tower; use diversity")
             p = torch.tensor(part, device=self.device)
             image_at = is_image[p].nonzero()[:, 1].view(len(part), int(counts[part[0]]))  # [g, m]
             rows = torch.tensor([idx[j] for j in part], device=self.device)
-            kept = self.pruner.select(out[rows[:, None], image_at])  # [g, n]
+            kept = self.pruner.select(out[rows[:, None], image_at], images=part)  # [g, n]
             if self.pruner.merge_pruned:
                 out[rows[:, None], image_at.gather(1, kept)] = self.pruner.merge(out[rows[:, None], image_at], kept)
             keep[p[:, None], image_at.gather(1, kept)] = True  # ...and so do the kept image tokens

@@ -6,7 +6,9 @@ positions; the text around them is untouched). Training-free, two ways to rank t
 
 - `attention` (FasterVLM): the attention the vision encoder's [CLS] query pays each patch, in the encoder
   layer whose output the projector reads; heads averaged. An encoder without a [CLS] token (SigLIP) ranks
-  a patch by the attention it receives from all patches.
+  a patch by the attention it receives from all patches. A tower that merges patches into tokens (Qwen2-VL,
+  Qwen2.5-VL: m x m patches per token, window attention in between) ranks a token by the attention its
+  patches receive from the whole image in the tower's last block (which attends over the whole image).
 - `diversity` (ToDRE's first stage): a greedy max-min subset of the projected image tokens under cosine
   distance: start from the token farthest from the image's mean, then repeatedly add the token farthest
   from everything kept so far. It needs nothing from the encoder, so it works for any tower.
@@ -36,23 +38,32 @@ class VisualTokenPruner:
         if method not in METHODS:
             raise ValueError(f"compression.visual_tokens.method: one of {', '.join(METHODS)}, not {method!r}")
         self.keep, self.method, self.merge_pruned = keep, method, merge
-        self.layer = None
+        self.layer = self.tower = None
+        self._captured: torch.Tensor | dict | None = None
+        self._scores: list[torch.Tensor] | None = None  # a merging tower's per-image scores, once computed
         if method == "attention":
             layers = _encoder_layers(model)
-            if not layers or not hasattr(layers[0], "self_attn"):
+            self.tower = _merging_tower(model) if not layers else None
+            if self.tower is not None:
+                self.layer = self.tower.blocks[-1]
+            elif not layers or not hasattr(layers[0], "self_attn"):
                 raise ValueError(f"compression.visual_tokens.method: attention needs a CLIP/SigLIP-style vision "
-                                 f"encoder, which {config.model_type} does not have; use diversity")
+                                 f"encoder or a patch-merging tower, which {config.model_type} does not have; "
+                                 "use diversity")
+            if self.tower is not None:
+                return
             feature_layer = getattr(config, "vision_feature_layer", -1)
             if isinstance(feature_layer, (list, tuple)):
                 feature_layer = feature_layer[-1]
             # hidden_states[i] is the output of layer i-1 (index 0: the embeddings)
             self.layer = layers[feature_layer] if feature_layer < 0 else layers[max(0, feature_layer - 1)]
-        self._captured: torch.Tensor | None = None
 
     def hook(self):
         """Install the capture of the scoring layer's attention input (attention method); returns the handle."""
         if self.layer is None:
             return None
+        if self.tower is not None:
+            return self._hook_merging_tower()
 
         def capture(_module, args, kwargs):
             self._captured = kwargs.get("hidden_states", args[0] if args else None)
@@ -71,13 +82,23 @@ class VisualTokenPruner:
         self._captured = None
         return probs
 
-    def select(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """image_embeds [images, m, hidden] (the tokens the decoder would see) -> kept indices [images, n], sorted."""
+    @property
+    def per_image(self) -> bool:
+        """Whether images of different sizes in one batch can be ranked (each image's scores are its own)."""
+        return self.method == "diversity" or self.tower is not None
+
+    def select(self, image_embeds: torch.Tensor, images: list[int] | None = None) -> torch.Tensor:
+        """image_embeds [images, m, hidden] (the tokens the decoder would see) -> kept indices [images, n], sorted.
+        `images`: which of the images the tower last encoded these are (default: all of them, in order)."""
         b, m, _ = image_embeds.shape
         n = max(1, round(self.keep * m))
         if n >= m:
             return torch.arange(m, device=image_embeds.device).expand(b, m)
-        if self.method == "attention":
+        if self.method == "attention" and self.tower is not None:
+            scores = self._merged_scores()
+            scores = torch.stack([scores[i] for i in (images if images is not None else range(len(scores)))])
+            kept = scores.to(image_embeds.device).topk(n, dim=-1).indices
+        elif self.method == "attention":
             probs = self._attention_scores().to(image_embeds.device)  # [b, t, t]
             t = probs.shape[-1]
             if t == m + 1:  # a [CLS] token the projector dropped: its attention to the patches
@@ -92,6 +113,54 @@ class VisualTokenPruner:
             kept = _max_min_subset(image_embeds.float(), n)
         return kept.sort(-1).values
 
+    def _hook_merging_tower(self):
+        captured: dict = {}
+
+        def grid(_module, args, kwargs):
+            captured["grid_thw"] = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+
+        def attention_input(_module, args, kwargs):
+            captured.update(hidden=kwargs.get("hidden_states", args[0] if args else None),
+                            cu_seqlens=kwargs["cu_seqlens"], rotary=kwargs.get("position_embeddings"))
+
+        self._captured, self._scores = captured, None
+        handles = [self.tower.register_forward_pre_hook(grid, with_kwargs=True),
+                   self.layer.attn.register_forward_pre_hook(attention_input, with_kwargs=True)]
+        return _Handles(handles)
+
+    def _merged_scores(self) -> list[torch.Tensor]:
+        """Per image the tower last encoded, per token: the attention its patches receive from every patch of its
+        image (heads and queries averaged) in the tower's last block, in the tokens' own (row-major) order."""
+        import sys
+
+        if self._scores is not None:
+            return self._scores
+        c = self._captured
+        attn, h = self.layer.attn, c["hidden"].float()
+        t = h.shape[0]
+        heads = attn.num_heads
+        q, k, _ = torch.nn.functional.linear(h, attn.qkv.weight.float(), _f(attn.qkv.bias)).view(t, 3, heads, -1).unbind(1)
+        if c["rotary"] is not None:
+            rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+            q, k = rotate(q, k, *(x.float() for x in c["rotary"]))
+        unit = self.tower.spatial_merge_size ** 2
+        received = torch.zeros(t, device=h.device)
+        bounds = c["cu_seqlens"].tolist()
+        for a, z in zip(bounds[:-1], bounds[1:]):  # one image per segment in a full-attention block
+            qi, ki = q[a:z].transpose(0, 1), k[a:z].transpose(0, 1)  # [heads, len, d]
+            probs = torch.softmax(qi @ ki.transpose(-1, -2) / qi.shape[-1] ** 0.5, -1)  # [heads, len, len]
+            received[a:z] = probs.mean((0, 1))
+        per_unit = received.view(-1, unit).sum(1)  # merged tokens, in the tower's (window) order
+        if hasattr(self.tower, "window_size"):  # Qwen2.5-VL: back to row-major order, as the merger's output is
+            from transformers.vision_utils import get_vision_window_index
+
+            window, _ = get_vision_window_index(c["grid_thw"], self.tower.spatial_merge_size, self.tower.window_size,
+                                                self.tower.patch_size)
+            per_unit = per_unit[torch.argsort(window.to(per_unit.device))]
+        sizes = [(z - a) // unit for a, z in zip(bounds[:-1], bounds[1:])]
+        self._scores = list(per_unit.split(sizes))
+        return self._scores
+
     def merge(self, image_embeds: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """Kept tokens [b, n, d], each averaged with the pruned tokens closest to it (cosine)."""
         b, m, d = image_embeds.shape
@@ -104,6 +173,30 @@ class VisualTokenPruner:
         total = torch.zeros(b, kept.shape[1], d, device=x.device).scatter_add_(1, nearest[..., None].expand(b, m, d), x)
         count = torch.zeros(b, kept.shape[1], device=x.device).scatter_add_(1, nearest, torch.ones(b, m, device=x.device))
         return (total / count[..., None]).to(image_embeds.dtype)
+
+
+def _merging_tower(model):
+    """A vision tower that merges m x m patches into each token and whose last block attends over the whole image
+    (Qwen2-VL, Qwen2.5-VL), or None."""
+    tower = getattr(getattr(model, "model", model), "visual", None)
+    blocks = getattr(tower, "blocks", None)
+    if tower is None or not blocks or not hasattr(tower, "spatial_merge_size") or not hasattr(blocks[-1], "attn"):
+        return None
+    full = getattr(tower, "fullatt_block_indexes", None)
+    if full is not None and len(blocks) - 1 not in full:  # a windowed last block sees only part of the image
+        return None
+    if not hasattr(blocks[-1].attn, "qkv") or getattr(tower.config, "deepstack_visual_indexes", None):
+        return None
+    return tower
+
+
+class _Handles:
+    def __init__(self, handles: list):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def _f(t: torch.Tensor | None) -> torch.Tensor | None:

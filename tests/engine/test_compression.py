@@ -128,3 +128,55 @@ def test_loading_is_safetensors_only(tmp_path, tiny_model):
     with pytest.raises(OSError, match="safetensors"):
         LoadedModel(str(tmp_path), "cpu", torch.float32)
     LoadedModel(str(tiny_model), "cpu", torch.float32)  # the same model as safetensors loads
+
+
+@torch.inference_mode()
+def test_attention_ranking_on_a_patch_merging_tower_reads_the_towers_own_last_block(tmp_path):
+    """Qwen2.5-VL's tower (window attention, 2x2 patches per token): a token's score is the attention its four
+    patches receive in the last (whole-image) block, exactly as the tower computes it (recorded from its own
+    eager attention), put back in the tokens' row-major order; the ranking keeps the top tokens."""
+    import sys
+
+    from engine.visual_tokens import VisualTokenPruner
+    from training import corpus
+    from training.modelpair import build_qwen_processor, build_qwen_vlm
+    from training.tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    tok = train_tokenizer(num_texts=200)
+    spec = {"vision": {"depth": 2, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64},
+            "text": {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "intermediate_size": 128}}
+    model = build_qwen_vlm(spec, tok, patch_size=8).eval()
+    tower = model.model.visual
+    tower.config._attn_implementation = "eager"
+    processor = build_qwen_processor(tok, patch_size=8)
+    images = [corpus.sample(3000, i).image for i in range(3)]
+    enc = processor.image_processor(images, return_tensors="pt")
+    module = sys.modules[type(tower.blocks[-1].attn).__module__]
+    recorded, eager = [], module.eager_attention_forward
+
+    def recording(mod, *args, **kwargs):
+        out, weights = eager(mod, *args, **kwargs)
+        if mod is tower.blocks[-1].attn:
+            recorded.append(weights)
+        return out, weights
+
+    pruner = VisualTokenPruner(model, model.config, keep=0.25, method="attention")
+    handle = pruner.hook()
+    module.eager_attention_forward = recording
+    try:
+        merged = tower(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output.view(3, 36, -1)
+    finally:
+        module.eager_attention_forward = eager
+        handle.remove()
+    scores = torch.stack(pruner._merged_scores())
+    from transformers.vision_utils import get_vision_window_index
+
+    window, _ = get_vision_window_index(enc["image_grid_thw"], 2, tower.window_size, tower.patch_size)
+    received = torch.cat([w[0].float().mean((0, 1)) for w in recorded])  # per patch, window order
+    want = received.view(-1, 4).sum(1)[torch.argsort(window)].view(3, 36)
+    torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(scores[0], scores[1])  # the scores depend on the image
+    kept = pruner.select(merged)
+    assert kept.shape == (3, 9) and torch.equal(kept, want.topk(9, -1).indices.sort(-1).values)

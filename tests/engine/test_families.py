@@ -128,12 +128,13 @@ def test_qwen2_5_vl_with_a_prefix_vocabulary_or_a_vlm_drafter_is_exact(drafter, 
 
 
 @torch.inference_mode()
-def test_pruned_image_tokens_keep_their_three_axis_positions(tmp_path_factory):
+@pytest.mark.parametrize("method", ["diversity", "attention"])
+def test_pruned_image_tokens_keep_their_three_axis_positions(tmp_path_factory, method):
     """Visual-token pruning under M-RoPE: the kept tokens are decoded at their own (t, h, w) positions and the
     text after them at the unpruned prompt's. The engine's prefill logits equal the HF language model's over the
     same kept embeddings at those positions; and speculation over the pruned prompt stays lossless."""
     f = family("qwen2_5_vl", tmp_path_factory)
-    pruning = Compression(visual_keep=0.5, visual_method="diversity")
+    pruning = Compression(visual_keep=0.5, visual_method=method)
     engine = SpecEngine(EngineConfig(f["path"], None, dtype="float32", compression=pruning))
     target, r = engine.target, f["requests"][0]
     full = target.model.model.get_rope_index(torch.tensor([r.input_ids]),
