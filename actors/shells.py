@@ -17,7 +17,7 @@ class TargetShell:
         return self.impl.ping()
 
     def generate_batch(self, batch):
-        return self.impl(batch)
+        return self.impl.run_batch(batch)
 
 
 class DrafterShell:

@@ -116,7 +116,7 @@ def test_metrics_are_exported_by_ray(ray_address):
 
             g = GenerateActor.__new__(GenerateActor)
             g.engine, g.params, g.mixed_shapes, g.reference, g.evaluate = Engine(), SamplingParams(), True, None, None
-            out = g(batch)
+            out = g.run_batch(batch)
             record_pools({"t": 1.0, "targets": 2, "drafters": 5, "queue": 7})
             return out.num_rows, ray.get_runtime_context().get_worker_id()
 
