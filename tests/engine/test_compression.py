@@ -43,12 +43,13 @@ def test_quantized_target_agrees_with_the_dense_one_and_is_smaller(rows, weights
     assert sum(a.text == b.text for a, b in zip(out, reference)) >= 0.75 * len(reference)
 
 
-def test_pruned_prompts_keep_their_original_positions(rows):
-    requests, _, _ = rows
+def test_pruned_prompts_keep_their_original_positions(tiny_model):
+    """A LLaVA (1-D positions, 64 image tokens); the M-RoPE case is tests/engine/test_families.py's."""
+    requests = heldout_requests(load_processor(str(tiny_model)), 3)
     prompts, arrays = [r.input_ids for r in requests[:3]], [r.model_inputs for r in requests[:3]]
-    full = SpecEngine(EngineConfig(TARGET, None, dtype="float32")).target.embed_prompts(prompts, arrays)
+    full = SpecEngine(EngineConfig(str(tiny_model), None, dtype="float32")).target.embed_prompts(prompts, arrays)
     for method in ("attention", "diversity"):
-        ck = SpecEngine(EngineConfig(TARGET, None, dtype="float32",
+        ck = SpecEngine(EngineConfig(str(tiny_model), None, dtype="float32",
                         compression=Compression(visual_keep=0.5, visual_method=method))).target
         pe = ck.embed_prompts(prompts, arrays)
         assert pe.lengths == [len(p) - 32 for p in prompts] and pe.offsets == [32] * 3  # 64 image tokens, half kept
