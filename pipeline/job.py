@@ -71,6 +71,7 @@ class _Tally:
         self.eval_rows = self.eval_tokens = self.eval_agreed = self.eval_exact = 0
         self.start = time.time()
         self.first_row: float | None = None  # when the first result row reached the driver
+        self.commits: list[dict] = []  # {shard, t (s since the job began), rows}: when each shard was committed
         self.timeline: list[dict] = []  # cumulative counts, sampled at most once a second (report.html's plots)
 
     def sample(self, final: bool = False) -> None:
@@ -258,7 +259,8 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float, decoder: dict) -> 
         "tokens_per_s": tally.output_tokens / wall if wall > 0 else 0.0,
         "stage_s": {"generate_actor_busy": tally.generate_s},
         "startup": startup,
-        "commit_order": "any" if any_order else "input",  # any: each shard committed once all its rows are out  # seconds: Ray, actor start, imports, model load, first batch; first output row
+        "commit_order": "any" if any_order else "input",  # any: each shard committed once all its rows are out
+        "commits": tally.commits,  # [{shard, t (s since the job began), rows}], in commit order  # seconds: Ray, actor start, imports, model load, first batch; first output row
         "timeline": tally.timeline,  # [{t (s since the job began), cumulative rows, errors, output_tokens, drafted, accepted}]
         "pools": pool_report,  # disaggregated mode: the controller's decisions and the actors over time
         "decoder": decoder,  # lean | fallback (engine/support.py), and why; parity-checked at each engine's load
@@ -302,6 +304,7 @@ def _stream(ds: ray.data.Dataset, out: OutputDir, cfg: JobConfig, pending: list[
         out.commit(current, table)
         written.append(current)
         t = time.time() - tally.start
+        tally.commits.append({"shard": current, "t": round(t, 2), "rows": table.num_rows})
         print(f"[{t:7.1f}s] committed {current}: {table.num_rows} rows | {len(written)}/{len(pending)} shards, "
               f"{tally.rows} rows, {tally.errors} errors, {tally.output_tokens / max(t, 1e-9):.1f} tokens/s",
               file=sys.stderr, flush=True)
@@ -340,6 +343,7 @@ def _stream_any_order(ds: ray.data.Dataset, out: OutputDir, cfg: JobConfig, pend
         out.commit(shard, table)
         written.append(shard)
         t = time.time() - tally.start
+        tally.commits.append({"shard": shard, "t": round(t, 2), "rows": table.num_rows})
         print(f"[{t:7.1f}s] committed {shard}: {table.num_rows} rows | {len(written)}/{len(pending)} shards, "
               f"{tally.rows} rows, {tally.errors} errors, {tally.output_tokens / max(t, 1e-9):.1f} tokens/s",
               file=sys.stderr, flush=True)
