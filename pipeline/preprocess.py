@@ -9,6 +9,7 @@ Data having to understand its tensor shapes. The prompt's columns are used up he
 """
 from __future__ import annotations
 
+import functools
 import io
 import string
 from typing import Any
@@ -105,6 +106,12 @@ def prompt_columns(template: str) -> set[str]:
     return {name.split(".", 1)[0].split("[", 1)[0] for name in names} - {""}
 
 
+@functools.lru_cache(maxsize=4)
+def processor_of(model_path: str, trust_remote_code: bool = False):
+    """The model's processor, loaded once per worker process (loading it costs far more than one row)."""
+    return load_processor(model_path, trust_remote_code)
+
+
 def preprocess_row(row: dict, model_path: str, prompt_template: str, max_pixels: int,
                    trust_remote_code: bool = False, carry: list[str] | None = None) -> dict:
     """A source row's preprocessed row; `carry`: the fields it carries on (None: all of them)."""
@@ -116,8 +123,7 @@ def preprocess_row(row: dict, model_path: str, prompt_template: str, max_pixels:
             raise ValueError(row["error"])
         prompt = build_prompt(prompt_template, fields)
         image = decode_image(read_image_bytes(row), max_pixels)
-        processor = load_processor(model_path, trust_remote_code)
-        ids, arrays = encode(processor, prompt, image)
+        ids, arrays = encode(processor_of(model_path, trust_remote_code), prompt, image)
         inputs = tensor_entries(arrays)
         out.update(input_ids=ids, num_prompt_tokens=len(ids), model_inputs=inputs)
     except Exception as e:  # noqa: BLE001 - any failure of one row becomes that row's error

@@ -100,3 +100,17 @@ def test_image_from_a_path_column(tiny_model, tmp_path):
     row = {"shard": "s", "key": "k", "image": None, "image_path": str(path), "fields": {}}
     out = preprocess_row(row, str(tiny_model), "Describe.", 10**7)
     assert out["error"] is None and np.asarray(out["input_ids"]).size > 0
+
+
+def test_a_worker_loads_the_processor_once_not_per_row(tiny_model, monkeypatch):
+    import pipeline.preprocess as pre
+
+    loads = []
+    real = pre.load_processor
+    monkeypatch.setattr(pre, "load_processor", lambda *a: loads.append(a) or real(*a))
+    pre.processor_of.cache_clear()
+    good = png(Image.new("RGB", (32, 32), (0, 255, 0)))
+    for _ in range(3):
+        assert preprocess_row(_row(good, {"question": "What?"}), str(tiny_model), "{question}", 10**7)["error"] is None
+    assert len(loads) == 1
+    pre.processor_of.cache_clear()
