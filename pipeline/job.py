@@ -293,6 +293,17 @@ def _shard_runs(batch: pa.Table):
         yield shards[a].as_py(), batch.slice(a, b - a)
 
 
+def _commit(out: OutputDir, shard: str, table: pa.Table, written: list[str], total: int, tally: _Tally) -> None:
+    """Write a shard's part file, note when, and print the progress line."""
+    out.commit(shard, table)
+    written.append(shard)
+    t = time.time() - tally.start
+    tally.commits.append({"shard": shard, "t": round(t, 2), "rows": table.num_rows})
+    print(f"[{t:7.1f}s] committed {shard}: {table.num_rows} rows | {len(written)}/{total} shards, "
+          f"{tally.rows} rows, {tally.errors} errors, {tally.output_tokens / max(t, 1e-9):.1f} tokens/s",
+          file=sys.stderr, flush=True)
+
+
 def _stream(ds: ray.data.Dataset, out: OutputDir, cfg: JobConfig, pending: list[Shard], tally: _Tally) -> list[str]:
     carried = check_columns(cfg)
     written: list[str] = []
@@ -300,14 +311,7 @@ def _stream(ds: ray.data.Dataset, out: OutputDir, cfg: JobConfig, pending: list[
     parts: list[pa.Table] = []
 
     def commit() -> None:
-        table = output_table(current, parts, carried)
-        out.commit(current, table)
-        written.append(current)
-        t = time.time() - tally.start
-        tally.commits.append({"shard": current, "t": round(t, 2), "rows": table.num_rows})
-        print(f"[{t:7.1f}s] committed {current}: {table.num_rows} rows | {len(written)}/{len(pending)} shards, "
-              f"{tally.rows} rows, {tally.errors} errors, {tally.output_tokens / max(t, 1e-9):.1f} tokens/s",
-              file=sys.stderr, flush=True)
+        _commit(out, current, output_table(current, parts, carried), written, len(pending), tally)
 
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for shard, rows in _shard_runs(batch):
@@ -338,15 +342,8 @@ def _stream_any_order(ds: ray.data.Dataset, out: OutputDir, cfg: JobConfig, pend
     keys: dict[str, set[str]] = {}
 
     def commit(shard: str) -> None:
-        table = output_table(shard, parts.pop(shard, []), carried)
         keys.pop(shard, None)
-        out.commit(shard, table)
-        written.append(shard)
-        t = time.time() - tally.start
-        tally.commits.append({"shard": shard, "t": round(t, 2), "rows": table.num_rows})
-        print(f"[{t:7.1f}s] committed {shard}: {table.num_rows} rows | {len(written)}/{len(pending)} shards, "
-              f"{tally.rows} rows, {tally.errors} errors, {tally.output_tokens / max(t, 1e-9):.1f} tokens/s",
-              file=sys.stderr, flush=True)
+        _commit(out, shard, output_table(shard, parts.pop(shard, []), carried), written, len(pending), tally)
 
     for shard in pending:  # shards with no rows at all: their (empty) part file at once
         if counts[shard.name] == 0:
