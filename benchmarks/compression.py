@@ -85,8 +85,10 @@ def child(args) -> None:
     engine = SpecEngine(EngineConfig(str(ROOT / "models/target"), drafter, max_batch_size=args.batch,
                                      compression=Compression(**section)), device=args.device)
     engine.generate(requests[:16], params)  # warm-up
-    prefill_s = prefill(engine, requests, args.batch, sync := (torch.cuda.synchronize if args.device == "cuda"
-                                                               else (lambda: None)))
+    from training.evaluate_pruning import prefill_seconds
+
+    prefill_s = prefill_seconds(engine, requests, args.batch, sync := (torch.cuda.synchronize if args.device == "cuda"
+                                                                       else (lambda: None)))
     engine.stats = type(engine.stats)()
     sync()
     t0 = time.perf_counter()
@@ -115,28 +117,6 @@ def child(args) -> None:
         if args.device == "cuda":
             result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(result))
-
-
-@torch.inference_mode()
-def prefill(engine, requests, batch: int, sync) -> float:
-    """Seconds to prefill every row in batches of `batch` (tower, projector, pruning, decoder; the first token's
-    logits), as the engine admits a full batch: the best of two passes."""
-    ck, dec = engine.target, engine.target.decoder
-    best = float("inf")
-    for _ in range(2):
-        sync()
-        t = time.perf_counter()
-        for i in range(0, len(requests), batch):
-            chunk = requests[i:i + batch]
-            pe = ck.embed_prompts([r.input_ids for r in chunk], [r.model_inputs for r in chunk])
-            lengths = torch.tensor(pe.lengths, device=engine.device)
-            cache = dec.new_cache()
-            cache.allocate(len(chunk), int(lengths.max()) + 1)
-            cache.set_offsets(0, pe.offsets or [0] * len(chunk))
-            dec.logits(dec.forward(cache, pe.embeds, torch.zeros_like(lengths), last=lengths - 1, positions=pe.positions))
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def run_setting(name: str, args, reference: str | None) -> dict:

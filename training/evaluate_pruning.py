@@ -19,10 +19,13 @@ KEEPS = (1.0, 0.75, 0.5, 0.25)
 
 
 @torch.inference_mode()
-def prefill_seconds(engine, requests, batch: int) -> float:
+def prefill_seconds(engine, requests, batch: int, sync=lambda: None) -> float:
+    """Seconds to prefill every row in batches of `batch` (tower, projector, pruning, decoder; the first token's
+    logits), as the engine admits a full batch: the best of two passes."""
     best = float("inf")
     model = engine.target
     for _ in range(2):
+        sync()
         t = time.perf_counter()
         for i in range(0, len(requests), batch):
             chunk = requests[i:i + batch]
@@ -31,6 +34,7 @@ def prefill_seconds(engine, requests, batch: int) -> float:
             cache = model.decoder.new_cache()
             cache.allocate(len(chunk), int(lengths.max()) + 1)
             model.decoder.logits(model.prefill(cache, pe, last=lengths - 1))
+        sync()
         best = min(best, time.perf_counter() - t)
     return best
 
