@@ -1,6 +1,9 @@
 """The generate stage's actor (colocated mode): a Ray Data UDF holding one engine (engine/loading.py), turning
 a batch of preprocessed rows into result rows (both: actors/generate_rows.py), column by column in Arrow.
 
+With model.drafter_training, the actor sends its finished rows to the drafter trainer and swaps in each new
+drafter version between batches (actors/drafter_trainer.py); every row records the version it was drafted with.
+
 Rows that already carry an error pass straight through. A batch that fails as a whole (say, out of
 memory) is split in halves and retried, down to single rows, so one bad row cannot sink its neighbours.
 """
@@ -33,7 +36,7 @@ def evaluated(key: str, fraction: float) -> bool:
 
 class GenerateActor:
     def __init__(self, engine: EngineConfig, params: SamplingParams, evaluate: float | None = None,
-                 run_id: str | None = None):
+                 run_id: str | None = None, trainer=None):
         self.startup = StartupLog(run_id, IMPORTS_DONE)  # run_id: the job's, whose driver reports start-up phases
         torch.set_num_threads(max(1, engine.threads))
         self.engine = make_engine(engine)
@@ -43,6 +46,10 @@ class GenerateActor:
         # compression.evaluate: the uncompressed target, decoding plainly, is the reference
         self.reference = make_engine(replace(engine, drafter=None, compression=type(engine.compression)(),
                                              num_draft_tokens="auto")) if evaluate else None
+        self.updates = None
+        if trainer is not None:
+            from actors.drafter_trainer import DrafterUpdates
+            self.updates = DrafterUpdates(trainer, self.engine)
         self.startup.loaded()
 
     def _evaluate(self, requests: dict[int, Request], results: list[Result | None]) -> dict[int, tuple[int, int, bool]]:
@@ -110,10 +117,16 @@ class GenerateActor:
             for i, result in zip(idx, self._run([requests[i] for i in idx])):
                 results[i] = result
         per_row = (time.perf_counter() - t0) / max(1, len(requests))
+        version = getattr(self.engine, "drafter_version", None)  # the drafter these rows were drafted with
+        if self.updates is not None:
+            self.updates.send([requests[i] for i in requests], [results[i] for i in requests])
+            self.updates.poll()  # a newer version, if one is out, serves the next batch
         evals = self._evaluate(requests, results) if self.reference is not None else {}
         columns = {name: [getattr(r, name) for r in results] for name in (
             "text", "finish_reason", "num_output_tokens", "num_drafted_tokens", "num_accepted_tokens", "error")}
         columns["generate_s"] = [per_row if i in requests else 0.0 for i in range(len(results))]
+        columns["drafter_version"] = [version if i in requests and self.updates is not None else None
+                                      for i in range(len(results))]
         for j, name in enumerate(("eval_tokens", "eval_agreed", "eval_exact")):
             columns[name] = [evals[i][j] if i in evals else None for i in range(len(results))]
         record_batch([vars(r) for r in results])  # Prometheus: rows ok/error, tokens, drafted, accepted

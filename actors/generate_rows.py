@@ -7,7 +7,8 @@ Preprocessed row (pipeline/preprocess.py, one per input row):
     shard, key, input_ids, num_prompt_tokens, model_inputs (the processor's image tensors, TENSOR entries;
     null on an error row), error, carried
 Result row (the generate actor, one per preprocessed row, in order):
-    shard, key, text, finish_reason, num_*_tokens, error, generate_s, eval_* (compression.evaluate), carried
+    shard, key, text, finish_reason, num_*_tokens, error, generate_s, eval_* (compression.evaluate),
+    drafter_version (model.drafter_training), carried
 
 `carried` is a struct of the input columns the output keeps (output.columns), each with its values' own Arrow
 type. Ray Data infers it block by block; where one column's values share no type (1 in one row, "high" in
@@ -38,6 +39,7 @@ RESULT = pa.schema([
     # compression.evaluate, sampled rows only: reference tokens, how many the job's model agreed with
     # (teacher-forced), and whether the two greedy outputs are the same text
     ("eval_tokens", pa.int32()), ("eval_agreed", pa.int32()), ("eval_exact", pa.bool_()),
+    ("drafter_version", pa.int32()),  # model.drafter_training: the drafter version that drafted the row
 ])  # + carried
 PASSED = ("shard", "key", "num_prompt_tokens")  # result columns taken from the preprocessed row as they are
 

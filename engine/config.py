@@ -34,6 +34,21 @@ class Compression:
 
 
 @dataclass(frozen=True)
+class DrafterTraining:
+    """How a drafter learns during the job (model.drafter_training; engine/drafter_learning.py): the defaults."""
+    learning_rate: float = 3e-4
+    batch_size: int = 16  # rows per optimizer step
+    publish_every: int = 10  # optimizer steps between published versions
+    buffer_rows: int = 4096  # the latest finished rows steps are drawn from
+    learn_from: str = "tokens"  # tokens | topk (the target's top-k logits as soft labels)
+    top_k: int = 8
+    save_to: str = ""  # where the learned drafter is saved at the end of the job
+    cpus: float = 1.0
+    gpus: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     target: str  # a local model folder or hub id
     drafter: str | None = None  # a model folder or hub id, `ngram`, `self-int8` / `self-int4`, or None
@@ -47,6 +62,8 @@ class EngineConfig:
     gpus: float = 0.0  # > 0 with CUDA available: the model runs on cuda
     threads: int = 1  # torch threads of the process that hosts the engine
     parity_check: bool = True  # at load: the decoder against the model's own generate (engine/parity.py)
+    drafter_learns: bool = False  # the drafter's weights are replaced during the job (engine/drafter_learning.py)
+    capture_topk: int = 0  # keep the target's top-k logits per generated token in each Result (0: none)
 
     @property
     def lean(self) -> bool:

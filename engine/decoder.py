@@ -68,6 +68,13 @@ class LeanDecoder:
         self.windows = bb.windows
         self.norm = _gemma_norm if bb.norm == "gemma" else _rms_norm
         self.act = language_model.layers[0].mlp.act_fn  # the model's own activation (SiLU, tanh-GELU)
+        self.quantized: dict | None = None
+        self.load(language_model, lm_head)
+
+    def load(self, language_model: torch.nn.Module, lm_head: torch.nn.Module) -> None:
+        """(Re)read every weight from the Hugging Face modules: at construction, and when a learning drafter's
+        weights change (engine/drafter_learning.py). Quantized linears are quantized again."""
+        device, dtype, bb = self.device, self.dtype, self.backbone
 
         def w(t: torch.Tensor) -> torch.Tensor:
             return t.detach().to(device=device, dtype=dtype).contiguous()
@@ -102,7 +109,8 @@ class LeanDecoder:
                 "gate_up": w(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
                 "down": w(mlp.down_proj.weight),
             })
-        self.quantized: dict | None = None
+        if self.quantized is not None:
+            self.quantize(self.quantized["bits"], self.quantized["group_size"])
 
     LINEARS = ("qkv", "o", "gate_up", "down")
 
@@ -119,7 +127,8 @@ class LeanDecoder:
                     g //= 2
                 p[name] = QuantLinear(quantize(w, bits, g), self.device)
                 groups.add(g if bits == 4 else w.shape[1])
-        self.quantized = {"bits": bits, "group_sizes": sorted(groups), "linear_bytes_before": before,
+        self.quantized = {"bits": bits, "group_size": group_size, "group_sizes": sorted(groups),
+                          "linear_bytes_before": before,
                           "linear_bytes": self.linear_bytes()}
         return self.quantized
 

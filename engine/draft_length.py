@@ -41,6 +41,7 @@ class DraftLength:
         self.batch_rows: float | None = None  # rows per round
         self.probe_every = probe_every
         self.calls = 0
+        self.probe_now = False  # the drafter's weights changed: measure it again in the next call
 
     def _avg(self, old: float | None, new: float) -> float:
         return new if old is None else self.decay * old + (1 - self.decay) * new
@@ -80,7 +81,13 @@ class DraftLength:
     def use_drafter(self) -> bool:
         """At the start of a `generate` call: speculate in it? Yes when it pays, and now and then to probe."""
         self.calls += 1
-        return self.pays() or self.calls % self.probe_every == 0
+        probe, self.probe_now = self.probe_now, False
+        return probe or self.pays() or self.calls % self.probe_every == 0
+
+    def drafter_changed(self) -> None:
+        """New drafter weights (a drafter that learns during the job): the next call speculates, so that the new
+        version's acceptance is measured even while the old one did not pay."""
+        self.probe_now = True
 
     def rate(self, k: int) -> float:
         """Predicted tokens per second per row for k drafts."""

@@ -138,17 +138,20 @@ def draft_mask(model: LoadedModel, vocab: TargetVocab) -> torch.Tensor:
 
 def make_drafter(spec: str, tokenizer, image_token_id: int | None, device: str, dtype: torch.dtype,
                  trust_remote_code: bool = False, lean: bool = True, compression: Compression | None = None,
-                 target: LoadedModel | str | None = None):
+                 target: LoadedModel | str | None = None, learning: bool = False):
     """The drafter `model.drafter` names, checked against the target's tokenizer and image token; its banned ids
     (module docstring) come from the target (its LoadedModel, or its path on a drafter server).
 
     `self-int8` / `self-int4`: the target drafts for itself with quantized weights. Given the target's
     LoadedModel (built with self_draft_bits), the drafter shares its tower, embedding and head and adds only
-    the quantized linears; given the target's path (a drafter server), it loads the target quantized."""
+    the quantized linears; given the target's path (a drafter server), it loads the target quantized.
+    `learning`: a model drafter whose weights the job replaces as it learns (LoadedModel.load_weights)."""
     from engine.model_drafter import ModelDrafter
     from engine.ngram_drafter import NgramDrafter
 
     vocab = target_vocab(tokenizer, image_token_id, target, trust_remote_code)
+    if learning and (spec == "ngram" or spec in SELF_DRAFTERS):
+        raise ValueError(f"model.drafter_training: the drafter must be a model to learn, not {spec}")
     if spec == "ngram":
         return NgramDrafter(set(vocab.banned), image_token_id=image_token_id, limit=vocab.size, device=device)
     if spec in SELF_DRAFTERS:
@@ -171,7 +174,8 @@ def make_drafter(spec: str, tokenizer, image_token_id: int | None, device: str, 
     # refused before its weights load
     check_agreement(AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code), tokenizer, spec,
                     vocab.name)
-    ck = LoadedModel(spec, device, dtype, trust_remote_code=trust_remote_code, lean=lean, compression=compression)
+    ck = LoadedModel(spec, device, dtype, trust_remote_code=trust_remote_code, lean=lean, compression=compression,
+                     learning=learning)
     if ck.is_vlm and ck.image_token_id != image_token_id:
         raise ValueError(f"model.drafter: {spec} uses a different image token than the target {vocab.name}")
     return ModelDrafter(ck, draft_mask(ck, vocab), image_token_id)

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from engine.config import SELF_DRAFTERS, EngineConfig
@@ -66,6 +67,8 @@ class SpecEngine:
                                   self_draft_bits=self_draft.bits if config.drafter in SELF_DRAFTERS else None)
         self.tokenizer = self.target.tokenizer
         self.drafter = self.load_drafter(config.drafter)
+        self.drafter_version = 0  # bumped by each update_drafter (a drafter that learns during the job)
+        self.capture_topk = config.capture_topk
         fixed = None if config.num_draft_tokens == "auto" else int(config.num_draft_tokens)
         self.max_k = 8 if fixed is None else fixed
         self.policy = DraftLength(fixed, max_k=self.max_k)
@@ -80,7 +83,17 @@ class SpecEngine:
         _, compression = self.config.compression.for_models(spec)
         return make_drafter(spec, self.tokenizer, self.target.image_token_id, self.device, self.dtype,
                             trust_remote_code=self.config.trust_remote_code, lean=self.config.lean,
-                            compression=compression, target=self.target)
+                            compression=compression, target=self.target, learning=self.config.drafter_learns)
+
+    def update_drafter(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """New weights for the engine's drafter (engine/drafter_learning.py), between generate calls: every cache
+        is refilled by the next call's prefill, so no row drafts from a mix of old and new weights. Output is
+        unchanged by construction (the target verifies every token); only acceptance moves."""
+        if self.drafter is None or not hasattr(self.drafter, "ck"):
+            raise ValueError("update_drafter: the engine has no model drafter")
+        self.drafter.ck.load_weights(state)
+        self.drafter_version = version
+        self.policy.drafter_changed()
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -210,7 +223,10 @@ class SpecEngine:
             s.prompt_len = n
         lengths = torch.tensor(pe.lengths, device=self.device)
         hidden = self.target.prefill(group.cache, pe, first=first, last=lengths - 1)
-        tokens = self._pick(self.target.decoder.logits(hidden[:, 0]), params).tolist()
+        logits = self.target.decoder.logits(hidden[:, 0])
+        tokens = self._pick(logits, params).tolist()
+        if self.capture_topk:
+            self.keep_topk(new, logits[:, None], [1] * len(new))
         if group.drafter is not None:  # timed apart: the whole-job cost model weighs it (draft_length.py)
             self.sync()
             t1 = time.perf_counter()
@@ -225,6 +241,13 @@ class SpecEngine:
         group.active.extend(new)
         self.sync()
         self.stats.prefill_s += time.perf_counter() - t0
+
+    def keep_topk(self, seqs: list[Sequence], logits: torch.Tensor, counts: list[int]) -> None:
+        """With capture_topk: each row's first counts[i] positions of logits [n, T, V], as top-k (logits, ids)."""
+        values, ids = logits.float().topk(min(self.capture_topk, logits.shape[-1]), dim=-1)
+        values, ids = values.cpu().numpy(), ids.cpu().numpy().astype(np.int32)
+        for i, (s, c) in enumerate(zip(seqs, counts)):
+            s.topk.extend(zip(values[i, :c], ids[i, :c]))
 
     def _pick(self, logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         if params.temperature == 0:
@@ -261,9 +284,13 @@ class SpecEngine:
         for s in active:
             if s.finish is not None:
                 text, _ = finish_text(self.tokenizer, s.generated, params.stop)
+                topk = None
+                if s.topk:  # one position per generated token, plus the EOS's where the row stopped on it
+                    kept = s.topk[:len(s.generated) + 1]
+                    topk = (np.stack([v for v, _ in kept]), np.stack([i for _, i in kept]))
                 results[s.index] = Result(text=text, finish_reason=s.finish, num_output_tokens=len(s.generated),
                                           num_drafted_tokens=s.drafted, num_accepted_tokens=s.accepted,
-                                          token_ids=list(s.generated))
+                                          token_ids=list(s.generated), topk=topk)
         keep = [i for i, s in enumerate(active) if s.finish is None]
         n = len(keep)
         holes = [i for i in range(n) if active[i].finish is not None]

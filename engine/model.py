@@ -88,7 +88,9 @@ class _Captured(Exception):
 class LoadedModel:
     def __init__(self, path: str, device: str, dtype: torch.dtype, trust_remote_code: bool = False,
                  lean: bool = True, compression: Compression | None = None, self_draft_bits: int | None = None,
-                 check_parity: bool = False):
+                 check_parity: bool = False, learning: bool = False):
+        """`learning`: the model's weights may be replaced while it serves (a drafter that learns during the job:
+        load_weights), so the Hugging Face decoder layers are kept for the decoder to re-read."""
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         why = refusal(config)
         if why:  # before any weights are read
@@ -120,13 +122,28 @@ class LoadedModel:
         self.self_decoder = self.decoder.quantized_copy(self_draft_bits, compression.group_size) if self_draft_bits else None
         if compression.bits:
             self.decoder.quantize(compression.bits, compression.group_size)
-        if self.lean:  # the lean decoder has its own copy of every decoder weight
+        self.learning = learning
+        if self.lean and not learning:  # the lean decoder has its own copy of every decoder weight
             self.language_model.layers = torch.nn.ModuleList()
         if compression.visual_keep < 1:
             if not self.is_vlm:
                 raise ValueError(f"compression.visual_tokens: {path} is not a vision-language model")
             self.pruner = VisualTokenPruner(self.model, config, compression.visual_keep, compression.visual_method,
                                             compression.visual_merge)
+
+    @torch.no_grad()
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace this model's weights with `state` (its own state dict's names, any dtype): the Hugging Face
+        modules are overwritten in place (the tower, projector and embeddings, which the visual-token pruner and
+        prompt embedding use), then the decoder re-reads its copies. Only for a model loaded with `learning`."""
+        if not self.learning:
+            raise RuntimeError(f"{self.path}: loaded without learning=True, its decoder layers are gone")
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{self.path}: new weights do not match the model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        if self.lean:
+            self.decoder.load(self.language_model, self.model.get_output_embeddings())
 
     def with_decoder(self, decoder) -> "LoadedModel":
         """The same model (tokenizer, tower, prompt embedding) over another decoder: self-speculation's drafter."""

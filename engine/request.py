@@ -32,6 +32,9 @@ class Result:
     num_accepted_tokens: int = 0
     error: str | None = None
     token_ids: list[int] = field(default_factory=list)  # the generated tokens (EOS excluded)
+    # with the engine's capture_topk: the target's top-k (logits, ids), [n, k] each, at every generated position
+    # (n: the tokens, plus the EOS where the row stopped on it); what a learning drafter distils from
+    topk: tuple | None = None
 
 
 def error_result(reason: str) -> Result:

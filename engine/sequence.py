@@ -15,6 +15,7 @@ class Sequence:
     drafted: int = 0
     accepted: int = 0
     finish: str | None = None  # stop | length, once finished
+    topk: list = field(default_factory=list)  # with capture_topk: the target's (logits, ids) per generated position
 
 
 @dataclass

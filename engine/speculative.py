@@ -101,6 +101,8 @@ def speculative_round(engine, group: SequenceGroup, params: SamplingParams) -> R
 
     # 4. commit: rows gain their accepted drafts plus the target's token; the drafter rolls back to match
     accepted_l, nxt_l, num_l, drafts_l = accepted.tolist(), nxt.tolist(), num.tolist(), drafts.tolist()
+    if engine.capture_topk:  # the target's distribution at every position whose token the row keeps
+        engine.keep_topk(seqs, logits, [a + 1 for a in accepted_l])
     for s, a, t, d, m in zip(seqs, accepted_l, nxt_l, drafts_l, num_l):
         s.drafted += m
         s.accepted += a

@@ -9,11 +9,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from engine.config import SELF_DRAFTERS, Compression, EngineConfig
+from engine.config import SELF_DRAFTERS, Compression, DrafterTraining, EngineConfig
 from engine.request import SamplingParams
 
 ENGINE = EngineConfig(target="")  # the engine's defaults, stated once in engine/config.py
 COMPRESSION = Compression()
+DRAFTER_TRAINING = DrafterTraining()
 
 DEFAULT_PROMPTS = {
     "caption": "Describe the image.",
@@ -55,10 +56,26 @@ class TaskConfig(Section):
         return self
 
 
+class DrafterTrainingConfig(Section):
+    """The drafter learns during the job from the target's own outputs (engine/drafter_learning.py): a trainer
+    actor takes optimizer steps and publishes new weights; the generate actors swap them in between batches."""
+    enabled: bool = False
+    learning_rate: float = Field(DRAFTER_TRAINING.learning_rate, gt=0)
+    batch_size: int = Field(DRAFTER_TRAINING.batch_size, ge=1)  # rows per optimizer step
+    publish_every: int = Field(DRAFTER_TRAINING.publish_every, ge=1)  # optimizer steps between published versions
+    buffer_rows: int = Field(DRAFTER_TRAINING.buffer_rows, ge=1)  # the latest finished rows the trainer draws from
+    learn_from: Literal["tokens", "topk"] = DRAFTER_TRAINING.learn_from  # topk: the target's top-k logits too
+    top_k: int = Field(DRAFTER_TRAINING.top_k, ge=1, le=1024)
+    save_to: str | None = None  # where the learned drafter is saved (default: <output.path>/drafter)
+    cpus: float = Field(DRAFTER_TRAINING.cpus, gt=0)  # the trainer actor's CPUs (its torch threads)
+    gpus: float = Field(0.0, ge=0)  # > 0 with CUDA: the trainer trains on a GPU
+
+
 class ModelConfig(Section):
     target: str
     drafter: str | None = None  # speculation: a small model (VLM or text-only; path or hub id), `ngram`, or null
     trust_remote_code: bool = False
+    drafter_training: DrafterTrainingConfig = DrafterTrainingConfig()  # off by default
 
 
 class DecodingConfig(Section):
@@ -183,6 +200,15 @@ class JobConfig(Section):
         if self.decoding.backend == "hf" and self.model.drafter is not None:
             raise ValueError("model.drafter: the hf backend is plain model.generate and does not speculate; "
                              "use decoding.backend: specray or drafter: null")
+        if self.model.drafter_training.enabled:
+            if self.decoding.backend != "specray":
+                raise ValueError("model.drafter_training: needs decoding.backend: specray")
+            if drafter is None or drafter == "ngram" or self_draft:
+                raise ValueError(f"model.drafter_training: needs model.drafter to be a model (a folder or hub id), "
+                                 f"not {drafter}")
+            if self.resources.mode != "colocated":
+                raise ValueError("model.drafter_training: needs resources.mode: colocated (drafter servers do not "
+                                 "take new weights yet)")
         if self.resources.mode == "disaggregated":
             if self.decoding.backend != "specray":
                 raise ValueError("resources.mode: disaggregated pools need decoding.backend: specray")
@@ -205,7 +231,7 @@ class JobConfig(Section):
     def engine(self) -> EngineConfig:
         """The frozen config the actors and the engine get: model paths resolved (a local folder becomes an
         absolute path, so every actor finds it), the generate actors' resources."""
-        d, r = self.decoding, self.resources
+        d, r, learn = self.decoding, self.resources, self.model.drafter_training
         drafter = self.model.drafter
         if drafter is not None and drafter != "ngram" and drafter not in SELF_DRAFTERS:
             drafter = model_path(drafter)
@@ -213,7 +239,18 @@ class JobConfig(Section):
                             decoder=d.decoder, max_batch_size=d.max_batch_size, num_draft_tokens=d.num_draft_tokens,
                             trust_remote_code=self.model.trust_remote_code, compression=self.compression.to_engine(),
                             gpus=r.gpus_per_actor, threads=max(1, round(r.cpus_per_actor)),
-                            parity_check=d.parity_check)
+                            parity_check=d.parity_check, drafter_learns=learn.enabled,
+                            capture_topk=learn.top_k if learn.enabled and learn.learn_from == "topk" else 0)
+
+    def drafter_training(self) -> DrafterTraining | None:
+        """What the drafter trainer gets (None when the drafter does not learn)."""
+        t = self.model.drafter_training
+        if not t.enabled:
+            return None
+        save_to = t.save_to or self.output.path.rstrip("/") + "/drafter"
+        return DrafterTraining(learning_rate=t.learning_rate, batch_size=t.batch_size, publish_every=t.publish_every,
+                               buffer_rows=t.buffer_rows, learn_from=t.learn_from, top_k=t.top_k, save_to=save_to,
+                               cpus=t.cpus, gpus=t.gpus, seed=self.decoding.seed)
 
     def sampling(self) -> SamplingParams:
         d = self.decoding

@@ -73,13 +73,14 @@ class _Tally:
         self.first_row: float | None = None  # when the first result row reached the driver
         self.commits: list[dict] = []  # {shard, t (s since the job began), rows}: when each shard was committed
         self.timeline: list[dict] = []  # cumulative counts, sampled at most once a second (report.html's plots)
+        self.versions: dict[int, dict] = {}  # model.drafter_training: per drafter version, its rows' counts
 
     def sample(self, final: bool = False) -> None:
         t = time.time() - self.start
         if final or not self.timeline or t - self.timeline[-1]["t"] >= 1.0:
             self.timeline.append({"t": round(t, 2), "rows": self.rows, "errors": self.errors,
                                   "output_tokens": self.output_tokens, "drafted": self.drafted,
-                                  "accepted": self.accepted})
+                                  "accepted": self.accepted, "drafter_version": max(self.versions, default=None)})
 
     def add_evaluation(self, batch: pa.Table) -> None:
         tokens = batch.column("eval_tokens")
@@ -123,6 +124,32 @@ class _Tally:
                 reason = error.split(":", 1)[0]
                 self.reasons[reason] = self.reasons.get(reason, 0) + 1
         self.add_evaluation(batch)
+        self.add_versions(batch)
+
+    def add_versions(self, batch: pa.Table) -> None:
+        versions = batch.column("drafter_version")
+        if versions.null_count == len(versions):
+            return
+        t = round(time.time() - self.start, 2)
+        columns = {c: batch.column(c).to_pylist() for c in ("num_output_tokens", "num_drafted_tokens",
+                                                            "num_accepted_tokens")}
+        for i, v in enumerate(versions.to_pylist()):
+            if v is None:
+                continue
+            d = self.versions.setdefault(v, {"version": v, "rows": 0, "output_tokens": 0, "drafted": 0,
+                                             "accepted": 0, "first_t": t})
+            d["rows"] += 1
+            d["output_tokens"] += columns["num_output_tokens"][i] or 0
+            d["drafted"] += columns["num_drafted_tokens"][i] or 0
+            d["accepted"] += columns["num_accepted_tokens"][i] or 0
+            d["last_t"] = t
+
+    def drafter_training(self, report: dict | None) -> dict:
+        """metrics.json's drafter_training: acceptance per drafter version (rows drafted with it) and the
+        trainer's own record (steps, versions with their loss, events such as a lost trainer, where it saved)."""
+        by_version = [dict(d, acceptance=d["accepted"] / d["drafted"] if d["drafted"] else None)
+                      for _, d in sorted(self.versions.items())]
+        return {"by_version": by_version, "trainer": report}
 
 
 def _sum(column: pa.ChunkedArray) -> int | float:
@@ -158,6 +185,8 @@ def _ensure_ray(cfg: JobConfig) -> None:
         actors = targets * r.cpus_per_actor + drafters * a.drafter_cpus
         for name, amount in [*a.target_resources.items(), *a.drafter_resources.items()]:
             resources[name] = resources.get(name, 0) + amount * max(targets, drafters)  # one node has them all
+    if cfg.model.drafter_training.enabled:
+        actors += cfg.model.drafter_training.cpus
     cpus = max(os.cpu_count() or 1, math.ceil(actors + 2 * r.preprocess_cpus + 1))
     ray.init(num_cpus=cpus, resources=resources or None, include_dashboard=False, log_to_driver=False)
 
@@ -218,7 +247,7 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float, decoder: dict) -> 
     for name, why in bad.items():
         print(f"skipping shard {name}: {why}", file=sys.stderr, flush=True)
     pending = [s for s in pending if s.name not in bad]
-    tally, written, pool_report = _Tally(), [], None
+    tally, written, pool_report, trainer_report = _Tally(), [], None, None
     tally.start = start
     ray_ready, run_id, any_order = None, uuid.uuid4().hex, False
     if pending:
@@ -234,14 +263,17 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float, decoder: dict) -> 
         needed = prompt_columns(cfg.task.prompt) | set(check_columns(cfg))
         ds, normalise = read_shards(cfg.input, pending, needed)
         pools = start_pools(cfg) if cfg.resources.mode == "disaggregated" else None
+        trainer = start_drafter_trainer(cfg, run_id)
         try:
-            results = generate_stages(ds, cfg, normalise, pools, run_id=run_id)
+            results = generate_stages(ds, cfg, normalise, pools, run_id=run_id, trainer=trainer)
             written = (_stream_any_order(results, out, cfg, pending, counts, tally) if any_order
                        else _stream(results, out, cfg, pending, tally))
         finally:
             if pools is not None:
                 pool_report = ray.get(pools.shutdown.remote())
                 ray.kill(pools)
+            if trainer is not None:
+                trainer_report = finish_drafter_trainer(trainer)
     wall = time.time() - start
     tally.sample(final=True)
     startup = phases(start, ray_ready, tally.first_row, collect(run_id) if ray_ready is not None else [])
@@ -265,6 +297,7 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float, decoder: dict) -> 
         "pools": pool_report,  # disaggregated mode: the controller's decisions and the actors over time
         "decoder": decoder,  # lean | fallback (engine/support.py), and why; parity-checked at each engine's load
         "compression": tally.compression(cfg),
+        "drafter_training": tally.drafter_training(trainer_report) if cfg.model.drafter_training.enabled else None,
         "shards_written": written,
         "shards_skipped": skipped,
         "shards_unreadable": bad,
@@ -279,6 +312,34 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float, decoder: dict) -> 
     return JobResult(output_path=out.url, rows=tally.rows, errors=tally.errors, output_tokens=tally.output_tokens,
                      wall_s=wall, shards_written=written, shards_skipped=skipped, metrics=metrics,
                      shards_unreadable=bad)
+
+
+def start_drafter_trainer(cfg: JobConfig, run_id: str):
+    """model.drafter_training: the trainer actor the generate actors send their rows to (else None)."""
+    spec = cfg.drafter_training()
+    if spec is None:
+        return None
+    from transformers import AutoConfig
+
+    from actors.drafter_trainer import start_trainer
+    from engine.model import image_token_id
+
+    engine = cfg.engine()
+    image = image_token_id(AutoConfig.from_pretrained(engine.target, trust_remote_code=engine.trust_remote_code))
+    return start_trainer(spec, engine.drafter, image, engine.trust_remote_code, f"specray-drafter-trainer-{run_id}")
+
+
+def finish_drafter_trainer(trainer) -> dict:
+    """The trainer's final save and report; a trainer that died mid-job is on record, its last version saved."""
+    try:
+        return ray.get(trainer.finish.remote(), timeout=300)
+    except Exception as e:  # noqa: BLE001 - the job's rows are all written; this is only the record
+        why = " ".join(str(e).split())[:300]
+        print(f"drafter trainer: no final report ({type(e).__name__}); its last published version stays where it "
+              f"was saved", file=sys.stderr, flush=True)
+        return {"events": [f"trainer lost before the end of the job: {type(e).__name__}: {why}"]}
+    finally:
+        ray.kill(trainer)
 
 
 def _shard_runs(batch: pa.Table):

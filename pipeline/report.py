@@ -1,10 +1,11 @@
 """`python -m pipeline report OUTPUT_DIR`: a job's output directory as one self-contained report.html.
 
-It reads OUTPUT_DIR/metrics.json and the part files (through fsspec, so s3:// works) and draws four
+It reads OUTPUT_DIR/metrics.json and the part files (through fsspec, so s3:// works) and draws its
 plots with matplotlib as inline SVG in the page (pipeline/charts.py; nothing fetched from the network):
 
 - throughput over time: tokens/s and rows/s between the samples of metrics["timeline"];
 - acceptance: a histogram of the output rows' accepted / drafted tokens, and the job's overall rate;
+- the drafter learning (model.drafter_training only): acceptance over time, and the newest drafter version;
 - drafters per target over time: metrics["pools"]["actors_over_time"] (disaggregated jobs only);
 - errors by reason: metrics["errors_by_reason"].
 """
@@ -193,6 +194,34 @@ def _acceptance(m: dict, per_row: np.ndarray, drafted: int, accepted: int) -> st
                     f'{per_row.mean():.1%}. Dashed: all accepted / all drafted tokens ({label}: {overall:.1%}).</p>')
 
 
+def acceptance_over_time(timeline: list[dict], window_s: float) -> list[tuple[float, float]]:
+    """Accepted over drafted tokens in each window (as steps), from the cumulative counts."""
+    drafted, accepted = rates(timeline, "drafted", window_s), rates(timeline, "accepted", window_s)
+    return [(t, a / d if d else 0.0) for (t, d), (_, a) in zip(drafted, accepted)]
+
+
+def _learning(m: dict) -> str:
+    learned = m.get("drafter_training")
+    if learned is None:
+        return '<p class="note">the drafter did not learn during this job (model.drafter_training is off)</p>'
+    timeline = [p for p in m.get("timeline") or [] if "drafter_version" in p]
+    if len(timeline) < 2:
+        return '<p class="note">too short a job to plot</p>'
+    window = max(1.0, timeline[-1]["t"] / 30)
+    chart = render_chart("learning", Lines("Acceptance as the drafter learns", [
+        ("acceptance", [Series("accepted / drafted", acceptance_over_time(timeline, window), COLORS["blue"])]),
+        ("drafter version", [Series("newest version in the output", steps(timeline, "drafter_version"),
+                                    COLORS["orange"])])], "time since the job started (s)"))
+    trainer = learned.get("trainer") or {}
+    per_version = ", ".join(f'v{v["version"]}: {_pct(v["acceptance"])} over {v["rows"]:,} rows'
+                            for v in learned.get("by_version") or [])
+    events = "; ".join(trainer.get("events") or []) or "none"
+    caption = (f'Acceptance over windows of at least {window:.0f} s. Trainer: {trainer.get("steps", "–")} steps, '
+               f'{len(trainer.get("versions") or [])} versions published, saved to '
+               f'{esc(trainer.get("saved_to") or "–")}; events: {esc(events)}. Per version: {esc(per_version)}.')
+    return chart + f'<p class="caption">{caption}</p>'
+
+
 def _pools(m: dict) -> str:
     pools = m.get("pools")
     if pools is None:
@@ -225,7 +254,7 @@ def _errors(m: dict) -> str:
 def render(m: dict, output_dir: str, per_row: np.ndarray, drafted: int, accepted: int) -> str:
     """The report page: a header (key figures, the job's settings), then the four plots."""
     sections = [("Throughput", _throughput(m)), ("Acceptance", _acceptance(m, per_row, drafted, accepted)),
-                ("Drafters per target", _pools(m)), ("Errors", _errors(m))]
+                ("Drafter learning", _learning(m)), ("Drafters per target", _pools(m)), ("Errors", _errors(m))]
     body = "\n".join(f"<h2>{title}</h2>\n{content}" for title, content in sections)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>specray report: {esc(output_dir)}</title>

@@ -63,10 +63,12 @@ def start_pools(cfg: JobConfig):
 
 
 def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[dict], dict],
-                    pools=None, all_columns: bool = False, run_id: str | None = None) -> ray.data.Dataset:
+                    pools=None, all_columns: bool = False, run_id: str | None = None,
+                    trainer=None) -> ray.data.Dataset:
     """Source rows in (`normalise` maps them to pipeline.read's row shape), result rows out, carrying the
     job's output.columns (all_columns: every input column, as pipeline.generate does). A disaggregated
-    config needs `pools` (start_pools). `run_id`: the actors record their start-up under it (actors/startup.py)."""
+    config needs `pools` (start_pools). `run_id`: the actors record their start-up under it (actors/startup.py).
+    `trainer`: model.drafter_training's trainer actor (actors/drafter_trainer.py)."""
     model = cfg.engine().target
     r = cfg.resources
     ds = ds.map(_normalise_and_preprocess, num_cpus=r.preprocess_cpus, fn_kwargs={
@@ -81,7 +83,7 @@ def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[d
     return ds.map_batches(
         GenerateActor,
         fn_constructor_kwargs={"engine": cfg.engine(), "params": cfg.sampling(), "evaluate": _evaluate(cfg),
-                               "run_id": run_id},
+                               "run_id": run_id, "trainer": trainer},
         compute=ActorPoolStrategy(size=r.num_actors),
         batch_size=r.batch_size,
         batch_format="pyarrow",
@@ -94,7 +96,8 @@ def _to_user(batch: pa.Table, keyed: bool) -> pa.Table:
     """Result rows as pipeline.generate's rows: the input columns (less the image), then the result's own (no
     shard or generate_s; a key where input.id_column names one). An input column named like one of those is
     left behind, never shadowing it."""
-    own = [name for name in RESULT.names if name not in ("shard", "generate_s") and (keyed or name != "key")]
+    own = [name for name in RESULT.names if name not in ("shard", "generate_s", "drafter_version")
+           and (keyed or name != "key")]
     columns = {k: v for k, v in carried_columns([batch]).items() if k not in own}
     columns.update((name, batch.column(name)) for name in own)
     return pa.table(list(columns.values()), names=list(columns))

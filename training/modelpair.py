@@ -126,7 +126,8 @@ def build_qwen_vlm(spec: dict, tokenizer: PreTrainedTokenizerFast, max_positions
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
     image = tokenizer.convert_tokens_to_ids(IMAGE)
     vision = dict(spec["vision"], patch_size=patch_size, spatial_merge_size=QWEN_MERGE, temporal_patch_size=2,
-                  out_hidden_size=text["hidden_size"], window_size=4 * patch_size * QWEN_MERGE,
+                  out_hidden_size=text["hidden_size"],
+                  window_size=spec["vision"].get("window_size", 4 * patch_size * QWEN_MERGE),
                   fullatt_block_indexes=[spec["vision"]["depth"] - 1])
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=image,
                               video_token_id=tokenizer.unk_token_id, vision_start_token_id=tokenizer.bos_token_id,

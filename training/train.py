@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         target = vlm(cfg["target"])
         t = time.time()
         vision_losses = {"target": pretrain_vision(vision_tower(target), processor.image_processor, vc["steps"],
-                                                   vc["batch_size"], vc["lr"], cfg["seed"], device=args.device)}
+                                                   vc["batch_size"], vc["lr"], cfg["seed"], device=args.device,
+                                                   cell_head=vc.get("cell_head", False))}
         freeze_tower(target, True)
         target_losses = train_model(target, ground_truth_batches(Batcher(processor), tc["batch_size"],
                                                                  task_mix=tc.get("task_mix")),
@@ -248,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         t = time.time()
         if with_image:
             vision_losses[name] = pretrain_vision(vision_tower(model), processor.image_processor, vc["steps"],
-                                                  vc["batch_size"], vc["lr"], cfg["seed"], device=args.device)
+                                                  vc["batch_size"], vc["lr"], cfg["seed"], device=args.device,
+                                                  cell_head=vc.get("cell_head", False))
             freeze_tower(model, True)
         drafter_losses[name] = train_model(model, cycle_batches(Batcher(processor, with_image), distill,
                                                                 fc["batch_size"], cfg["seed"]),

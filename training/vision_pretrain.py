@@ -21,6 +21,7 @@ SHAPES = [None, *corpus.SHAPES]
 SIZES = [None, *sorted(corpus.SIZES)]
 WORDS = [None, *corpus.WORDS]
 HEADS = {"color": len(COLORS), "shape": len(SHAPES), "size": len(SIZES)}
+CELL_HEAD = {"cell": 9}  # cell_head: every token also says which grid cell it lies in
 
 
 def scene_labels(scene: corpus.Scene) -> dict[str, torch.Tensor]:
@@ -31,6 +32,7 @@ def scene_labels(scene: corpus.Scene) -> dict[str, torch.Tensor]:
         out["shape"][cell] = SHAPES.index(s.kind)
         out["size"][cell] = SIZES.index(s.size)
     out["word"] = torch.tensor(WORDS.index(scene.word))
+    out["cell"] = torch.arange(9)
     return out
 
 
@@ -46,12 +48,14 @@ class SceneProbe(nn.Module):
 
     Per-patch labels make each token carry its cell's content, which is what the decoder's attention
     needs: it can find the token of "the circle" and read its colour from the same token. The word on every
-    token (not only their mean) keeps it readable when visual-token pruning drops most of them.
+    token (not only their mean) keeps it readable when visual-token pruning drops most of them. With
+    `cell_head`, every token also names its own cell: a tower with only relative (rotary) positions, as
+    Qwen2.5-VL's, then writes where a shape is into the shape's own tokens, where a small decoder reads it.
     """
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, heads: dict[str, int] = HEADS):
         super().__init__()
-        self.cells = nn.Linear(hidden, sum(HEADS.values()))
+        self.cells = nn.Linear(hidden, sum(heads.values()))
         self.word = nn.Linear(hidden, len(WORDS))
 
     def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,10 +83,11 @@ def tower_grid(vision_tower) -> tuple[int, int]:
 
 
 def pretrain_vision(vision_tower, image_processor, steps: int, batch_size: int, lr: float, seed: int,
-                    log_every: int = 50, device: str = "cpu") -> list[float]:
+                    log_every: int = 50, device: str = "cpu", cell_head: bool = False) -> list[float]:
     rng = random.Random(seed)
     config = vision_tower.config
-    probe = SceneProbe(getattr(config, "out_hidden_size", config.hidden_size)).to(device)
+    heads = HEADS | CELL_HEAD if cell_head else HEADS
+    probe = SceneProbe(getattr(config, "out_hidden_size", config.hidden_size), heads).to(device)
     vision_tower.to(device)
     cell_of_patch = patch_cells(*tower_grid(vision_tower))
     params = list(vision_tower.parameters()) + list(probe.parameters())
@@ -100,7 +105,7 @@ def pretrain_vision(vision_tower, image_processor, steps: int, batch_size: int, 
         words = torch.stack([lab["word"] for lab in labels])[:, None].expand(word.shape[:2])  # (batch, patches)
         loss = ce(word.float().reshape(-1, word.shape[-1]), words.reshape(-1))
         start = 0
-        for name, n in HEADS.items():
+        for name, n in heads.items():
             target = torch.stack([lab[name] for lab in labels])[:, cell_of_patch.to(device)]  # (batch, patches)
             loss = loss + ce(cells[..., start:start + n].float().reshape(-1, n), target.reshape(-1))
             start += n

@@ -248,3 +248,33 @@ def test_report_usage_errors(tmp_path):
     (tmp_path / "unfinished").mkdir()
     r = run_cli("report", str(tmp_path / "unfinished"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "has no metrics.json" in r.stderr
+
+
+def test_report_of_a_job_whose_drafter_learned(tmp_path):
+    """Acceptance over time (windowed accepted / drafted) and the newest drafter version, with the trainer's record."""
+    accepted = (100, 380, 450)  # windows: 100/160, 280/320, 70/240 accepted
+    timeline = [dict(p, drafter_version=v, accepted=a) for p, v, a in zip(TIMELINE, (0, 1, 3), accepted)]
+    learned = {"by_version": [{"version": 0, "rows": 10, "drafted": 160, "accepted": 100, "acceptance": 0.625},
+                              {"version": 3, "rows": 30, "drafted": 560, "accepted": 350, "acceptance": 0.625}],
+               "trainer": {"steps": 30, "versions": [{"version": v} for v in (1, 2, 3)], "events": ["trainer lost"],
+                           "saved_to": "/data/out/drafter"}}
+    out = output_dir(tmp_path / "out", job_metrics(timeline=timeline, drafter_training=learned))
+    assert run_cli("report", str(out)).returncode == 0
+    page = (out / "report.html").read_text()
+    svgs = charts(page)
+    assert list(svgs) == ["throughput", "acceptance", "learning", "pools", "errors"]
+    assert "30 steps, 3 versions published, saved to /data/out/drafter; events: trainer lost" in page
+    assert "v0: 62.5% over 10 rows" in page
+    assert drawn_as(points(svgs["learning"], "learning-series-newest-version-in-the-output"),
+                    [(2, 0), (4, 0), (4, 1), (5, 1), (5, 3)])
+    assert drawn_as(points(svgs["learning"], "learning-series-accepted-drafted"),
+                    [(0, 0.625), (2, 0.625), (2, 0.875), (4, 0.875), (4, 70 / 240), (5, 70 / 240)])
+
+
+def test_acceptance_over_time_is_windowed_accepted_over_drafted():
+    from pipeline.report import acceptance_over_time
+
+    assert acceptance_over_time(TIMELINE, 0.0) == [(0.0, 0.625), (2.0, 0.625), (2.0, 0.625), (4.0, 0.625),
+                                                   (4.0, 0.625), (5.0, 0.625)]
+    line = [{"t": 1.0, "drafted": 10, "accepted": 2}, {"t": 2.0, "drafted": 20, "accepted": 11}]
+    assert acceptance_over_time(line, 0.0) == [(0.0, 0.2), (1.0, 0.2), (1.0, 0.9), (2.0, 0.9)]
