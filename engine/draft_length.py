@@ -86,8 +86,9 @@ class DraftLength:
 
     def drafter_changed(self) -> None:
         """New drafter weights (a drafter that learns during the job): the next call speculates, so that the new
-        version's acceptance is measured even while the old one did not pay."""
+        version's acceptance is measured even while the old one did not pay; the old acceptance is forgotten."""
         self.probe_now = True
+        self.accept = Acceptance(self.decay)
 
     def rate(self, k: int) -> float:
         """Predicted tokens per second per row for k drafts."""
@@ -121,4 +122,4 @@ class DraftLength:
             return
         step = draft_s / k
         self.draft_step_s = step if self.draft_step_s is None else d * self.draft_step_s + (1 - d) * step
-        self.accept.observe(accepted, num_drafts)
+        self.accept.observe(accepted, num_drafts, offered=k)

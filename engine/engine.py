@@ -31,6 +31,9 @@ from engine.sequence import Sequence, SequenceGroup
 from engine.speculative import RoundRecord, request_drafts, speculative_round
 
 
+PROBE_ROUNDS = 8  # a call that probes a drafter which did not pay speculates at least this many rounds
+
+
 @dataclass
 class EngineStats:
     """Where the time goes (seconds), and the speculation counters, accumulated over the engine's life."""
@@ -117,8 +120,12 @@ class SpecEngine:
             return results  # type: ignore[return-value]
         policy = policy or self.policy
         own = drafters is None and self.drafter is not None and hasattr(policy, "use_drafter")
-        if own and not policy.use_drafter():  # the drafter's prefill costs more than it saves (draft_length.py)
-            drafters = [None]
+        probing = 0  # speculating although it did not pay, to measure it again: rounds kept before it may stop
+        if own:
+            if not policy.use_drafter():  # the drafter's prefill costs more than it saves (draft_length.py)
+                drafters = [None]
+            elif not policy.pays():
+                probing = PROBE_ROUNDS
         groups = self._groups(drafters, min(self.max_batch, len(queue)))
         max_k = max(self.max_k, getattr(policy, "max_k", 0))
         max_len = max(s.prompt_len for s in queue) + params.max_new_tokens + max_k + 2
@@ -135,8 +142,9 @@ class SpecEngine:
                 if g.pending is not None:
                     rows = len(g.active)
                     self._record(policy if g.drafter is not None else None, speculative_round(self, g, params), rows)
+                    probing -= probing > 0
                     self._retire(g, results, params, policy)
-                if own and g.drafter is not None and g.pending is None and not policy.pays():
+                if own and probing == 0 and g.drafter is not None and g.pending is None and not policy.pays():
                     g.drafter = None  # from here on this call decodes plainly; rows need no drafter prefill
                 free = g.slots - len(g.active)
                 # prefill in groups: a call per freed slot would pay the vision tower's and the decoder's fixed

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 class Acceptance:
     """Per-token acceptance rate, as a moving average: a row that accepted m of its d drafts counts m successes
-    and, if m < d, one failure (the geometric model's estimate), so a shift in the input shows within rounds."""
+    and, if m < d, one failure (the geometric model's estimate), so a shift in the input shows within rounds.
+    With `offered` (the k the round asked for), a row whose drafter proposed fewer than k tokens (an n-gram
+    drafter that found no match) also counts its failure: the round paid for k positions and got m + 1 tokens."""
 
     def __init__(self, decay: float = 0.9):
         self.decay = decay
         self.successes = self.trials = 0.0
 
-    def observe(self, accepted: list[int], drafted: list[int]) -> None:
+    def observe(self, accepted: list[int], drafted: list[int], offered: int = 0) -> None:
         succ = sum(accepted)
-        fail = sum(1 for a, d in zip(accepted, drafted) if a < d)
+        fail = sum(1 for a, d in zip(accepted, drafted) if a < max(d, offered))
         self.successes = self.decay * self.successes + succ
         self.trials = self.decay * self.trials + succ + fail
 

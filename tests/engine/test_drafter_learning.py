@@ -92,26 +92,39 @@ def test_sampling_keeps_the_targets_distribution_while_the_drafter_changes(rows)
     first token (the target's own pick, before any draft), the second token, the first one drafted for, has the
     target's own temperature-warped distribution (chi-square against the target's probabilities)."""
     engine, requests, _ = rows
-    prompt = requests[1]
-    temperature = 1.5
+    temperature = 2.0
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(TARGET, dtype=torch.float32)
-    pixels = torch.from_numpy(prompt.model_inputs["pixel_values"])
-    with torch.inference_mode():
-        first = model(input_ids=torch.tensor([prompt.input_ids]), pixel_values=pixels).logits[0, -1].argmax().item()
-        logits = model(input_ids=torch.tensor([prompt.input_ids + [first]]), pixel_values=pixels).logits[0, -1]
-    p = torch.softmax(logits.double() / temperature, -1)
     eos = sorted(engine.target.eos_ids)
-    p[eos[0]] = p[eos].sum()  # a row that stopped after one token drew an EOS: counted on the first EOS id
-    p[eos[1:]] = 0
+
+    def probs(prompt, ids):
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids]),
+                           pixel_values=torch.from_numpy(prompt.model_inputs["pixel_values"])).logits[0, -1]
+        p = torch.softmax(logits.double() / temperature, -1)
+        p[eos[0]] = p[eos].sum()  # a row that stopped drew an EOS: counted on the first EOS id
+        p[eos[1:]] = 0
+        return p
+
+    def spread(p):  # outcomes likely enough to test
+        return int((p * 800 >= 5).sum())
+
+    # a row whose first token is nearly settled and whose second (the first drafted one) is not
+    candidates = []
+    for prompt in requests:
+        p1 = probs(prompt, prompt.input_ids)
+        first = p1.argmax().item()
+        p = probs(prompt, prompt.input_ids + [first])
+        candidates.append((p1[first].item() * min(spread(p), 6), prompt, first, p))
+    _, prompt, first, p = max(candidates, key=lambda c: c[0])
     learner = DrafterLearner(DRAFTER, engine.target.image_token_id)
     seconds = []
     try:
         for call in range(5):
             engine.update_drafter(_scrambled(learner, call) if call % 2 else learner.state_dict(), 10 + call)
             params = SamplingParams(max_new_tokens=2, temperature=temperature, seed=100 + call)
-            for r in engine.generate([prompt] * 240, params):
+            for r in engine.generate([prompt] * 160, params):
                 if r.token_ids[:1] == [first]:
                     seconds.append(r.token_ids[1] if len(r.token_ids) == 2 else eos[0])
     finally:
@@ -138,7 +151,7 @@ def test_the_saved_drafter_loads_and_drafts(rows, tmp_path):
     assert [r.text for r in out] == [r.text for r in results[:8]]
     assert other.stats.drafted > 0 and other.stats.accepted / other.stats.drafted > 0.5
     state = learner.state_dict()
-    name = next(k for k in state if k.endswith("q_proj.weight"))
+    name = next(k for k in state if "language_model" in k and k.endswith("q_proj.weight"))
     layer = int(name.split("layers.")[1].split(".")[0])
     assert torch.equal(other.drafter.ck.decoder.layers[layer]["qkv"][:state[name].shape[0]], state[name])
 

@@ -191,6 +191,18 @@ def test_ngram_drafter_proposes_continuations_and_never_image_tokens():
     assert num.tolist() == [2] and drafts[0, :2].tolist() == [21, 22]
 
 
+def test_a_drafter_that_proposes_nothing_is_soon_not_asked():
+    """An n-gram drafter that finds no match proposes no token: each such round still pays for k verify positions,
+    so those rows count as failures, acceptance falls to zero and the policy decodes plainly (k = 0)."""
+    policy = DraftLength(None, max_k=8)
+    ks = []
+    for _ in range(64):
+        k = policy.choose()
+        ks.append(k)
+        policy.record(k, 0.010 + 0.002 * k, 0.0, [0] * 16, [0] * 16, rows=16)
+    assert ks[-32:].count(0) >= 28, ks
+
+
 def test_adaptive_draft_length_follows_acceptance_and_cost():
     def simulate(acceptance: float, draft_step: float, rounds: int = 80) -> list[int]:
         rng = np.random.default_rng(0)
@@ -231,7 +243,8 @@ def test_the_cost_model_weighs_the_drafters_prefill_against_what_speculation_sav
 
 def test_a_drafter_whose_prefill_cannot_pay_is_turned_off_and_the_output_stays_the_targets(heldout):
     """A drafter made slow on purpose (its prefill sleeps 0.3 s a row): within the first call the engine stops
-    admitting rows to it, the next call decodes plainly from the start, and every row equals HF generate's."""
+    admitting rows to it, the next call decodes plainly from the start; after new drafter weights a call probes
+    it for a few rounds and stops again; and every row equals HF generate's."""
     requests, oracle = heldout
     engine = SpecEngine(EngineConfig(TARGET, DRAFTERS["vlm"], dtype="float32", max_batch_size=8))
     admit = engine.drafter.admit
@@ -249,7 +262,10 @@ def test_a_drafter_whose_prefill_cannot_pay_is_turned_off_and_the_output_stays_t
     second = engine.generate(requests[24:48], GREEDY)
     assert engine.stats.drafted == drafted and sum(admitted) == rows
     assert engine.stats.drafter_prefill_s >= 0.3 * rows
-    assert not _same(first + second, oracle[:48])[0]
+    engine.policy.drafter_changed()  # new weights (a drafter that learns): the next call measures it again...
+    third = engine.generate(requests[48:72], GREEDY)
+    assert engine.stats.drafted > drafted and rows < sum(admitted) < rows + 24, admitted  # ...and stops again
+    assert not _same(first + second + third, oracle[:72])[0]
 
 
 def test_a_prompt_too_long_for_the_model_is_an_error_row_not_a_failed_batch(heldout):

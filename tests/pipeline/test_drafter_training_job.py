@@ -34,17 +34,17 @@ def _texts(out: Path) -> dict[str, str]:
 
 
 def test_a_learning_drafter_changes_no_row_and_is_saved_for_the_next_job(tmp_path, ray_address):
+    """Learning on, then the next job (learning off) drafting with the drafter it saved: the same rows, token for
+    token (both are the target's greedy output), and the versions on record."""
     shards = tmp_path / "shards"
     write_demo_data(str(shards), num_samples=64, rows_per_shard=16)
-    texts = {}
-    for mode, extra in (("off", []), ("on", LEARN)):
-        out = tmp_path / f"out-{mode}"
-        done = run_cli(*_args(shards, out, *extra), address=ray_address)
-        assert done.returncode == 0, done.stderr[-3000:]
-        texts[mode] = _texts(out)
-    assert len(texts["on"]) == 64 and texts["on"] == texts["off"]
+    out = tmp_path / "out-on"
+    done = run_cli(*_args(shards, out, *LEARN), address=ray_address)
+    assert done.returncode == 0, done.stderr[-3000:]
+    texts = _texts(out)
+    assert len(texts) == 64
 
-    metrics = json.loads((tmp_path / "out-on/metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
     learned = metrics["drafter_training"]
     trainer = learned["trainer"]
     assert trainer["steps"] >= 1 and trainer["versions"] and trainer["events"] == []
@@ -53,20 +53,21 @@ def test_a_learning_drafter_changes_no_row_and_is_saved_for_the_next_job(tmp_pat
     assert sum(v["rows"] for v in by_version) == 64 and by_version[0]["version"] == 0
     assert len(by_version) >= 2, by_version  # later batches were drafted by a published version
     assert all(v["drafted"] >= v["accepted"] >= 0 for v in by_version)
-    assert json.loads((tmp_path / "out-off/metrics.json").read_text())["drafter_training"] is None
+    assert sum(v["drafted"] for v in by_version[1:]) > 0  # a new version is measured, even where drafting did not pay
 
-    saved = tmp_path / "out-on/drafter"
+    saved = out / "drafter"
     assert trainer["saved_to"] == str(saved) and (saved / "model.safetensors").exists()
     original = AutoModelForImageTextToText.from_pretrained(ROOT / "models/drafter-vlm")
     learned_model = AutoModelForImageTextToText.from_pretrained(saved)
     changed = [n for n, p in learned_model.state_dict().items() if not p.equal(original.state_dict()[n].to(p.dtype))]
     assert changed, "the saved drafter is the original"
-    # the next job drafts with it (model.drafter: the saved folder), output unchanged
+    # the next job drafts with it (model.drafter: the saved folder; learning off): the same rows
     out = tmp_path / "out-next"
     done = run_cli(*_args(shards, out, f"model.drafter={saved}"), address=ray_address)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert _texts(out) == texts["off"]
-    assert json.loads((out / "metrics.json").read_text())["acceptance_rate"] > 0.5
+    assert _texts(out) == texts
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["drafter_training"] is None and metrics["acceptance_rate"] > 0.5
 
 
 def _trainer_pids() -> list[int]:
