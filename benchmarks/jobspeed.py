@@ -54,21 +54,26 @@ def steady(metrics: dict) -> float:
     return (last["output_tokens"] - first["output_tokens"]) / max(1e-9, last["t"] - first["t"])
 
 
-def run_variant(name: str, shards: Path, out: Path, extra: list[str]) -> dict:
+def run_demo_job(shards: Path, out: Path, sets: list[str]) -> dict:
+    """`python -m pipeline run configs/demo.yaml` on `shards` into `out` (emptied first) with `sets`, as a user
+    runs it (a fresh process and a fresh local Ray); returns its metrics.json."""
     shutil.rmtree(out, ignore_errors=True)
-    sets = [f"input.paths=['{shards}/*.tar']", f"output.path={out}", f"model.target={ROOT / 'models/target'}",
-            *VARIANTS[name], *extra]
+    sets = [f"input.paths=['{shards}/*.tar']", f"output.path={out}", f"model.target={ROOT / 'models/target'}", *sets]
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=os.environ.get("RAY_TMPDIR", "/tmp/sr-jobspeed"),
                HF_HUB_OFFLINE="1")
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "pipeline", "run", str(ROOT / "configs/demo.yaml")]
     for s in sets:
         cmd += ["--set", s]
-    t = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"{name}: exit {done.returncode}\n{done.stderr[-2000:]}")
-    m = json.loads((out / "metrics.json").read_text())
+        raise RuntimeError(f"exit {done.returncode}\n{done.stderr[-2000:]}")
+    return json.loads((out / "metrics.json").read_text())
+
+
+def run_variant(name: str, shards: Path, out: Path, extra: list[str]) -> dict:
+    t = time.perf_counter()
+    m = run_demo_job(shards, out, [*VARIANTS[name], *extra])
     st = m.get("startup") or {}
     commits = [c["t"] for c in m.get("commits", [])]
     return {"steady": steady(m), "first_row_s": st.get("first_row_s"), "wall_s": m["wall_s"],

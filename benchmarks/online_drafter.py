@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.jobspeed import output_hash, steady  # noqa: E402
+from benchmarks.jobspeed import output_hash, run_demo_job, steady  # noqa: E402
 
 DRAFTER = ROOT / "models/drafter-vlm"
 LEARN = ["model.drafter_training.enabled=true"]
@@ -65,19 +64,7 @@ def weak_drafter(out: Path, steps: int, seed: int = 0) -> Path:
 
 
 def run_job(shards: Path, out: Path, drafter: Path, extra: list[str]) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
-    sets = [f"input.paths=['{shards}/*.tar']", f"output.path={out}", f"model.target={ROOT / 'models/target'}",
-            f"model.drafter={drafter}", "resources.cpus_per_actor=1", *extra]
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=os.environ.get("RAY_TMPDIR", "/tmp/sr-online"),
-               HF_HUB_OFFLINE="1")
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "pipeline", "run", str(ROOT / "configs/demo.yaml")]
-    for s in sets:
-        cmd += ["--set", s]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"exit {done.returncode}\n{done.stderr[-2000:]}")
-    m = json.loads((out / "metrics.json").read_text())
+    m = run_demo_job(shards, out, [f"model.drafter={drafter}", "resources.cpus_per_actor=1", *extra])
     return {"steady": steady(m), "wall_s": m["wall_s"], "tokens": m["output_tokens"], "rows": m["rows"],
             "acceptance": m["acceptance_rate"], "quarters": quarters(m), "output_hash": output_hash(out),
             "drafter_training": m.get("drafter_training")}

@@ -50,6 +50,21 @@ def tiny_model(tmp_path_factory) -> Path:
     return path
 
 
+def chi_square(tokens, p) -> tuple[float, float, int]:
+    """Sampled tokens against the distribution p [vocab]: (statistic, p-value, outcomes tested apart). Outcomes
+    expected fewer than 5 times are pooled into one."""
+    import torch
+
+    counts = torch.bincount(torch.as_tensor(tokens), minlength=len(p)).double()
+    expected = p.double() * len(tokens)
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    stat = ((obs - exp) ** 2 / exp.clamp(min=1e-9)).sum()
+    p_value = torch.special.gammaincc(torch.tensor((len(obs) - 1) / 2.0, dtype=torch.float64), stat / 2).item()
+    return stat.item(), p_value, int(big.sum())
+
+
 def corrupt_bytes() -> bytes:
     from PIL import Image
 

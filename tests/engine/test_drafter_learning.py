@@ -12,7 +12,7 @@ from engine.drafter_learning import DrafterLearner, examples
 from engine.engine import SpecEngine
 from engine.processor import load_processor
 from engine.request import SamplingParams
-from tests.conftest import ROOT
+from tests.conftest import ROOT, chi_square
 from training.evaluate import heldout_requests
 
 TARGET, DRAFTER = str(ROOT / "models/target"), str(ROOT / "models/drafter-vlm")
@@ -129,15 +129,9 @@ def test_sampling_keeps_the_targets_distribution_while_the_drafter_changes(rows)
                     seconds.append(r.token_ids[1] if len(r.token_ids) == 2 else eos[0])
     finally:
         engine.update_drafter(learner.state_dict(), 20)
-    counts = torch.bincount(torch.tensor(seconds), minlength=len(p)).double()
-    expected = p * len(seconds)
-    big = expected >= 5
-    obs = torch.cat([counts[big], counts[~big].sum()[None]])
-    exp = torch.cat([expected[big], expected[~big].sum()[None]])
-    stat = ((obs - exp) ** 2 / exp.clamp(min=1e-9)).sum()
-    p_value = torch.special.gammaincc(torch.tensor((len(obs) - 1) / 2.0, dtype=torch.float64), stat / 2).item()
-    assert len(seconds) > 300 and big.sum() >= 4, (len(seconds), big.sum())
-    assert p_value > 1e-4, (stat.item(), p_value)
+    stat, p_value, tested = chi_square(seconds, p)
+    assert len(seconds) > 300 and tested >= 4, (len(seconds), tested)
+    assert p_value > 1e-4, (stat, p_value)
 
 
 def test_the_saved_drafter_loads_and_drafts(rows, tmp_path):
