@@ -118,14 +118,15 @@ class GenerateActor:
                 results[i] = result
         per_row = (time.perf_counter() - t0) / max(1, len(requests))
         version = getattr(self.engine, "drafter_version", None)  # the drafter these rows were drafted with
-        if self.updates is not None:
-            self.updates.send([requests[i] for i in requests], [results[i] for i in requests])
-            self.updates.poll()  # a newer version, if one is out, serves the next batch
+        updates = getattr(self, "updates", None)
+        if updates is not None:
+            updates.send([requests[i] for i in requests], [results[i] for i in requests])
+            updates.poll()  # a newer version, if one is out, serves the next batch
         evals = self._evaluate(requests, results) if self.reference is not None else {}
         columns = {name: [getattr(r, name) for r in results] for name in (
             "text", "finish_reason", "num_output_tokens", "num_drafted_tokens", "num_accepted_tokens", "error")}
         columns["generate_s"] = [per_row if i in requests else 0.0 for i in range(len(results))]
-        columns["drafter_version"] = [version if i in requests and self.updates is not None else None
+        columns["drafter_version"] = [version if i in requests and updates is not None else None
                                       for i in range(len(results))]
         for j, name in enumerate(("eval_tokens", "eval_agreed", "eval_exact")):
             columns[name] = [evals[i][j] if i in evals else None for i in range(len(results))]

@@ -94,7 +94,8 @@ def test_greedy_output_equals_hf_generate_at_batch_7(name, drafter, tmp_path_fac
     spec = drafter
     if drafter == "text":  # a text-only model of the family's own backbone and tokenizer
         spec = str(build_text_drafter(name, f["path"], tmp_path_factory.mktemp(f"{name}-text")))
-    results = run(f, 7, spec, batch=7)
+    # a fixed k: the auto policy rightly stops asking a drafter that proposes nothing (n-gram on random weights)
+    results = run(f, 7, spec, batch=7, **({"num_draft_tokens": 4} if drafter else {}))
     assert [r.token_ids for r in results] == f["refs"][:7]
     if drafter is not None:
         assert sum(r.num_drafted_tokens for r in results) > 0
