@@ -48,7 +48,6 @@ class DrafterTrainer:
                                       trust_remote_code=trust_remote_code)
         self.lock = threading.Lock()
         self.version, self.ref = 0, None
-        self.started = time.time()
         self.log: list[dict] = []  # per published version: version, t, steps, rows seen, mean loss since the last
         self.events: list[str] = []
         self.losses: list[float] = []

@@ -157,10 +157,10 @@ class DrafterLearner:
         out.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out)
         source = Path(self.path)
-        if source.is_dir():
+        if source.is_dir():  # the tokenizer's and processor's files: whatever save_pretrained did not write
             for f in source.iterdir():
-                if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json") \
-                        and not (out / f.name).exists():
+                weights = f.name.endswith((".safetensors", ".safetensors.index.json"))
+                if f.is_file() and not weights and not (out / f.name).exists():
                     shutil.copy2(f, out / f.name)
         else:  # a hub id: its tokenizer (and processor, for a VLM) from the cache
             AutoTokenizer.from_pretrained(self.path).save_pretrained(out)
