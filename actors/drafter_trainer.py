@@ -67,7 +67,7 @@ class DrafterTrainer:
         try:
             while not self.stop.is_set():
                 with self.lock:
-                    ready = self.learner.ready()
+                    ready = self.learner.ready(self.spec.passes)
                 if not ready:
                     time.sleep(0.05)
                     continue

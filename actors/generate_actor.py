@@ -26,7 +26,6 @@ from engine.loading import make_engine
 from engine.request import Request, Result, SamplingParams, error_result, one_line, shape_key
 
 IMPORTS_DONE = time.time()
-FIRST_ROWS = 8  # an actor's first batch: this many rows first, on their own
 
 
 def evaluated(key: str, fraction: float) -> bool:
@@ -77,15 +76,10 @@ class GenerateActor:
             half = len(requests) // 2
             return self._run(requests[:half]) + self._run(requests[half:])
 
-    def __call__(self, batch: pa.Table):
-        """Ray Data's call: the result rows of `batch`. An actor's first batch comes out in two parts, its first
-        FIRST_ROWS rows as soon as they are done: the job's first output row does not wait for a whole batch."""
-        if not getattr(self, "started", False) and batch.num_rows > FIRST_ROWS:
-            self.started = True
-            yield self.run_batch(batch.slice(0, FIRST_ROWS))
-            batch = batch.slice(FIRST_ROWS)
-        self.started = True
-        yield self.run_batch(batch)
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Ray Data's call: the result rows of `batch`. (Yielding an actor's first rows apart does not make them
+        reach the driver sooner: Ray Data buffers a task's output blocks until the task ends.)"""
+        return self.run_batch(batch)
 
     def run_batch(self, batch: pa.Table) -> pa.Table:
         """The result rows of a batch of preprocessed rows, in order."""

@@ -40,6 +40,7 @@ class DrafterTraining:
     batch_size: int = 16  # rows per optimizer step
     publish_every: int = 10  # optimizer steps between published versions
     buffer_rows: int = 4096  # the latest finished rows steps are drawn from
+    passes: float = 2.0  # steps stop at passes x rows seen / batch_size: the trainer idles until new rows come
     learn_from: str = "tokens"  # tokens | topk (the target's top-k logits as soft labels)
     top_k: int = 8
     save_to: str = ""  # where the learned drafter is saved at the end of the job

@@ -41,7 +41,7 @@ class DraftLength:
         self.batch_rows: float | None = None  # rows per round
         self.probe_every = probe_every
         self.calls = 0
-        self.probe_now = False  # the drafter's weights changed: measure it again in the next call
+        self.stale = False  # the drafter's weights changed since its acceptance was last measured afresh
 
     def _avg(self, old: float | None, new: float) -> float:
         return new if old is None else self.decay * old + (1 - self.decay) * new
@@ -79,16 +79,24 @@ class DraftLength:
         return saving > self.prefill_row_s
 
     def use_drafter(self) -> bool:
-        """At the start of a `generate` call: speculate in it? Yes when it pays, and now and then to probe."""
+        """At the start of a `generate` call: speculate in it? Yes when it pays, and one call in `probe_every` to
+        probe. A probe after new drafter weights forgets the old weights' acceptance, so that the new ones are
+        judged on their own rounds."""
         self.calls += 1
-        probe, self.probe_now = self.probe_now, False
-        return probe or self.pays() or self.calls % self.probe_every == 0
+        if self.pays():
+            return True
+        if self.calls % self.probe_every:
+            return False
+        if self.stale:
+            self.accept, self.stale = Acceptance(self.decay), False
+        return True
 
     def drafter_changed(self) -> None:
-        """New drafter weights (a drafter that learns during the job): the next call speculates, so that the new
-        version's acceptance is measured even while the old one did not pay; the old acceptance is forgotten."""
-        self.probe_now = True
-        self.accept = Acceptance(self.decay)
+        """New drafter weights (a drafter that learns during the job). Where speculation pays, it goes on and the
+        acceptance estimate (a moving average) follows the new weights round by round. Where it does not, the
+        new weights wait for the next probe: a trainer that publishes every few seconds must not make every call
+        pay for the drafter's prefill."""
+        self.stale = True
 
     def rate(self, k: int) -> float:
         """Predicted tokens per second per row for k drafts."""

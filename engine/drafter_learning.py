@@ -80,8 +80,12 @@ class DrafterLearner:
         self.buffer.extend(batch)
         self.seen += len(batch)
 
-    def ready(self) -> bool:
-        return len(self.buffer) >= self.batch_size
+    def ready(self, passes: float | None = None) -> bool:
+        """A batch can be drawn; with `passes`, only while the steps taken have used each row seen fewer than
+        `passes` times on average."""
+        if len(self.buffer) < self.batch_size:
+            return False
+        return passes is None or self.steps * self.batch_size < passes * self.seen
 
     def _ids(self, ids: list[int]) -> list[int]:
         return [t if t < self.size else self.stand_in for t in ids]

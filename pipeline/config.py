@@ -64,6 +64,9 @@ class DrafterTrainingConfig(Section):
     batch_size: int = Field(DRAFTER_TRAINING.batch_size, ge=1)  # rows per optimizer step
     publish_every: int = Field(DRAFTER_TRAINING.publish_every, ge=1)  # optimizer steps between published versions
     buffer_rows: int = Field(DRAFTER_TRAINING.buffer_rows, ge=1)  # the latest finished rows the trainer draws from
+    # each finished row is trained on about this many times; then the trainer waits for new rows (and frees its
+    # CPU or GPU for the job) instead of fitting the same rows again
+    passes: float = Field(DRAFTER_TRAINING.passes, gt=0)
     learn_from: Literal["tokens", "topk"] = DRAFTER_TRAINING.learn_from  # topk: the target's top-k logits too
     top_k: int = Field(DRAFTER_TRAINING.top_k, ge=1, le=1024)
     save_to: str | None = None  # where the learned drafter is saved (default: <output.path>/drafter)
@@ -116,6 +119,9 @@ class ResourcesConfig(Section):
     gpus_per_actor: float = Field(0.0, ge=0)
     batch_size: int = Field(16, ge=1)
     preprocess_cpus: float = Field(0.5, gt=0)
+    # preprocess tasks at once (read + decode + processor). Each runs in a worker process whose first task loads
+    # the processor (imports torch and transformers: seconds of CPU); null: as many as the free CPUs allow
+    preprocess_tasks: int | None = Field(None, ge=1)
 
 
 class AutoscalerConfig(Section):
@@ -249,8 +255,8 @@ class JobConfig(Section):
             return None
         save_to = t.save_to or self.output.path.rstrip("/") + "/drafter"
         return DrafterTraining(learning_rate=t.learning_rate, batch_size=t.batch_size, publish_every=t.publish_every,
-                               buffer_rows=t.buffer_rows, learn_from=t.learn_from, top_k=t.top_k, save_to=save_to,
-                               cpus=t.cpus, gpus=t.gpus, seed=self.decoding.seed)
+                               buffer_rows=t.buffer_rows, passes=t.passes, learn_from=t.learn_from, top_k=t.top_k,
+                               save_to=save_to, cpus=t.cpus, gpus=t.gpus, seed=self.decoding.seed)
 
     def sampling(self) -> SamplingParams:
         d = self.decoding

@@ -71,7 +71,12 @@ def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[d
     `trainer`: model.drafter_training's trainer actor (actors/drafter_trainer.py)."""
     model = cfg.engine().target
     r = cfg.resources
-    ds = ds.map(_normalise_and_preprocess, num_cpus=r.preprocess_cpus, fn_kwargs={
+    # Each preprocess task runs in a worker process whose first task loads the processor (torch and transformers:
+    # ~4.5 s of CPU). CPU-only actors get one preprocess task each by default: more only slow the start (on two
+    # cores, four such processes starting together cost the first row 14 s) and the actors cannot use the rows
+    # faster; GPU actors get as many as the free CPUs allow (resources.preprocess_tasks sets it).
+    tasks = r.preprocess_tasks or (r.num_actors if r.gpus_per_actor == 0 and r.mode == "colocated" else None)
+    ds = ds.map(_normalise_and_preprocess, num_cpus=r.preprocess_cpus, concurrency=tasks, fn_kwargs={
         "normalise": normalise, "model_path": model, "prompt_template": cfg.task.prompt,
         "max_pixels": cfg.preprocess.max_image_pixels, "trust_remote_code": cfg.model.trust_remote_code,
         "carry": None if all_columns else check_columns(cfg)})

@@ -150,12 +150,38 @@ def test_the_saved_drafter_loads_and_drafts(rows, tmp_path):
     assert torch.equal(other.drafter.ck.decoder.layers[layer]["qkv"][:state[name].shape[0]], state[name])
 
 
-def test_a_new_version_is_measured_even_where_the_old_drafter_did_not_pay():
+def test_a_new_version_is_measured_at_the_next_probe_on_its_own_rounds_not_in_every_call():
+    """Where the drafter did not pay, new weights arriving before every call (a trainer that publishes often) do
+    not make every call pay for the drafter's prefill: one call in probe_every speculates, and that probe forgets
+    the old weights' acceptance so that the new ones are judged on their own rounds."""
     from engine.draft_length import DraftLength
 
-    policy = DraftLength(None, probe_every=1000)
+    policy = DraftLength(None, probe_every=4)
     policy.pays = lambda: False  # the old drafter's prefill cost more than it saved
-    assert not policy.use_drafter() and not policy.use_drafter()
+    policy.accept.observe([0, 0], [4, 4], offered=4)
+    calls = []
+    for _ in range(12):
+        policy.drafter_changed()
+        calls.append(policy.use_drafter())
+        if calls[-1]:
+            assert not policy.accept.seen  # the probe measures the new weights afresh
+            policy.accept.observe([4, 4], [4, 4], offered=4)
+    assert calls == [False, False, False, True] * 3
+    policy.pays = lambda: True  # where speculation pays, every call speculates and new weights change nothing else
     policy.drafter_changed()
-    assert policy.use_drafter()  # the next call speculates with the new version
-    assert not policy.use_drafter()
+    assert policy.use_drafter() and policy.accept.seen
+
+
+def test_the_learner_trains_each_row_about_passes_times_then_waits_for_new_rows(rows):
+    engine, requests, results = rows
+    ex = examples(requests, results, engine.drafter.ck.tokenizer.eos_token_id, images=False)
+    learner = DrafterLearner(TEXT_DRAFTER, engine.target.image_token_id, batch_size=8)
+    learner.add(ex[:16])
+    steps = 0
+    while learner.ready(passes=1.5) and steps < 10:
+        learner.step()
+        steps += 1
+    assert steps == 3  # 3 x 8 rows drawn from 16 seen: 1.5 passes
+    assert learner.ready()  # without a cap it would go on fitting the same rows
+    learner.add(ex[16:24])
+    assert learner.ready(passes=1.5)  # new rows: 24 x 1.5 = 36 rows' worth, 24 used

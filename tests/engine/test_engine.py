@@ -257,7 +257,8 @@ def test_a_drafter_whose_prefill_cannot_pay_is_turned_off_and_the_output_stays_t
     second = engine.generate(requests[24:48], GREEDY)
     assert engine.stats.drafted == drafted and sum(admitted) == rows
     assert engine.stats.drafter_prefill_s >= 0.3 * rows
-    engine.policy.drafter_changed()  # new weights (a drafter that learns): the next call measures it again...
+    engine.policy.drafter_changed()  # new weights (a drafter that learns): the next probing call measures them...
+    engine.policy.calls = engine.policy.probe_every - 1
     third = engine.generate(requests[48:72], GREEDY)
     assert engine.stats.drafted > drafted and rows < sum(admitted) < rows + 24, admitted  # ...and stops again
     assert not _same(first + second + third, oracle[:72])[0]

@@ -114,3 +114,28 @@ def test_a_worker_loads_the_processor_once_not_per_row(tiny_model, monkeypatch):
         assert preprocess_row(_row(good, {"question": "What?"}), str(tiny_model), "{question}", 10**7)["error"] is None
     assert len(loads) == 1
     pre.processor_of.cache_clear()
+
+
+@pytest.mark.parametrize("resources,tasks", [
+    ({}, 1),  # one CPU-only actor: one preprocess task (a worker process that loads the processor once)
+    ({"num_actors": 3}, 3),
+    ({"gpus_per_actor": 1}, None),  # GPU actors: as many as the free CPUs allow
+    ({"preprocess_tasks": 4}, 4),
+])
+def test_preprocess_tasks_at_once(resources, tasks):
+    from pipeline.config import load_config
+    from pipeline.stages import generate_stages
+
+    class Dataset:  # records what the job asks of Ray Data
+        def map(self, fn, **kwargs):
+            self.kwargs = kwargs
+            return self
+
+        def map_batches(self, *args, **kwargs):
+            return self
+
+    cfg = load_config({"input": {"paths": ["x/*.tar"]}, "model": {"target": "models/target"},
+                       "output": {"path": "out"}, "resources": resources})
+    ds = Dataset()
+    generate_stages(ds, cfg, normalise=lambda row: row)
+    assert ds.kwargs["concurrency"] == tasks
