@@ -154,6 +154,7 @@ def evaluate(model_dir: Path, per_task: int, k: int = 4, prune_per_task: int = 5
                 all_items += items
                 all_outputs += ids
     report["target_eval_s"] = time.time() - t
+    report["accuracy_by_kind"] = accuracy_by_kind(model_dir / "target", per_task)
     for name, (drafter, with_image) in drafters.items():
         matches = draft_matches(drafter, processor, all_items, all_outputs, with_image)
         drafted = accepted = rounds = 0
@@ -229,6 +230,7 @@ def model_card(report: dict, training: dict | None) -> str:
         *[f"| {task} | {acc:.1%} | {report.get('accuracy_fresh', {}).get(task, float('nan')):.1%} |"
           for task, acc in report["accuracy"].items()],
         "",
+        *by_kind_lines(report.get("accuracy_by_kind")),
         f"Greedy acceptance against the target at k={report['k']} (over the target's answers to every task above):",
         "",
         "| drafter | acceptance rate | tokens per target forward |",
@@ -253,13 +255,54 @@ def model_card(report: dict, training: dict | None) -> str:
     return "\n".join(lines)
 
 
+def by_kind_lines(by_kind: dict | None) -> list[str]:
+    """The model card's table of accuracy per kind of question (none for a report without it)."""
+    if not by_kind:
+        return []
+    return ["Per kind of question (test split; `python -m training.evaluate models --by-kind N`):", "",
+            "| question | right |", "|---|---|",
+            *[f"| {kind} ({corpus.PROMPTS[kind]}) | {r} / {n} ({r / n:.0%}) |" for kind, (r, n) in by_kind.items()],
+            ""]
+
+
+def question_kind(question: str) -> str:
+    """Which of the corpus's question templates a question comes from (caption, ocr, count, color, shape, exists,
+    position)."""
+    for kind, template in corpus.PROMPTS.items():
+        head = template.split("{")[0]
+        if question == template or ("{" in template and question.startswith(head)):
+            return kind
+    raise ValueError(f"not a corpus question: {question!r}")
+
+
+def accuracy_by_kind(target_dir: Path, n: int, seed: int = TEST_SEED) -> dict[str, tuple[int, int]]:
+    """{kind: (right, asked)} of the target's greedy answers to the first n vqa and n position questions of a
+    split: where a model that reads captions right fails to look a shape up by the question."""
+    processor = load_processor(str(target_dir))
+    model = AutoModelForImageTextToText.from_pretrained(target_dir, dtype=torch.float32).eval()
+    samples = [corpus.sample(seed, i, task=t) for t in ("vqa", "position") for i in range(n)]
+    answers = generate_answers(model, processor, [(s.image, s.question) for s in samples])
+    out: dict[str, tuple[int, int]] = {}
+    for a, s in zip(answers, samples):
+        right, asked = out.get(question_kind(s.question), (0, 0))
+        out[question_kind(s.question)] = (right + (a == s.answer), asked + 1)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Evaluate the model pair and write its model card.")
     ap.add_argument("model_dir")
     ap.add_argument("--per-task", type=int, default=100)
     ap.add_argument("--prune-per-task", type=int, default=50, help="rows per task of the pruning sweep (0: skip it)")
+    ap.add_argument("--by-kind", type=int, default=0, metavar="N",
+                    help="only: the target's accuracy per kind of question over N vqa and N position rows")
     args = ap.parse_args(argv)
     model_dir = Path(args.model_dir)
+    if args.by_kind:
+        torch.set_num_threads(2)
+        for kind, (right, asked) in accuracy_by_kind(model_dir / "target", args.by_kind).items():
+            print(f"{kind:9s} {right:4d} / {asked:4d}  {right / asked:.1%}")
+        return
     report = evaluate(model_dir, args.per_task, prune_per_task=args.prune_per_task)
     print(json.dumps({k: report.get(k) for k in ("accuracy", "accuracy_fresh", "acceptance", "step_ms", "params")},
                      indent=1))

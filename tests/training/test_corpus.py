@@ -1,3 +1,5 @@
+import pytest
+
 from training import corpus
 
 
@@ -40,3 +42,13 @@ def test_demo_shards_carry_the_answer(tmp_path):
     paths = write_demo_data(str(tmp_path), num_samples=5, fmt="parquet")
     table = pq.read_table(paths[0].removeprefix("file://"))
     assert table.num_rows == 5 and {"key", "image", "question", "task", "answer"} <= set(table.column_names)
+
+
+def test_every_question_has_a_kind_and_each_kind_is_asked():
+    from training.evaluate import question_kind
+
+    kinds = {question_kind(corpus.sample(5, i).question) for i in range(400)}
+    assert kinds == {"caption", "ocr", "count", "color", "shape", "exists", "position"}
+    assert question_kind("Is there an orange square?") == "exists"
+    with pytest.raises(ValueError):
+        question_kind("What is the meaning of life?")
