@@ -120,7 +120,8 @@ class ResourcesConfig(Section):
     batch_size: int = Field(16, ge=1)
     preprocess_cpus: float = Field(0.5, gt=0)
     # preprocess tasks at once (read + decode + processor). Each runs in a worker process whose first task loads
-    # the processor (imports torch and transformers: seconds of CPU); null: as many as the free CPUs allow
+    # the processor (imports torch and transformers: seconds of CPU). null: one per actor with CPU-only colocated
+    # actors, else as many as the free CPUs allow (pipeline/stages.py)
     preprocess_tasks: int | None = Field(None, ge=1)
 
 
