@@ -88,10 +88,10 @@ def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def make_scene(rng: random.Random) -> Scene:
+def make_scene(rng: random.Random, max_shapes: int = 3) -> Scene:
     word = rng.choice(WORDS) if rng.random() < 0.4 else None
     cells = [0, 1, 2, 6, 7, 8] if word else list(range(9))
-    n = rng.randint(1, 3)
+    n = rng.randint(1, max_shapes)
     kinds = rng.sample(SHAPES, n)
     colors = rng.sample(sorted(COLORS), n)
     chosen = sorted(rng.sample(cells, n))  # reading order: captions list shapes top-left to bottom-right
@@ -179,10 +179,11 @@ def question(scene: Scene, task: str, rng: random.Random) -> tuple[str, str]:
     return q, f"No, there is no {color} {kind_}."
 
 
-def sample(seed: int, index: int, task: str | None = None) -> Sample:
-    """The index-th sample of the stream for this seed; task=None picks one (ocr only when text is drawn)."""
+def sample(seed: int, index: int, task: str | None = None, max_shapes: int = 3) -> Sample:
+    """The index-th sample of the stream for this seed; task=None picks one (ocr only when text is drawn).
+    `max_shapes` < 3: scenes of at most that many shapes (a curriculum's first stages); 3 is the stream itself."""
     rng = random.Random(seed * 1_000_003 + index)
-    scene = make_scene(rng)
+    scene = make_scene(rng, max_shapes)
     if task is None:
         choices = ["caption", "vqa", "vqa", "position"] + (["ocr", "ocr"] if scene.word else [])
         task = rng.choice(choices)
@@ -190,7 +191,7 @@ def sample(seed: int, index: int, task: str | None = None) -> Sample:
         # keep the stream deterministic: draw scenes from a sub-stream until one carries text
         sub = random.Random(rng.random())
         while scene.word is None:
-            scene = make_scene(sub)
+            scene = make_scene(sub, max_shapes)
     q, a = question(scene, task, rng)
     return Sample(key=f"{seed:05d}-{index:07d}", task=task, question=q, answer=a, image=render(scene))
 

@@ -118,18 +118,27 @@ def save_bf16(model, path: Path) -> None:
     model.float()
 
 
-def ground_truth_batches(batcher: Batcher, batch_size: int, start: int = 0, task_mix: dict | None = None):
-    """Batches of the train stream; `task_mix` ({task: weight}) draws each sample's task, else the corpus's mix."""
+def ground_truth_batches(batcher: Batcher, batch_size: int, start: int = 0, task_mix: dict | None = None,
+                         curriculum: list[dict] | None = None):
+    """Batches of the train stream; `task_mix` ({task: weight}) draws each sample's task, else the corpus's mix.
+    `curriculum`: stages that come first, each {steps, task_mix, max_shapes} (e.g. questions about one- and
+    two-shape scenes, where finding the shape a question names is easy to learn, before captions); then
+    `task_mix` on the whole stream."""
     i = start
     rng = random.Random(start)
-    tasks, weights = zip(*task_mix.items()) if task_mix else (None, None)
-    while True:
-        items = []
-        for _ in range(batch_size):
-            s = corpus.sample(TRAIN_SEED, i, rng.choices(tasks, weights)[0] if tasks else None)
-            items.append((s.image, s.question, s.answer))
-            i += 1
-        yield batcher(items)
+    stages = [(c["steps"], c.get("task_mix") or task_mix, c.get("max_shapes", 3)) for c in curriculum or []]
+    stages.append((None, task_mix, 3))
+    for steps, mix, max_shapes in stages:
+        tasks, weights = zip(*mix.items()) if mix else (None, None)
+        done = 0
+        while steps is None or done < steps:
+            items = []
+            for _ in range(batch_size):
+                s = corpus.sample(TRAIN_SEED, i, rng.choices(tasks, weights)[0] if tasks else None, max_shapes)
+                items.append((s.image, s.question, s.answer))
+                i += 1
+            done += 1
+            yield batcher(items)
 
 
 def distillation_set(model, processor, num: int, batch_size: int) -> list[tuple]:
@@ -217,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
                                                    cell_head=vc.get("cell_head", False))}
         freeze_tower(target, True)
         target_losses = train_model(target, ground_truth_batches(Batcher(processor), tc["batch_size"],
-                                                                 task_mix=tc.get("task_mix")),
+                                                                 task_mix=tc.get("task_mix"),
+                                                                 curriculum=tc.get("curriculum")),
                                     tc["steps"], tc["lr"], tc["warmup"], "target", device=args.device,
                                     dropout=TokenDropout(tc.get("token_dropout"), cfg["seed"]))
         timings["target_s"] = time.time() - t

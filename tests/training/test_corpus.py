@@ -52,3 +52,22 @@ def test_every_question_has_a_kind_and_each_kind_is_asked():
     assert question_kind("Is there an orange square?") == "exists"
     with pytest.raises(ValueError):
         question_kind("What is the meaning of life?")
+
+
+def test_a_curriculum_asks_its_own_questions_about_smaller_scenes_first_then_the_stream():
+    from training.train import ground_truth_batches
+
+    a = [corpus.sample(5, i) for i in range(30)]
+    b = [corpus.sample(5, i, max_shapes=3) for i in range(30)]
+    assert [(s.question, s.answer) for s in a] == [(s.question, s.answer) for s in b]  # the stream is unchanged
+    assert all(corpus.sample(5, i, "caption", max_shapes=1).answer.startswith("One shape") for i in range(30))
+
+    batches = ground_truth_batches(lambda items: items, 16, task_mix={"caption": 1.0},
+                                   curriculum=[{"steps": 3, "task_mix": {"vqa": 0.5, "position": 0.5},
+                                                "max_shapes": 2}])
+    first = [next(batches) for _ in range(3)]
+    questions = [q for batch in first for _, q, _ in batch]
+    assert "Describe the image." not in questions and any(q.startswith("Where is") for q in questions)
+    assert not any(a == "There are three shapes." for batch in first for _, _, a in batch)
+    then = next(batches)
+    assert all(q == "Describe the image." for _, q, _ in then)
