@@ -151,10 +151,11 @@ def evaluate(model_dir: Path, per_task: int, k: int = 4, prune_per_task: int = 5
             if seed == TEST_SEED:
                 wrong = [(s.question, s.answer, a) for a, s in zip(answers, samples) if a != s.answer]
                 report.setdefault("examples_wrong", {})[task] = wrong[:3]
+                if task in ("vqa", "position"):  # the same rows accuracy_by_kind asks about
+                    tally_by_kind(samples, answers, report.setdefault("accuracy_by_kind", {}))
                 all_items += items
                 all_outputs += ids
     report["target_eval_s"] = time.time() - t
-    report["accuracy_by_kind"] = accuracy_by_kind(model_dir / "target", per_task)
     for name, (drafter, with_image) in drafters.items():
         matches = draft_matches(drafter, processor, all_items, all_outputs, with_image)
         drafted = accepted = rounds = 0
@@ -275,18 +276,21 @@ def question_kind(question: str) -> str:
     raise ValueError(f"not a corpus question: {question!r}")
 
 
+def tally_by_kind(samples: list, answers: list[str], out: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """Adds each answer to `out`'s {kind: (right, asked)}."""
+    for a, s in zip(answers, samples):
+        right, asked = out.get(question_kind(s.question), (0, 0))
+        out[question_kind(s.question)] = (right + (a == s.answer), asked + 1)
+    return out
+
+
 def accuracy_by_kind(target_dir: Path, n: int, seed: int = TEST_SEED) -> dict[str, tuple[int, int]]:
     """{kind: (right, asked)} of the target's greedy answers to the first n vqa and n position questions of a
     split: where a model that reads captions right fails to look a shape up by the question."""
     processor = load_processor(str(target_dir))
     model = AutoModelForImageTextToText.from_pretrained(target_dir, dtype=torch.float32).eval()
     samples = [corpus.sample(seed, i, task=t) for t in ("vqa", "position") for i in range(n)]
-    answers = generate_answers(model, processor, [(s.image, s.question) for s in samples])
-    out: dict[str, tuple[int, int]] = {}
-    for a, s in zip(answers, samples):
-        right, asked = out.get(question_kind(s.question), (0, 0))
-        out[question_kind(s.question)] = (right + (a == s.answer), asked + 1)
-    return out
+    return tally_by_kind(samples, generate_answers(model, processor, [(s.image, s.question) for s in samples]), {})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -71,3 +71,14 @@ def test_a_curriculum_asks_its_own_questions_about_smaller_scenes_first_then_the
     assert not any(a == "There are three shapes." for batch in first for _, _, a in batch)
     then = next(batches)
     assert all(q == "Describe the image." for _, q, _ in then)
+
+
+def test_answers_are_tallied_per_kind_of_question():
+    from training.evaluate import tally_by_kind
+
+    samples = [corpus.sample(5, i, task="vqa") for i in range(40)]
+    answers = [s.answer if i % 2 else "wrong" for i, s in enumerate(samples)]
+    by_kind = tally_by_kind(samples, answers, {})
+    assert sum(n for _, n in by_kind.values()) == 40
+    assert sum(r for r, _ in by_kind.values()) == 20
+    assert set(by_kind) <= {"count", "color", "shape", "exists"}
