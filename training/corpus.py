@@ -82,6 +82,7 @@ class Sample:
     question: str
     answer: str
     image: Image.Image
+    scene: Scene  # what the image shows: which shape a question asks about, and which others are there
 
 
 def article(word: str) -> str:
@@ -193,7 +194,8 @@ def sample(seed: int, index: int, task: str | None = None, max_shapes: int = 3) 
         while scene.word is None:
             scene = make_scene(sub, max_shapes)
     q, a = question(scene, task, rng)
-    return Sample(key=f"{seed:05d}-{index:07d}", task=task, question=q, answer=a, image=render(scene))
+    return Sample(key=f"{seed:05d}-{index:07d}", task=task, question=q, answer=a, image=render(scene),
+                  scene=scene)
 
 
 def encode_png(image: Image.Image) -> bytes:

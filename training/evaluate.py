@@ -153,6 +153,7 @@ def evaluate(model_dir: Path, per_task: int, k: int = 4, prune_per_task: int = 5
                 report.setdefault("examples_wrong", {})[task] = wrong[:3]
                 if task in ("vqa", "position"):  # the same rows accuracy_by_kind asks about
                     tally_by_kind(samples, answers, report.setdefault("accuracy_by_kind", {}))
+                    tally_binding(samples, answers, report.setdefault("binding", {}))
                 all_items += items
                 all_outputs += ids
     report["target_eval_s"] = time.time() - t
@@ -232,6 +233,8 @@ def model_card(report: dict, training: dict | None) -> str:
           for task, acc in report["accuracy"].items()],
         "",
         *by_kind_lines(report.get("accuracy_by_kind")),
+        *(["Lookup questions (colour, shape, position), by whose attribute the answer gives:", "",
+           *binding_lines(report["binding"]), ""] if report.get("binding") else []),
         f"Greedy acceptance against the target at k={report['k']} (over the target's answers to every task above):",
         "",
         "| drafter | acceptance rate | tokens per target forward |",
@@ -284,13 +287,53 @@ def tally_by_kind(samples: list, answers: list[str], out: dict[str, tuple[int, i
     return out
 
 
-def accuracy_by_kind(target_dir: Path, n: int, seed: int = TEST_SEED) -> dict[str, tuple[int, int]]:
-    """{kind: (right, asked)} of the target's greedy answers to the first n vqa and n position questions of a
-    split: where a model that reads captions right fails to look a shape up by the question."""
+LOOKUPS = ("color", "shape", "position")  # the questions that name one shape and ask for another of its attributes
+
+
+def answer_about(kind: str, asked: corpus.Shape, shape: corpus.Shape) -> str:
+    """The answer to a `kind` question about `asked` if the model read its attribute off `shape` instead."""
+    if kind == "color":
+        return f"The {asked.kind} is {shape.color}."
+    if kind == "shape":
+        return f"The {asked.color} object is a {shape.kind}."
+    return f"The {asked.name} is at the {corpus.POSITIONS[shape.cell]}."
+
+
+def tally_binding(samples: list, answers: list[str], out: dict[int, dict[str, int]]) -> dict[int, dict[str, int]]:
+    """Adds each lookup question (colour, shape, position) to `out`'s {shapes in the scene: {"asked": n,
+    "another": n, "neither": n}}: whether the answer gives the attribute of the shape the question names, of
+    another shape in the same scene, or of none. A model that perceives every shape but cannot find the one a
+    question names answers "another" as often as chance allows: (shapes - 1) / shapes."""
+    for a, s in zip(answers, samples):
+        kind = question_kind(s.question)
+        if kind not in LOOKUPS:
+            continue
+        (asked,) = [sh for sh in s.scene.shapes if answer_about(kind, sh, sh) == s.answer]
+        others = {answer_about(kind, asked, sh) for sh in s.scene.shapes if sh is not asked} - {s.answer}
+        row = out.setdefault(len(s.scene.shapes), {"asked": 0, "another": 0, "neither": 0})
+        row["asked" if a == s.answer else "another" if a in others else "neither"] += 1
+    return out
+
+
+def binding_lines(binding: dict[int, dict[str, int]]) -> list[str]:
+    """The table of tally_binding, one row per number of shapes in the scene."""
+    lines = ["| shapes in the scene | answer about the asked shape | about another shape | neither |", "|---|---|---|---|"]
+    for n in sorted(binding):
+        row = binding[n]
+        total = sum(row.values())
+        lines.append(f"| {n} | " + " | ".join(f"{row[k]} / {total} ({row[k] / total:.0%})"
+                                              for k in ("asked", "another", "neither")) + " |")
+    return lines
+
+
+def accuracy_by_kind(target_dir: Path, n: int, seed: int = TEST_SEED) -> tuple[dict, dict]:
+    """({kind: (right, asked)}, tally_binding) of the target's greedy answers to the first n vqa and n position
+    questions of a split: where a model that reads captions right fails to look a shape up by the question."""
     processor = load_processor(str(target_dir))
     model = AutoModelForImageTextToText.from_pretrained(target_dir, dtype=torch.float32).eval()
     samples = [corpus.sample(seed, i, task=t) for t in ("vqa", "position") for i in range(n)]
-    return tally_by_kind(samples, generate_answers(model, processor, [(s.image, s.question) for s in samples]), {})
+    answers = generate_answers(model, processor, [(s.image, s.question) for s in samples])
+    return tally_by_kind(samples, answers, {}), tally_binding(samples, answers, {})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -304,8 +347,10 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = Path(args.model_dir)
     if args.by_kind:
         torch.set_num_threads(2)
-        for kind, (right, asked) in accuracy_by_kind(model_dir / "target", args.by_kind).items():
+        by_kind, binding = accuracy_by_kind(model_dir / "target", args.by_kind)
+        for kind, (right, asked) in by_kind.items():
             print(f"{kind:9s} {right:4d} / {asked:4d}  {right / asked:.1%}")
+        print("\n".join(["", "Lookup questions (colour, shape, position): whose attribute the answer gives", *binding_lines(binding)]))
         return
     report = evaluate(model_dir, args.per_task, prune_per_task=args.prune_per_task)
     print(json.dumps({k: report.get(k) for k in ("accuracy", "accuracy_fresh", "acceptance", "step_ms", "params")},

@@ -82,3 +82,25 @@ def test_answers_are_tallied_per_kind_of_question():
     assert sum(n for _, n in by_kind.values()) == 40
     assert sum(r for r, _ in by_kind.values()) == 20
     assert set(by_kind) <= {"count", "color", "shape", "exists"}
+
+
+def test_lookup_answers_are_tallied_by_whose_attribute_they_give():
+    """A model that perceives every shape but answers about the wrong one is told apart from one that is wrong."""
+    from training.evaluate import answer_about, binding_lines, question_kind, tally_binding
+
+    samples = [s for i in range(200) if len((s := corpus.sample(5, i, task="position")).scene.shapes) > 1][:30]
+    samples += [s for i in range(200) if question_kind((s := corpus.sample(6, i, task="vqa")).question) == "color"][:30]
+    answers, want = [], {}
+    for i, s in enumerate(samples):
+        kind = question_kind(s.question)
+        asked = next(sh for sh in s.scene.shapes if answer_about(kind, sh, sh) == s.answer)
+        other = next((sh for sh in s.scene.shapes if answer_about(kind, asked, sh) != s.answer), None)
+        pick = "asked" if i % 3 == 0 or other is None else "another" if i % 3 == 1 else "neither"
+        answers.append({"asked": s.answer, "neither": "The sky is plaid.",
+                        "another": other and answer_about(kind, asked, other)}[pick])
+        row = want.setdefault(len(s.scene.shapes), {"asked": 0, "another": 0, "neither": 0})
+        row[pick] += 1
+    got = tally_binding(samples, answers, {})
+    assert got == want and sum(r["another"] for r in got.values()) >= 10
+    assert len(binding_lines(got)) == 2 + len(got)
+    assert tally_binding([corpus.sample(5, 0, task="caption")], ["x"], {}) == {}
