@@ -282,8 +282,9 @@ def question_kind(question: str) -> str:
 def tally_by_kind(samples: list, answers: list[str], out: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
     """Adds each answer to `out`'s {kind: (right, asked)}."""
     for a, s in zip(answers, samples):
-        right, asked = out.get(question_kind(s.question), (0, 0))
-        out[question_kind(s.question)] = (right + (a == s.answer), asked + 1)
+        kind = question_kind(s.question)
+        right, asked = out.get(kind, (0, 0))
+        out[kind] = (right + (a == s.answer), asked + 1)
     return out
 
 
@@ -317,7 +318,8 @@ def tally_binding(samples: list, answers: list[str], out: dict[int, dict[str, in
 
 def binding_lines(binding: dict[int, dict[str, int]]) -> list[str]:
     """The table of tally_binding, one row per number of shapes in the scene."""
-    lines = ["| shapes in the scene | answer about the asked shape | about another shape | neither |", "|---|---|---|---|"]
+    lines = ["| shapes in the scene | answer about the asked shape | about another shape | neither |",
+             "|---|---|---|---|"]
     for n in sorted(binding):
         row = binding[n]
         total = sum(row.values())
@@ -350,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
         by_kind, binding = accuracy_by_kind(model_dir / "target", args.by_kind)
         for kind, (right, asked) in by_kind.items():
             print(f"{kind:9s} {right:4d} / {asked:4d}  {right / asked:.1%}")
-        print("\n".join(["", "Lookup questions (colour, shape, position): whose attribute the answer gives", *binding_lines(binding)]))
+        print("\nLookup questions (colour, shape, position): whose attribute the answer gives")
+        print("\n".join(binding_lines(binding)))
         return
     report = evaluate(model_dir, args.per_task, prune_per_task=args.prune_per_task)
     print(json.dumps({k: report.get(k) for k in ("accuracy", "accuracy_fresh", "acceptance", "step_ms", "params")},
