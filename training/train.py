@@ -33,6 +33,7 @@ from training.modelpair import (
     build_vlm,
     user_prompt,
 )
+from training.grow import grow
 from training.optim import fit
 from training.token_dropout import TokenDropout
 from training.tokenizer import train_tokenizer
@@ -173,6 +174,16 @@ def architecture(cfg: dict, tok):
             lambda spec: build_text_lm(spec, tok))
 
 
+def shallow_spec(spec: dict, layers: int | None) -> dict:
+    """The target's spec with a `layers`-deep decoder: the stage that learns the lookup before growing."""
+    return spec if not layers else {**spec, "text": {**spec["text"], "num_hidden_layers": layers}}
+
+
+def target_steps(tc: dict) -> int:
+    """Batches of the train stream the target's first stages use (the fine-tune starts after them)."""
+    return tc["steps"] + (tc["grown"]["steps"] if tc.get("shallow_layers") else 0)
+
+
 def vision_tower(model):
     """The tower the recipe pretrains: CLIP's, or Qwen2.5-VL's (with its merger, which maps into the decoder)."""
     return getattr(model.model, "vision_tower", None) or model.model.visual
@@ -219,22 +230,28 @@ def main(argv: list[str] | None = None) -> None:
     else:
         tok = train_tokenizer(vocab_size=cfg["vocab_size"])
         processor, vlm, _ = architecture(cfg, tok)
-        target = vlm(cfg["target"])
+        target = vlm(shallow_spec(cfg["target"], tc.get("shallow_layers")))
         t = time.time()
         vision_losses = {"target": pretrain_vision(vision_tower(target), processor.image_processor, vc["steps"],
                                                    vc["batch_size"], vc["lr"], cfg["seed"], device=args.device,
                                                    cell_head=vc.get("cell_head", False))}
         freeze_tower(target, True)
-        target_losses = train_model(target, ground_truth_batches(Batcher(processor), tc["batch_size"],
-                                                                 task_mix=tc.get("task_mix"),
-                                                                 curriculum=tc.get("curriculum")),
-                                    tc["steps"], tc["lr"], tc["warmup"], "target", device=args.device,
-                                    dropout=TokenDropout(tc.get("token_dropout"), cfg["seed"]))
+        stream = ground_truth_batches(Batcher(processor), tc["batch_size"], task_mix=tc.get("task_mix"),
+                                      curriculum=tc.get("curriculum"))
+        dropout = TokenDropout(tc.get("token_dropout"), cfg["seed"])
+        target_losses = train_model(target, stream, tc["steps"], tc["lr"], tc["warmup"], "target",
+                                    device=args.device, dropout=dropout)
+        if tc.get("shallow_layers"):  # grow to the target's depth, same function, and go on with every layer
+            target = grow(target.cpu(), vlm(cfg["target"]))
+            freeze_tower(target, True)
+            gc = tc["grown"]
+            target_losses += train_model(target, stream, gc["steps"], gc["lr"], gc["warmup"], "grown",
+                                         device=args.device, dropout=dropout)
         timings["target_s"] = time.time() - t
     t = time.time()
     freeze_tower(target, False)
     finetune_losses = train_model(target, ground_truth_batches(Batcher(processor), tc["batch_size"],
-                                                               start=tc["steps"] * tc["batch_size"],
+                                                               start=target_steps(tc) * tc["batch_size"],
                                                                task_mix=tc.get("task_mix")),
                                   ft["steps"], ft["lr"], ft["warmup"], "finetune", device=args.device,
                                   dropout=TokenDropout(tc.get("token_dropout"), cfg["seed"] + 1))
