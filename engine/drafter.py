@@ -25,7 +25,8 @@ The banned ids (computed once at load: `target_vocab`, and `draft_mask` for a mo
 - an id outside its own tokenizer or the target's (a model drafter's logit columns past its tokenizer, i.e.
   embedding padding rows, and past the target's logits width; ids no token has);
 - an image/video placeholder of either model (config image_token_id / image_token_index, video_token_id,
-  vision_start/end_token_id (Qwen-VL), boi/eoi_token_id|index (Gemma3), ...: `placeholder_ids`);
+  vision_start/end_token_id (Qwen-VL), boi/eoi_token_id|index (Gemma3), ...: `placeholder_ids`), but never the
+  target's EOS, even where a config also names it a vision boundary (the shipped pair ends its image spans with it);
 - a special token of the target's tokenizer (its named special tokens and added tokens marked special) other
   than its EOS ids: ending a row is a legitimate proposal, a chat-control or padding token is not.
 A model drafter's logits ban them (-inf); the n-gram drafter stops a proposal at the first banned id and never
@@ -84,6 +85,7 @@ class TargetVocab:
     width: int  # the target's logits width (config vocab_size)
     size: int  # 1 + the largest id of the target's tokenizer (ids from size to width are padding rows)
     banned: frozenset[int]  # placeholders, special tokens but EOS, and ids below `size` no token has
+    eos: frozenset[int] = frozenset()  # never banned, even where a config also names it a vision boundary
 
 
 def target_vocab(tokenizer, image_token_id: int | None, target: LoadedModel | str | None = None,
@@ -108,8 +110,9 @@ def target_vocab(tokenizer, image_token_id: int | None, target: LoadedModel | st
     size = max(ids) + 1
     banned = special_ids(tokenizer, eos) | {image_token_id} - {None} | (set(range(size)) - ids)
     if config is not None:
-        banned |= placeholder_ids(config)
-    return TargetVocab(str(name), logits_width(config) if config is not None else size, size, frozenset(banned))
+        banned |= placeholder_ids(config) - eos  # a model may end its image spans with EOS: it must stay proposable
+    return TargetVocab(str(name), logits_width(config) if config is not None else size, size, frozenset(banned),
+                       frozenset(eos))
 
 
 def check_agreement(drafter_tokenizer, target_tokenizer, drafter_name: str, target_name: str) -> None:
@@ -130,8 +133,8 @@ def draft_mask(model: LoadedModel, vocab: TargetVocab) -> torch.Tensor:
     allowed = torch.zeros(logits_width(model.model.config), dtype=torch.bool)
     ids = [i for i in model.tokenizer.get_vocab().values() if i < min(len(allowed), vocab.width)]
     allowed[ids] = True
-    banned = [i for i in vocab.banned | placeholder_ids(model.model.config) | {model.image_token_id} - {None}
-              if i < len(allowed)]
+    own = placeholder_ids(model.model.config) - vocab.eos
+    banned = [i for i in vocab.banned | own | {model.image_token_id} - {None} if i < len(allowed)]
     allowed[banned] = False
     return ~allowed
 

@@ -4,7 +4,8 @@
 
 1. train the byte-level BPE tokenizer on the corpus;
 2. pretrain the target's vision tower on dense scene labels (training.vision_pretrain), freeze it, and
-   train the projector and decoder on ground-truth answers (train split), as LLaVA does; then
+   train the projector and decoder on ground-truth answers (train split), as LLaVA does (with
+   train.target.shallow_layers, a shallower decoder first, then grown to full depth: training.grow); then
    fine-tune everything, tower included, at a low learning rate on fresh samples (train.finetune);
 3. generate the target's own greedy answers on fresh train prompts (the distillation set);
 4. train the VLM drafter (its tower pretrained the same way) and the text-only drafter on those answers (sequence-level distillation);

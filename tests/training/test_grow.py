@@ -45,3 +45,13 @@ def test_the_grown_decoder_gives_the_shallow_ones_logits_and_then_learns():
     assert not new_layer.self_attn.o_proj.weight.any()
     train_model(deep, batches, steps=3, lr=3e-3, warmup=1, name="deep", log_every=1)
     assert new_layer.self_attn.o_proj.weight.any() and new_layer.mlp.down_proj.weight.any()
+
+
+def test_the_recipe_trains_the_shallow_decoder_first_and_counts_its_batches():
+    from training.train import shallow_spec, target_steps
+
+    assert shallow_spec(spec(8), 2)["text"]["num_hidden_layers"] == 2
+    assert shallow_spec(spec(8), 2)["vision"] == spec(8)["vision"]
+    assert shallow_spec(spec(8), None) == spec(8)
+    assert target_steps({"steps": 100}) == 100
+    assert target_steps({"steps": 100, "shallow_layers": 2, "grown": {"steps": 30}}) == 130

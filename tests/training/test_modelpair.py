@@ -23,6 +23,7 @@ def test_shipped_vlms_reload_from_disk_and_generate():
     s = [corpus.sample(corpus.SPLIT_SEEDS["test"], i, task="vqa") for i in range(4)]
     for name in ("target", "drafter-vlm"):
         model = AutoModelForImageTextToText.from_pretrained(MODELS / name).eval()
+        assert model.config.model_type == "qwen2_5_vl"  # the family users run most: tower + merger, M-RoPE
         answers = generate_answers(model, processor, [(x.image, x.question) for x in s], max_new_tokens=24)
         assert all(a.endswith(".") and len(a.split()) >= 3 for a in answers), answers
 
