@@ -50,6 +50,21 @@ def tiny_model(tmp_path_factory) -> Path:
     return path
 
 
+def hf_forward_inputs(request, ids: list[int]) -> dict:
+    """Keyword arguments for a HF VLM's forward over `ids` (the request's prompt and tokens after it): its image
+    inputs as tensors (Qwen2.5-VL: the patches' grid too), and its per-token type ids, which M-RoPE reads,
+    extended with text (0) over the tokens after the prompt."""
+    import torch
+
+    out = {"input_ids": torch.tensor([ids])}
+    for key, value in request.model_inputs.items():
+        value = torch.from_numpy(value)
+        if key in ("mm_token_type_ids", "token_type_ids"):
+            value = torch.nn.functional.pad(value, (0, len(ids) - value.shape[-1]))
+        out[key] = value
+    return out
+
+
 def chi_square(tokens, p) -> tuple[float, float, int]:
     """Sampled tokens against the distribution p [vocab]: (statistic, p-value, outcomes tested apart). Outcomes
     expected fewer than 5 times are pooled into one."""

@@ -12,7 +12,7 @@ from engine.drafter_learning import DrafterLearner, examples
 from engine.engine import SpecEngine
 from engine.processor import load_processor
 from engine.request import SamplingParams
-from tests.conftest import ROOT, chi_square
+from tests.conftest import ROOT, chi_square, hf_forward_inputs
 from training.evaluate import heldout_requests
 
 TARGET, DRAFTER = str(ROOT / "models/target"), str(ROOT / "models/drafter-vlm")
@@ -100,8 +100,7 @@ def test_sampling_keeps_the_targets_distribution_while_the_drafter_changes(rows)
 
     def probs(prompt, ids):
         with torch.inference_mode():
-            logits = model(input_ids=torch.tensor([ids]),
-                           pixel_values=torch.from_numpy(prompt.model_inputs["pixel_values"])).logits[0, -1]
+            logits = model(**hf_forward_inputs(prompt, ids)).logits[0, -1]
         p = torch.softmax(logits.double() / temperature, -1)
         p[eos[0]] = p[eos].sum()  # a row that stopped drew an EOS: counted on the first EOS id
         p[eos[1:]] = 0

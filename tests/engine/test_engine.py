@@ -20,7 +20,7 @@ from engine.config import EngineConfig
 from engine.engine import SpecEngine
 from engine.hf_backend import HFBackend
 from engine.request import SamplingParams
-from tests.conftest import ROOT, chi_square
+from tests.conftest import ROOT, chi_square, hf_forward_inputs
 from engine.processor import load_processor
 from training.evaluate import heldout_requests
 
@@ -147,10 +147,9 @@ def test_sampling_with_speculation_keeps_the_targets_distribution(heldout):
     params = SamplingParams(max_new_tokens=3, temperature=3.0, top_k=40, top_p=0.97, seed=1)
     warpers = LogitsProcessorList([TemperatureLogitsWarper(3.0), TopKLogitsWarper(40), TopPLogitsWarper(0.97)])
     model = AutoModelForImageTextToText.from_pretrained(TARGET, dtype=torch.float32)
-    pixels = torch.from_numpy(prompt.model_inputs["pixel_values"])
 
     def target_probs(ids):
-        logits = model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[:, -1].float()
+        logits = model(**hf_forward_inputs(prompt, ids)).logits[:, -1].float()
         return torch.softmax(warpers(torch.tensor([ids]), logits), -1)[0]
 
     with torch.inference_mode():
