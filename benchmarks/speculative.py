@@ -1,12 +1,13 @@
 """The speculative engine against Hugging Face generation, in one run, on the same held-out rows.
 
-    python benchmarks/speculative.py [--rows 192] [--device cpu|cuda] [--threads 2] [--models models]
+    python benchmarks/speculative.py [--rows 192] [--device cpu|cuda] [--threads 2] [--models models] [--dtype auto]
 
 Rows are the test split's (a mix of caption, vqa, position and ocr questions), greedy, max 64 new tokens.
 Prints tokens/s for:
   - HF `model.generate` at batch 1 and 16, in float32 and bfloat16 (the baseline is the faster of the two);
   - HF assisted generation (the text-only drafter as assistant) at batch 1, the only batch size it accepts;
-  - specray without speculation, and with each drafter (VLM, text-only, n-gram), at batch 1, 16 and 64;
+  - specray without speculation, and with each drafter (VLM, text-only, n-gram), at batch 1, 16 and 64, in the
+    dtype a job would use (`--dtype auto`: bf16 on CUDA and on CPUs with native bf16, float32 otherwise);
 and for each specray run: the ratio to HF at the same batch (batch 64 against HF's batch 16), the same ratio for
 the decode phase alone (HF's prefill measured by the same calls with max_new_tokens=1), the mean number
 of tokens per row per round (1.0 without speculation), where the time goes, and how many rows match the
@@ -82,6 +83,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default=str(ROOT / "models"))
     ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="the specray runs' dtype; auto: what a job gets (bf16 on CUDA and native-bf16 CPUs, else float32)")
     ap.add_argument("--k", default="auto", help="num_draft_tokens for the specray runs (int or auto)")
     ap.add_argument("--task", choices=["caption", "vqa", "position", "ocr"], help="only this task's rows")
     ap.add_argument("--json", help="also write the figures here")
@@ -133,7 +136,7 @@ def main() -> None:
           f"{'tok/round':>9s} {'k used':>7s} {'prefill':>7s} {'draft':>6s} {'verify':>6s} {'accept':>6s} {'=hf fp32':>8s}")
     for name, drafter in (("none", None), ("vlm", models / "drafter-vlm"), ("text", models / "drafter-text"),
                           ("ngram", "ngram")):
-        engine = SpecEngine(EngineConfig(str(models / "target"), str(drafter) if drafter else None, dtype="bfloat16",
+        engine = SpecEngine(EngineConfig(str(models / "target"), str(drafter) if drafter else None, dtype=args.dtype,
                                          num_draft_tokens=k), device=args.device)
         for b in batches:
             out, wall = run_engine(engine, requests, b)
