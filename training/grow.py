@@ -1,10 +1,11 @@
 """Depth growth: a shallow decoder that has learned to look a shape up becomes a deep one with the same function.
 
 Why: at this corpus's scale an 8-layer decoder trained from scratch never learns to find the shape a question
-names (it answers about a random shape of the scene), while a 2-layer one of the same width does
-(models/README.md, "Why the questions fail"). The shipped target must still be deep: its decode step has to
-cost ten drafter steps for speculative decoding to pay. So the recipe trains the shallow decoder first, then
-grows it: each trained layer is followed by new layers whose output projections (attention's `o_proj`, the
+names (it answers about a random shape of the scene). A 2-layer one of the same width began to in one short
+run, though longer runs did not hold that up (models/README.md, "Why the questions fail"), so the shipped
+config leaves growth off. Were a shallow decoder to learn it, the target must still be deep: its decode step
+has to cost ten drafter steps for speculative decoding to pay. So the recipe can train the shallow decoder
+first, then grow it: each trained layer is followed by new layers whose output projections (attention's `o_proj`, the
 MLP's `down_proj`) start at zero. A pre-norm residual layer with both at zero adds nothing to the stream, so
 the grown model computes exactly what the shallow one did; training then goes on with every layer.
 """
