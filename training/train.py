@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         timings.update({k: before["timings"][k] for k in ("target_s",)})
         target_losses, vision_losses = before["target_losses"], {"target": before.get("vision_losses", {}).get("target")}
     else:
-        tok = train_tokenizer(vocab_size=cfg["vocab_size"])
+        tok = train_tokenizer(vocab_size=cfg["vocab_size"], question_first=cfg.get("question_first", False))
         processor, vlm, _ = architecture(cfg, tok)
         target = vlm(shallow_spec(cfg["target"], tc.get("shallow_layers")))
         t = time.time()

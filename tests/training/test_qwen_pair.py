@@ -3,6 +3,7 @@ torchvision as a real checkpoint's does, a few training steps on the corpus lowe
 the result exactly (multimodal RoPE on the lean decoder), with the Qwen2 text drafter sharing its tokenizer."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -13,7 +14,7 @@ from engine.engine import SpecEngine
 from engine.request import Request, SamplingParams
 from training import corpus
 from training.modelpair import build_qwen_processor, build_qwen_text_lm, build_qwen_vlm, user_prompt
-from training.tokenizer import IMAGE, train_tokenizer
+from training.tokenizer import IMAGE, chat_template, train_tokenizer
 from training.train import Batcher, ground_truth_batches, train_model
 
 SPEC = {"vision": {"depth": 2, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64},
@@ -32,6 +33,14 @@ def pair(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen-pair")
     model.save_pretrained(path / "target")
     processor.save_pretrained(path / "target")
+    question_first = copy.deepcopy(tok)  # the shipped pair's prompt format, trained as briefly
+    question_first.chat_template = chat_template(question_first=True)
+    processor = build_qwen_processor(question_first)
+    model = build_qwen_vlm(SPEC, question_first)
+    train_model(model, ground_truth_batches(Batcher(processor), 8), steps=80, lr=3e-3, warmup=5, name="qwen-q",
+                log_every=10)
+    model.save_pretrained(path / "target-question-first")
+    processor.save_pretrained(path / "target-question-first")
     build_qwen_text_lm(SPEC, tok).save_pretrained(path / "drafter-text")
     tok.save_pretrained(path / "drafter-text")
     return path, losses
@@ -56,16 +65,23 @@ def test_the_processor_reloads_without_torchvision_and_gives_one_token_per_merge
     assert enc["image_grid_thw"].tolist() == [[1, corpus.IMAGE_SIZE // 12, corpus.IMAGE_SIZE // 12]]
 
 
-def test_the_engine_runs_the_pair_exactly(pair):
+@pytest.mark.parametrize("target_dir", ["target", "target-question-first"])
+def test_the_engine_runs_the_pair_exactly(pair, target_dir):
+    """Image first (as Qwen2.5-VL's own template) and question first (the shipped pair's template): M-RoPE
+    positions of text after the image start after the image's largest position, as in HF's own forward."""
     from transformers import AutoModelForImageTextToText
 
     from engine.processor import encode, load_processor
     from engine.request import stack_arrays
 
     path, _ = pair
-    target = str(path / "target")
+    target = str(path / target_dir)
     processor = load_processor(target)
     samples = [corpus.sample(corpus.SPLIT_SEEDS["test"], i) for i in range(6)]
+    ids, _ = encode(processor, samples[0].question, samples[0].image)
+    image_at = ids.index(processor.tokenizer.convert_tokens_to_ids(IMAGE))
+    asked = processor.tokenizer.decode(ids[:image_at])
+    assert (samples[0].question in asked) == (target_dir == "target-question-first"), asked
     requests = [Request(key=str(i), input_ids=ids, model_inputs=arrays)
                 for i, (ids, arrays) in enumerate(encode(processor, s.question, s.image) for s in samples)]
     model = AutoModelForImageTextToText.from_pretrained(target, dtype=torch.float32).eval()
