@@ -52,10 +52,14 @@ def collect(run_id: str) -> list[dict]:
     return out
 
 
-def phases(job_start: float, ray_ready: float | None, first_row: float | None, actors: list[dict]) -> dict:
+def phases(job_start: float, ray_called: float | None, ray_ready: float | None, first_row: float | None,
+           actors: list[dict]) -> dict:
     """metrics.json's `startup`: seconds of each phase up to the first output row, for the first actor to finish
-    its first batch (the one that produced the first row), and the spread over all actors."""
-    out: dict = {"ray_s": None if ray_ready is None else ray_ready - job_start,
+    its first batch (the one that produced the first row), and the spread over all actors. `driver_s`: the
+    driver's own work before Ray (imports, config and model checks, listing the shards); `ray_s`: joining or
+    starting Ray."""
+    out: dict = {"driver_s": None if ray_called is None else ray_called - job_start,
+                 "ray_s": None if ray_ready is None else ray_ready - ray_called,
                  "first_row_s": None if first_row is None else first_row - job_start, "actors": len(actors)}
     done = [a for a in actors if "first_batch_done" in a]
     if done and ray_ready is not None:

@@ -10,13 +10,17 @@ Exit codes (for schedulers):
 """
 from __future__ import annotations
 
-import sys
-import traceback
-from typing import Optional
+import time
 
-import typer
+STARTED = time.time()  # the job's start as its user sees it: before the imports and checks below
 
-from pipeline.config import ConfigError, dump, load_config
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import typer  # noqa: E402
+
+from pipeline.config import ConfigError, dump, load_config  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="specray: batch VLM inference with speculative decoding on Ray.")
@@ -67,7 +71,7 @@ def run(config: str, set_: Optional[list[str]] = typer.Option(None, "--set", hel
     from pipeline.write import OutputLocked
 
     try:
-        result = run_job(cfg)
+        result = run_job(cfg, started=STARTED)
     except ConfigError as e:  # found only once the job looked at its input (no shard matches, ...)
         _bad_config(e)
     except OutputLocked as e:

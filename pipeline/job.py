@@ -20,6 +20,7 @@ import platform
 import sys
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -35,7 +36,7 @@ from pipeline.preprocess import prompt_columns
 from pipeline.read import Shard, inspect_shard, list_shards, read_shards, resolve_format
 from pipeline.rows import check_columns, output_table
 from pipeline.stages import generate_stages, start_pools
-from pipeline.write import OutputDir
+from pipeline.write import OutputDir, OutputLocked
 
 
 class UnreadableShard(RuntimeError):
@@ -191,19 +192,29 @@ def _ensure_ray(cfg: JobConfig) -> None:
     ray.init(num_cpus=cpus, resources=resources or None, include_dashboard=False, log_to_driver=False)
 
 
-def run_job(config: str | Path | dict | JobConfig, overrides: list[str] | None = None) -> JobResult:
-    """Run a job from a config (YAML path, dict or JobConfig); returns its JobResult."""
+def run_job(config: str | Path | dict | JobConfig, overrides: list[str] | None = None,
+            started: float | None = None) -> JobResult:
+    """Run a job from a config (YAML path, dict or JobConfig); returns its JobResult. `started`: when the job
+    began, if before this call (the command line passes its process's start, so that metrics.json's start-up
+    phases count the imports and checks a user waits for too)."""
+    start = time.time() if started is None else started
     cfg = load_config(config, overrides)
     cfg.check_job()
     check_columns(cfg)  # an output.columns entry that would shadow an output column: exit 2 before any work
-    decoder = decoder_plan(cfg)  # a model the engine cannot run exactly: exit 2 before any work
-    start = time.time()
-    out = OutputDir(cfg.output.path)
-    out.lock(cfg.output.lock_stale_s)  # raises OutputLocked while another live run writes here
-    try:
-        return _run_locked(cfg, out, start, decoder)
-    finally:
-        out.unlock()
+    # A model the engine cannot run exactly: exit 2 before any work. The check imports transformers and loads the
+    # processor (seconds of CPU), so it runs beside Ray's start; nothing is written before its answer.
+    with ThreadPoolExecutor(1, thread_name_prefix="specray-checks") as checks:
+        decoder = checks.submit(decoder_plan, cfg)
+        out = OutputDir(cfg.output.path)
+        try:
+            out.lock(cfg.output.lock_stale_s)  # raises OutputLocked while another live run writes here
+        except OutputLocked:
+            decoder.result()  # a bad config is the first thing to say
+            raise
+        try:
+            return _run_locked(cfg, out, start, decoder)
+        finally:
+            out.unlock()
 
 
 def decoder_plan(cfg: JobConfig) -> dict:
@@ -232,10 +243,10 @@ def decoder_plan(cfg: JobConfig) -> dict:
     return plan
 
 
-def _run_locked(cfg: JobConfig, out: OutputDir, start: float, decoder: dict) -> JobResult:
-    out.prepare(cfg.output.overwrite)
+def _run_locked(cfg: JobConfig, out: OutputDir, start: float, checked: Future) -> JobResult:
+    """`checked`: decoder_plan's answer, still coming; Ray starts meanwhile, the output is touched only after it."""
     shards = list_shards(cfg.input)
-    done = out.committed()
+    done = set() if cfg.output.overwrite else out.committed()  # what out.prepare leaves committed
     pending = [s for s in shards if s.name not in done]
     skipped = [s.name for s in shards if s.name in done]
     fmt = resolve_format(cfg.input)
@@ -243,16 +254,22 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float, decoder: dict) -> 
     bad = {name: why for name, (why, _) in inspected.items() if why is not None}
     if bad and cfg.input.on_unreadable == "fail":
         name, why = next(iter(bad.items()))
+        checked.result()  # a bad config is the first thing to say
         raise UnreadableShard(f"shard {name}: {why} ({len(bad)} unreadable in all; input.on_unreadable is fail)")
     for name, why in bad.items():
         print(f"skipping shard {name}: {why}", file=sys.stderr, flush=True)
     pending = [s for s in pending if s.name not in bad]
     tally, written, pool_report, trainer_report = _Tally(), [], None, None
     tally.start = start
-    ray_ready, run_id, any_order = None, uuid.uuid4().hex, False
+    ray_called = ray_ready = None
+    run_id, any_order = uuid.uuid4().hex, False
     if pending:
+        ray_called = time.time()
         _ensure_ray(cfg)
         ray_ready = time.time()
+    decoder = checked.result()
+    out.prepare(cfg.output.overwrite)
+    if pending:
         ctx = ray.data.DataContext.get_current()
         counts = {s.name: inspected[s.name][1] for s in pending}
         any_order = (cfg.output.commit_order == "any" and fmt == "webdataset" and cfg.input.id_column is None
@@ -276,7 +293,7 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float, decoder: dict) -> 
                 trainer_report = finish_drafter_trainer(trainer)
     wall = time.time() - start
     tally.sample(final=True)
-    startup = phases(start, ray_ready, tally.first_row, collect(run_id) if ray_ready is not None else [])
+    startup = phases(start, ray_called, ray_ready, tally.first_row, collect(run_id) if ray_ready is not None else [])
     metrics = {
         "rows": tally.rows,
         "errors": tally.errors,

@@ -36,6 +36,10 @@ def _normalise_and_preprocess(row: dict, normalise: Callable[[dict], dict], **kw
     return preprocess_row(normalise(row), **kwargs)
 
 
+def _unchanged(batch: pa.Table) -> pa.Table:
+    return batch
+
+
 def _evaluate(cfg: JobConfig) -> float | None:
     return cfg.compression.evaluate_fraction if cfg.compression.evaluate else None
 
@@ -80,6 +84,11 @@ def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[d
         "normalise": normalise, "model_path": model, "prompt_template": cfg.task.prompt,
         "max_pixels": cfg.preprocess.max_image_pixels, "trust_remote_code": cfg.model.trust_remote_code,
         "carry": None if all_columns else check_columns(cfg)})
+    # Blocks of one batch each, cut in the preprocess task itself (Ray fuses map -> map_batches -> this
+    # repartition into one operator): a generate task then takes one batch, and its rows reach the driver when
+    # that batch is done, not when the rest of its shard is (Ray Data releases a task's output when it ends).
+    ds = ds.map_batches(_unchanged, batch_size=r.batch_size, batch_format="pyarrow", num_cpus=r.preprocess_cpus,
+                        concurrency=tasks).repartition(target_num_rows_per_block=r.batch_size)
     if r.mode == "disaggregated":
         routers = max(2, 2 * int(cfg.autoscaler.devices))  # two batches per target: the next one is waiting
         return ds.map_batches(Router, fn_constructor_kwargs={"manager": pools},

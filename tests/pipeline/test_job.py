@@ -89,7 +89,7 @@ def test_cli_job_end_to_end(tmp_path, tiny_model, ray_address, fmt, suffix):
     assert metrics["config"]["model"]["target"] == str(tiny_model) and metrics["tokens_per_s"] > 0
     # where the first seconds went: each phase up to the first output row, from the actor's own record
     st = metrics["startup"]
-    phases = ("ray_s", "actor_start_s", "imports_s", "model_load_s", "wait_first_batch_s", "first_batch_s")
+    phases = ("driver_s", "ray_s", "actor_start_s", "imports_s", "model_load_s", "wait_first_batch_s", "first_batch_s")
     assert st["actors"] == 1 and all(st[p] >= 0 for p in phases), st
     assert st["imports_s"] > 0 and st["model_load_s"] > 0 and st["first_batch_s"] > 0
     assert sum(st[p] for p in phases) <= st["first_row_s"] + 0.5 and st["first_row_s"] <= metrics["wall_s"]
@@ -145,8 +145,12 @@ def test_python_api_run_job_and_generate(tmp_path, tiny_model, ray_address):
     assert read_output(tmp_path / "out").num_rows == 6
 
     ds = ray.data.read_parquet(str(shards))
-    out = pipeline.generate(ds, {"model": {"target": str(tiny_model)}, "task": {"kind": "vqa"},
-                                 "decoding": {"max_new_tokens": 3}, "input": {"id_column": "key"}}).take_all()
+    blocks = list(pipeline.generate(ds, {"model": {"target": str(tiny_model)}, "task": {"kind": "vqa"},
+                                         "decoding": {"max_new_tokens": 3}, "input": {"id_column": "key"},
+                                         "resources": {"batch_size": 2}}).iter_batches(batch_size=None))
+    # one block per batch: a batch's rows come out when it is done, not when the rest of its shard is
+    assert [len(b["key"]) for b in blocks] == [2, 2, 2]
+    out = [{k: v[i] for k, v in b.items()} for b in blocks for i in range(len(b["key"]))]
     assert len(out) == 6
     for row in out:
         assert row["error"] is None and row["finish_reason"] in ("stop", "length")

@@ -134,8 +134,13 @@ def test_preprocess_tasks_at_once(resources, tasks):
         def map_batches(self, *args, **kwargs):
             return self
 
+        def repartition(self, **kwargs):
+            self.repartition_kwargs = kwargs
+            return self
+
     cfg = load_config({"input": {"paths": ["x/*.tar"]}, "model": {"target": "models/target"},
                        "output": {"path": "out"}, "resources": resources})
     ds = Dataset()
     generate_stages(ds, cfg, normalise=lambda row: row)
     assert ds.kwargs["concurrency"] == tasks
+    assert ds.repartition_kwargs == {"target_num_rows_per_block": cfg.resources.batch_size}  # a block per batch
