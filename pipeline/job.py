@@ -14,6 +14,7 @@ the rerun skips every committed shard.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import platform
@@ -189,7 +190,9 @@ def _ensure_ray(cfg: JobConfig) -> None:
     if cfg.model.drafter_training.enabled:
         actors += cfg.model.drafter_training.cpus
     cpus = max(os.cpu_count() or 1, math.ceil(actors + 2 * r.preprocess_cpus + 1))
-    ray.init(num_cpus=cpus, resources=resources or None, include_dashboard=False, log_to_driver=False)
+    # logging_level: no "Started a local Ray instance" line; a bad model found meanwhile stays one line of stderr
+    ray.init(num_cpus=cpus, resources=resources or None, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING)
 
 
 def run_job(config: str | Path | dict | JobConfig, overrides: list[str] | None = None,
