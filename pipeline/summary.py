@@ -35,8 +35,9 @@ def summary(result: JobResult, n: int = 5) -> str:
     st = m.get("startup") or {}
     if st.get("first_row_s") is not None:
         parts = [f"{name} {st[key]:.1f}s" for name, key in (
-            ("driver", "driver_s"), ("Ray", "ray_s"), ("actor start", "actor_start_s"), ("imports", "imports_s"), ("model load", "model_load_s"),
-            ("waiting for rows", "wait_first_batch_s"), ("first batch", "first_batch_s")) if st.get(key) is not None]
+            ("driver", "driver_s"), ("Ray", "ray_s"), ("actor start", "actor_start_s"), ("imports", "imports_s"),
+            ("model load", "model_load_s"), ("waiting for rows", "wait_first_batch_s"), ("first batch", "first_batch_s"))
+            if st.get(key) is not None]
         lines.append(f"start:  first row after {st['first_row_s']:.1f}s (" + ", ".join(parts) + ")")
     if m.get("decoder"):
         d = m["decoder"]
