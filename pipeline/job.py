@@ -23,7 +23,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib import metadata
+from importlib import import_module, metadata
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,6 @@ from pipeline.config import ConfigError, JobConfig, dump, load_config
 from pipeline.preprocess import prompt_columns
 from pipeline.read import Shard, inspect_shard, list_shards, read_shards, resolve_format
 from pipeline.rows import check_columns, output_table
-from pipeline.stages import generate_stages, start_pools
 from pipeline.write import OutputDir, OutputLocked
 
 
@@ -208,6 +207,7 @@ def run_job(config: str | Path | dict | JobConfig, overrides: list[str] | None =
     # processor (seconds of CPU), so it runs beside Ray's start; nothing is written before its answer.
     with ThreadPoolExecutor(1, thread_name_prefix="specray-checks") as checks:
         decoder = checks.submit(decoder_plan, cfg)
+        checks.submit(import_module, "pipeline.stages")  # torch, Ray Data, the actors: beside Ray's start too
         out = OutputDir(cfg.output.path)
         try:
             out.lock(cfg.output.lock_stale_s)  # raises OutputLocked while another live run writes here
@@ -273,6 +273,8 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float, checked: Future) -
     decoder = checked.result()
     out.prepare(cfg.output.overwrite)
     if pending:
+        from pipeline.stages import generate_stages, start_pools
+
         ctx = ray.data.DataContext.get_current()
         counts = {s.name: inspected[s.name][1] for s in pending}
         any_order = (cfg.output.commit_order == "any" and fmt == "webdataset" and cfg.input.id_column is None

@@ -219,6 +219,8 @@ def read_shards(cfg: InputConfig, shards: list[Shard], columns: Collection[str] 
     """One Dataset over the given shards, in shard order, and the function that normalises its rows
     to the common row shape (applied by the preprocess stage, so both run as one fused task). `columns`: the
     input columns the job needs in `fields` (None: all)."""
+    import ray.data  # imported once a job reads (the driver's first seconds go to starting Ray)
+
     fmt = resolve_format(cfg)
     paths = [s.path for s in shards]
     if fmt == "webdataset":
