@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from training import corpus
+from training.attention_supervision import AttentionSupervision, asked_cell, asked_tensor, cell_tokens
 from training.modelpair import (
     build_processor,
     build_qwen_processor,
@@ -66,10 +67,12 @@ class Batcher:
         self.image_id = self.tok.convert_tokens_to_ids(self.tok.image_token)
 
     def __call__(self, items: list[tuple]) -> dict:
-        prompts = [user_prompt(self.processor, q) for _, q, _ in items]
-        enc = self.processor(text=prompts, images=[im for im, _, _ in items])
+        """items: (image, question, answer), or (image, question, answer, asked tokens) for attention
+        supervision (training/attention_supervision.py), which then come as `asked`."""
+        prompts = [user_prompt(self.processor, item[1]) for item in items]
+        enc = self.processor(text=prompts, images=[item[0] for item in items])
         seqs, labels = [], []
-        for ids, (_, _, answer) in zip(enc["input_ids"], items):
+        for ids, (_, _, answer, *_) in zip(enc["input_ids"], items):
             ans = self.tok(" " + answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
             if not self.with_image:
                 ids = [t for t in ids if t != self.image_id]
@@ -87,6 +90,8 @@ class Batcher:
             if "image_grid_thw" in enc:  # Qwen2.5-VL: patches of every image in one tensor, their grids, token types
                 out["image_grid_thw"] = torch.tensor(np.asarray(enc["image_grid_thw"]))
                 out["mm_token_type_ids"] = (out["input_ids"] == self.image_id).long()
+        if items and len(items[0]) > 3:
+            out["asked"] = asked_tensor([item[3] for item in items])
         return out
 
 
@@ -96,9 +101,15 @@ def autocast(device: str):
 
 
 def train_model(model, batches, steps: int, lr: float, warmup: int, name: str, log_every: int = 50,
-                device: str = "cpu", dropout: TokenDropout | None = None) -> list[float]:
+                device: str = "cpu", dropout: TokenDropout | None = None,
+                attend: AttentionSupervision | None = None) -> list[float]:
     """AdamW + warmup/cosine schedule (bf16 autocast on a GPU); with `dropout`, some batches see only part of
-    each image's tokens. Returns the loss per logged window."""
+    each image's tokens; with `attend`, the batches that see all of them add the attention loss. Returns the loss
+    per logged window."""
+    if attend:
+        attend.check(model)
+        model.set_attn_implementation("eager")  # the only one that returns attention weights
+    plain = attend.loss if attend else (lambda m, batch: m(**batch).loss)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -107,10 +118,12 @@ def train_model(model, batches, steps: int, lr: float, warmup: int, name: str, l
     def loss_fn() -> torch.Tensor:
         batch = {k: v.to(device) for k, v in next(batches).items()}
         with autocast(device):
-            return dropout.loss(model, batch) if dropout else model(**batch).loss
+            return dropout.loss(model, batch, plain) if dropout else plain(model, batch)
 
     losses = fit(model.parameters(), loss_fn, opt, sched, steps, name, log_every)
     model.eval()
+    if attend:
+        model.set_attn_implementation("sdpa")
     return losses
 
 
@@ -121,11 +134,12 @@ def save_bf16(model, path: Path) -> None:
 
 
 def ground_truth_batches(batcher: Batcher, batch_size: int, start: int = 0, task_mix: dict | None = None,
-                         curriculum: list[dict] | None = None):
+                         curriculum: list[dict] | None = None, asked_side: int | None = None):
     """Batches of the train stream; `task_mix` ({task: weight}) draws each sample's task, else the corpus's mix.
     `curriculum`: stages that come first, each {steps, task_mix, max_shapes} (e.g. questions about one- and
     two-shape scenes, where finding the shape a question names is easy to learn, before captions); then
-    `task_mix` on the whole stream."""
+    `task_mix` on the whole stream. `asked_side` (image tokens per side): each item carries the image tokens of
+    the shape its question asks about, for attention supervision."""
     i = start
     rng = random.Random(start)
     stages = [(c["steps"], c.get("task_mix") or task_mix, c.get("max_shapes", 3)) for c in curriculum or []]
@@ -137,7 +151,8 @@ def ground_truth_batches(batcher: Batcher, batch_size: int, start: int = 0, task
             items = []
             for _ in range(batch_size):
                 s = corpus.sample(TRAIN_SEED, i, rng.choices(tasks, weights)[0] if tasks else None, max_shapes)
-                items.append((s.image, s.question, s.answer))
+                items.append((s.image, s.question, s.answer) if asked_side is None else
+                             (s.image, s.question, s.answer, cell_tokens(asked_cell(s.question, s.scene), asked_side)))
                 i += 1
             done += 1
             yield batcher(items)
@@ -178,6 +193,12 @@ def architecture(cfg: dict, tok):
 def shallow_spec(spec: dict, layers: int | None) -> dict:
     """The target's spec with a `layers`-deep decoder: the stage that learns the lookup before growing."""
     return spec if not layers else {**spec, "text": {**spec["text"], "num_hidden_layers": layers}}
+
+
+def image_side(cfg: dict) -> int:
+    """Image tokens per side of the pair's square images (Qwen2.5-VL: patches merged 2x2)."""
+    merge = 2 if cfg.get("arch") == "qwen2_5_vl" else 1
+    return cfg["image_size"] // (cfg["patch_size"] * merge)
 
 
 def target_steps(tc: dict) -> int:
@@ -251,11 +272,14 @@ def main(argv: list[str] | None = None) -> None:
         timings["target_s"] = time.time() - t
     t = time.time()
     freeze_tower(target, False)
+    attend = AttentionSupervision(ft.get("attend"))
     finetune_losses = train_model(target, ground_truth_batches(Batcher(processor), tc["batch_size"],
                                                                start=target_steps(tc) * tc["batch_size"],
-                                                               task_mix=tc.get("task_mix")),
+                                                               task_mix=tc.get("task_mix"),
+                                                               asked_side=image_side(cfg) if attend else None),
                                   ft["steps"], ft["lr"], ft["warmup"], "finetune", device=args.device,
-                                  dropout=TokenDropout(tc.get("token_dropout"), cfg["seed"] + 1))
+                                  dropout=TokenDropout(tc.get("token_dropout"), cfg["seed"] + 1),
+                                  attend=attend or None)
     timings["finetune_s"] = time.time() - t
     save_bf16(target, out / "target")
     processor.save_pretrained(out / "target")

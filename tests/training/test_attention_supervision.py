@@ -1,0 +1,89 @@
+"""Attention supervision (training/attention_supervision.py): the asked shape is found from the question and the
+scene, its cell maps to the image tokens the shipped processor puts there, and the loss moves a supervised head's
+attention onto those tokens."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training import corpus
+from training.attention_supervision import AttentionSupervision, asked_cell, attention_loss, cell_tokens
+from training.modelpair import build_qwen_processor, build_qwen_vlm
+from training.tokenizer import train_tokenizer
+from training.train import Batcher, ground_truth_batches, train_model
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENE = corpus.Scene(shapes=(corpus.Shape("circle", "red", "small", 0), corpus.Shape("diamond", "blue", "large", 5)),
+                     word=None, background=(10, 20, 30), jitter=((0, 0), (1, -2)))
+
+
+@pytest.mark.parametrize("question, cell", [
+    ("What color is the diamond?", 5), ("What shape is the red object?", 0), ("Where is the blue diamond?", 5),
+    ("Is there a red circle?", 0), ("Is there a red diamond?", None), ("What color is the square?", None),
+    ("How many shapes are there?", None), ("Describe the image.", None)])
+def test_the_asked_shape_is_the_one_the_question_names(question, cell):
+    assert asked_cell(question, SCENE) == cell
+
+
+def test_a_cell_is_the_square_of_tokens_over_it_or_nothing_when_cells_split_tokens():
+    assert cell_tokens(5, 6) == [16, 17, 22, 23]
+    assert cell_tokens(0, 3) == [0]
+    assert cell_tokens(4, 4) == [] and cell_tokens(None, 6) == []
+
+
+@pytest.mark.parametrize("cell", [0, 4, 8])
+def test_the_cells_tokens_are_where_the_shipped_processor_puts_the_shape(cell):
+    """The merged tokens with a patch that is not plain background are exactly the cell's tokens, in the token
+    order of the shipped pair's own processor (8-pixel patches merged 2x2: a 6x6 grid). (A shape at its largest
+    jitter can reach one pixel into the next cell, so supervision marks the cell, not every pixel.)"""
+    from engine.processor import load_processor
+
+    processor = load_processor(str(ROOT / "models/target"))
+    scene = corpus.Scene((corpus.Shape("square", "yellow", "large", cell),), None, (0, 0, 0), ((0, 0),))
+    enc = processor.image_processor(images=[corpus.render(scene)])
+    patches = np.asarray(enc["pixel_values"])  # [144, 3 * 2 * 8 * 8], 4 consecutive rows per merged token
+    background = np.median(patches, axis=0)  # most patches are plain black
+    shape = np.abs(patches - background).max(-1) > 1e-4
+    tokens = {int(i) // 4 for i in np.nonzero(shape)[0]}
+    assert tokens == set(cell_tokens(cell, 6)), (tokens, cell_tokens(cell, 6))  # a large square spans its cell
+
+
+def test_the_loss_moves_a_supervised_heads_attention_onto_the_asked_tokens():
+    """The same tiny model trained the same steps with and without supervision: only the supervised one's head
+    puts clearly more of its attention on the asked tokens."""
+    tok = train_tokenizer(num_texts=300)
+    processor = build_qwen_processor(tok)
+    spec = {"vision": {"depth": 1, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64},
+            "text": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "intermediate_size": 128}}
+    attend = AttentionSupervision({"weight": 4.0, "heads": [[1, 2]]})
+
+    def batches():  # every row asks about image tokens 5 and 10 (of the tiny processor's 16)
+        for b in ground_truth_batches(Batcher(processor), 4, task_mix={"vqa": 1.0}):
+            b["asked"] = torch.tensor([[5, 10]] * 4)
+            yield b
+
+    probe = next(batches())
+
+    def measured(model) -> float:
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            out = model(**{k: v for k, v in probe.items() if k != "asked"}, output_attentions=True)
+        model.set_attn_implementation("sdpa")
+        return float(attention_loss(out.attentions, probe, model.config.image_token_id, attend.heads))
+
+    losses = {}
+    for supervised in (False, True):
+        torch.manual_seed(0)
+        model = build_qwen_vlm(spec, tok)
+        before = measured(model)
+        train_model(model, batches(), steps=30, lr=3e-3, warmup=2, name="attend", log_every=30,
+                    attend=attend if supervised else None)
+        assert model.config._attn_implementation == "sdpa"  # the fast path again once trained
+        losses[supervised] = measured(model)
+    assert losses[True] < 0.7 * before and losses[True] < losses[False] - 0.5, (before, losses)
+    with pytest.raises(ValueError, match="attend.heads"):
+        AttentionSupervision({"weight": 0.1, "heads": [[2, 0]]}).check(model)

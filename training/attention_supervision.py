@@ -1,0 +1,100 @@
+"""Attention supervision: teach a few decoder heads to look at the shape a question asks about.
+
+A question about one shape ("What color is the diamond?", "Where is the red circle?") is answered by finding that
+shape's image tokens and reading them. The tower's tokens carry what is needed (a one-layer probe over them answers
+97-98% of colour questions), yet the trained decoder's heads attend to every shape alike (models/README.md, "Why the
+questions fail"). The corpus knows where the asked shape is: its grid cell, which is a fixed square of image tokens.
+So, besides the language-model loss, each supervised head is pushed to put its attention, at every position that
+predicts an answer token, on that cell's tokens: the loss is the mean of -log(attention mass on the cell).
+
+Used by the recipe's steps that run the model's own forward (training/train.py); batches carry `asked`: per row the
+indices (among the row's image tokens, in the model's order) of the asked shape's tokens, or -1 where a question
+asks about no single shape present (captions, counts, text, a shape that is not there).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from training import corpus
+
+# the question's words that name the asked shape: kind, colour, or both
+_ASKS = [
+    (re.compile(r"What color is the (\w+)\?"), lambda m, s: s.kind == m.group(1)),
+    (re.compile(r"What shape is the (\w+) object\?"), lambda m, s: s.color == m.group(1)),
+    (re.compile(r"(?:Where is the|Is there an?) (\w+) (\w+)\?"),
+     lambda m, s: s.color == m.group(1) and s.kind == m.group(2)),
+]
+
+
+def asked_cell(question: str, scene: corpus.Scene) -> int | None:
+    """The grid cell (0-8) of the one shape in the scene the question asks about; None when it asks about none."""
+    for pattern, matches in _ASKS:
+        m = pattern.fullmatch(question)
+        if m:
+            found = [s for s in scene.shapes if matches(m, s)]
+            return found[0].cell if len(found) == 1 else None
+    return None
+
+
+def cell_tokens(cell: int | None, tokens_per_side: int) -> list[int]:
+    """The image tokens (raster order over a tokens_per_side square) that cover grid cell `cell` of the corpus's
+    3x3 grid; [] when there is no cell, or when cells do not fall on whole tokens."""
+    if cell is None or tokens_per_side % 3:
+        return []
+    side = tokens_per_side // 3
+    row, col = (cell // 3) * side, (cell % 3) * side
+    return [(row + r) * tokens_per_side + col + c for r in range(side) for c in range(side)]
+
+
+def asked_tensor(rows: list[list[int]]) -> torch.Tensor:
+    """Per row its asked tokens, padded with -1: [rows, width] (width 1 when no row has any)."""
+    width = max([len(r) for r in rows] + [1])
+    return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def attention_loss(attentions: tuple[torch.Tensor, ...], batch: dict, image_token_id: int,
+                   heads: list[tuple[int, int]]) -> torch.Tensor | None:
+    """Mean over the supervised (layer, head)s and the rows that ask about a shape of -log(attention mass that a
+    position predicting an answer token puts on the asked shape's tokens); None when no row asks about one."""
+    ids, labels, asked = batch["input_ids"], batch["labels"], batch["asked"]
+    terms = []
+    for r in range(ids.shape[0]):
+        cells = asked[r][asked[r] >= 0]
+        if not len(cells):
+            continue
+        keys = (ids[r] == image_token_id).nonzero().squeeze(1)[cells]
+        answer = (labels[r] != -100).nonzero().squeeze(1)
+        queries = torch.arange(int(answer[0]) - 1, int(answer[-1]), device=ids.device)  # they predict the answer
+        for layer, head in heads:
+            mass = attentions[layer][r, head][queries][:, keys].sum(-1)
+            terms.append(-torch.log(mass.float() + 1e-6).mean())
+    return torch.stack(terms).mean() if terms else None
+
+
+class AttentionSupervision:
+    """The recipe's `attend` setting: {weight, heads: [[layer, head], ...]}; off when absent or weight 0."""
+
+    def __init__(self, spec: dict | None):
+        spec = spec or {}
+        self.weight = float(spec.get("weight", 0.0))
+        self.heads = [tuple(h) for h in spec.get("heads", [[2, 0], [4, 0]])]
+
+    def __bool__(self) -> bool:
+        return self.weight > 0
+
+    def check(self, model) -> None:
+        """A supervised head the decoder does not have is a config error, said before any step."""
+        text = model.config.get_text_config()
+        for layer, head in self.heads:
+            if not (0 <= layer < text.num_hidden_layers and 0 <= head < text.num_attention_heads):
+                raise ValueError(f"attend.heads: ({layer}, {head}) is not a head of a {text.num_hidden_layers}-layer "
+                                 f"decoder with {text.num_attention_heads} heads")
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        """The language-model loss plus `weight` x the attention loss (the model runs eager attention for it)."""
+        inputs = {k: v for k, v in batch.items() if k != "asked"}
+        out = model(**inputs, output_attentions=True)
+        extra = attention_loss(out.attentions, batch, model.config.image_token_id, self.heads)
+        return out.loss if extra is None else out.loss + self.weight * extra
