@@ -67,9 +67,9 @@ class TokenDropout:
         self.rng = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def loss(self, model, batch: dict, plain=None) -> torch.Tensor:
-        """The batch's loss with dropout drawn, else `plain(model, batch)` (default: the model's own loss)."""
+    def loss(self, model, batch: dict, plain) -> torch.Tensor:
+        """The batch's loss with dropout drawn, else `plain(model, batch)`."""
         if self.p > 0 and "image_grid_thw" in batch and self.rng.random() < self.p:
             return dropout_loss(model, batch, self.rng.choice(self.keep), self.rng.choice(self.methods),
                                 self.generator)
-        return plain(model, batch) if plain is not None else model(**batch).loss
+        return plain(model, batch)

@@ -106,6 +106,7 @@ def train_model(model, batches, steps: int, lr: float, warmup: int, name: str, l
     """AdamW + warmup/cosine schedule (bf16 autocast on a GPU); with `dropout`, some batches see only part of
     each image's tokens; with `attend`, the batches that see all of them add the attention loss. Returns the loss
     per logged window."""
+    attention = model.config._attn_implementation
     if attend:
         attend.check(model)
         model.set_attn_implementation("eager")  # the only one that returns attention weights
@@ -123,7 +124,7 @@ def train_model(model, batches, steps: int, lr: float, warmup: int, name: str, l
     losses = fit(model.parameters(), loss_fn, opt, sched, steps, name, log_every)
     model.eval()
     if attend:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(attention)
     return losses
 
 
