@@ -87,10 +87,13 @@ class AttentionSupervision:
     def check(self, model) -> None:
         """A supervised head the decoder does not have is a config error, said before any step."""
         text = model.config.get_text_config()
+        self.check_shape(text.num_hidden_layers, text.num_attention_heads)
+
+    def check_shape(self, layers: int, heads: int) -> None:
         for layer, head in self.heads:
-            if not (0 <= layer < text.num_hidden_layers and 0 <= head < text.num_attention_heads):
-                raise ValueError(f"attend.heads: ({layer}, {head}) is not a head of a {text.num_hidden_layers}-layer "
-                                 f"decoder with {text.num_attention_heads} heads")
+            if not (0 <= layer < layers and 0 <= head < heads):
+                raise ValueError(f"attend.heads: ({layer}, {head}) is not a head of a {layers}-layer "
+                                 f"decoder with {heads} heads")
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         """The language-model loss plus `weight` x the attention loss (the model runs eager attention for it)."""

@@ -210,16 +210,23 @@ def model_card(report: dict, training: dict | None) -> str:
     if training:
         t = training["timings"]
         stages = [("vision pretraining + target (tower frozen)", "target_s"), ("end-to-end fine-tune", "finetune_s"),
+                  ("attention-supervised fine-tune", "attend_s"),
                   ("distillation set", "distill_s"), ("VLM drafter", "drafter-vlm_s"), ("text drafter", "drafter-text_s")]
         total = sum(t.get(k, 0.0) for _, k in stages)
         lines += [
             "## Training",
             "",
-            f"Command: `{training['command']}` (seeded; `--resume-target` goes on from a trained target). "
-            f"Wall time on {report['machine']}, with other work sharing the two cores: {total / 60:.1f} min in all "
+            (f"Commands: `{training['resumed_from']}`, then `{training['command']}`, which went on from the first's "
+             "target (the stages it skipped keep the first run's times). Seeded. "
+             if training.get("resumed_from") else
+             f"Command: `{training['command']}` (seeded; `--resume-target` goes on from a trained target). ")
+            + f"Wall time on {report['machine']}, with other work sharing the two cores: {total / 60:.1f} min in all "
             "(" + ", ".join(f"{name} {t[k] / 60:.1f} min" for name, k in stages if k in t) + "). "
             f"Final training loss: target {training['target_losses'][-1]:.4f}"
             + (f", after fine-tune {training['finetune_losses'][-1]:.4f}" if training.get("finetune_losses") else "")
+            + (f", after the attention-supervised one {training['attend_losses'][-1]:.4f} (with "
+               f"{training['config']['train']['attend']['weight']} x the attention loss)"
+               if training.get("attend_losses") else "")
             + f", VLM drafter {training['drafter_losses']['drafter-vlm'][-1]:.4f}, text drafter "
             f"{training['drafter_losses']['drafter-text'][-1]:.4f}. Weights are stored in bf16.",
             "",
@@ -345,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prune-per-task", type=int, default=50, help="rows per task of the pruning sweep (0: skip it)")
     ap.add_argument("--by-kind", type=int, default=0, metavar="N",
                     help="only: the target's accuracy per kind of question over N vqa and N position rows")
+    ap.add_argument("--card-only", action="store_true", help="only rewrite README.md from eval.json and training.json")
     args = ap.parse_args(argv)
     model_dir = Path(args.model_dir)
     if args.by_kind:
@@ -355,10 +363,13 @@ def main(argv: list[str] | None = None) -> None:
         print("\nLookup questions (colour, shape, position): whose attribute the answer gives")
         print("\n".join(binding_lines(binding)))
         return
-    report = evaluate(model_dir, args.per_task, prune_per_task=args.prune_per_task)
-    print(json.dumps({k: report.get(k) for k in ("accuracy", "accuracy_fresh", "acceptance", "step_ms", "params")},
-                     indent=1))
-    (model_dir / "eval.json").write_text(json.dumps(report, indent=1))
+    if args.card_only:
+        report = json.loads((model_dir / "eval.json").read_text())
+    else:
+        report = evaluate(model_dir, args.per_task, prune_per_task=args.prune_per_task)
+        print(json.dumps({k: report.get(k) for k in ("accuracy", "accuracy_fresh", "acceptance", "step_ms", "params")},
+                         indent=1))
+        (model_dir / "eval.json").write_text(json.dumps(report, indent=1))
     training_path = model_dir / "training.json"
     training = json.loads(training_path.read_text()) if training_path.exists() else None
     (model_dir / "README.md").write_text(model_card(report, training))

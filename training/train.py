@@ -6,7 +6,8 @@
 2. pretrain the target's vision tower on dense scene labels (training.vision_pretrain), freeze it, and
    train the projector and decoder on ground-truth answers (train split), as LLaVA does (with
    train.target.shallow_layers, a shallower decoder first, then grown to full depth: training.grow); then
-   fine-tune everything, tower included, at a low learning rate on fresh samples (train.finetune);
+   fine-tune everything, tower included, at a low learning rate on fresh samples (train.finetune), then with
+   attention supervision (train.attend: chosen heads learn to look at the shape a question asks about);
 3. generate the target's own greedy answers on fresh train prompts (the distillation set);
 4. train the VLM drafter (its tower pretrained the same way) and the text-only drafter on those answers (sequence-level distillation);
 5. evaluate on the test split and write the model card (training.evaluate).
@@ -43,6 +44,7 @@ from training.vision_pretrain import pretrain_vision
 
 TRAIN_SEED = corpus.SPLIT_SEEDS["train"]
 DISTILL_OFFSET = 10_000_000  # distillation prompts come from a later stretch of the train stream
+ATTEND_OFFSET = 20_000_000  # so do the attention-supervised fine-tune's rows
 
 
 def load_config(path: str, overrides: list[str]) -> dict:
@@ -229,9 +231,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda for a bigger pair on a GPU")
     ap.add_argument("--resume-target", default=None,
-                    help="a trained target folder: skip stages 1-2 and go on from its fine-tune")
+                    help="a trained target folder: skip stages 1-2 and go on from its fine-tune "
+                         "(with --set train.finetune.steps=0, from the attention-supervised one)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if ac := cfg["train"].get("attend"):  # said now, not after an hour of training
+        try:
+            text = cfg["target"]["text"]
+            AttentionSupervision(ac).check_shape(text["num_hidden_layers"], text["num_attention_heads"])
+        except ValueError as e:
+            ap.error(f"train.{e}")
     out = Path(args.output_dir or cfg["output_dir"])
     torch.manual_seed(cfg["seed"])
     torch.set_num_threads(cfg["train"]["threads"])
@@ -246,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
 
         processor = load_processor(args.resume_target)
         tok = processor.tokenizer
-        target = AutoModelForImageTextToText.from_pretrained(args.resume_target, dtype=torch.float32)
+        target = AutoModelForImageTextToText.from_pretrained(args.resume_target).float()  # its config stays as saved
         before = json.loads((Path(args.resume_target).parent / "training.json").read_text())
         timings.update({k: before["timings"][k] for k in ("target_s",)})
         target_losses, vision_losses = before["target_losses"], {"target": before.get("vision_losses", {}).get("target")}
@@ -273,15 +282,25 @@ def main(argv: list[str] | None = None) -> None:
         timings["target_s"] = time.time() - t
     t = time.time()
     freeze_tower(target, False)
-    attend = AttentionSupervision(ft.get("attend"))
-    finetune_losses = train_model(target, ground_truth_batches(Batcher(processor), tc["batch_size"],
-                                                               start=target_steps(tc) * tc["batch_size"],
-                                                               task_mix=tc.get("task_mix"),
-                                                               asked_side=image_side(cfg) if attend else None),
-                                  ft["steps"], ft["lr"], ft["warmup"], "finetune", device=args.device,
-                                  dropout=TokenDropout(tc.get("token_dropout"), cfg["seed"] + 1),
-                                  attend=attend or None)
-    timings["finetune_s"] = time.time() - t
+    finetune_losses = []
+    if args.resume_target and not ft["steps"]:  # the resumed target's own fine-tune stands: its record carries over
+        timings["finetune_s"], finetune_losses = before["timings"]["finetune_s"], before["finetune_losses"]
+    elif ft["steps"]:
+        finetune_losses = train_model(target, ground_truth_batches(Batcher(processor), tc["batch_size"],
+                                                                   start=target_steps(tc) * tc["batch_size"],
+                                                                   task_mix=tc.get("task_mix")),
+                                      ft["steps"], ft["lr"], ft["warmup"], "finetune", device=args.device,
+                                      dropout=TokenDropout(tc.get("token_dropout"), cfg["seed"] + 1))
+        timings["finetune_s"] = time.time() - t
+    attend_losses = []
+    if ac := cfg["train"].get("attend"):  # every image token seen, so no token dropout here
+        t = time.time()
+        rows = ground_truth_batches(Batcher(processor), ac["batch_size"], start=ATTEND_OFFSET,
+                                    task_mix=tc.get("task_mix"), asked_side=image_side(cfg))
+        attend_losses = train_model(target, rows,
+                                    ac["steps"], ac["lr"], ac["warmup"], "attend", device=args.device,
+                                    attend=AttentionSupervision(ac))
+        timings["attend_s"] = time.time() - t
     save_bf16(target, out / "target")
     processor.save_pretrained(out / "target")
 
@@ -315,9 +334,12 @@ def main(argv: list[str] | None = None) -> None:
     timings["total_s"] = time.time() - t_start
     command = "python -m training.train " + " ".join([args.config] + [f"--set {o}" for o in args.overrides])
     record = {"config": cfg, "timings": timings, "target_losses": target_losses, "finetune_losses": finetune_losses,
+              "attend_losses": attend_losses,
               "drafter_losses": drafter_losses,
               "vision_losses": vision_losses,
               "command": command + (f" --resume-target {args.resume_target}" if args.resume_target else "")}
+    if args.resume_target:  # the run whose stages it went on from, and so whose times those stages carry
+        record["resumed_from"] = before["command"]
     (out / "training.json").write_text(json.dumps(record, indent=1))
     print(f"[train] done in {timings['total_s']:.0f}s", flush=True)
     if not args.skip_eval:

@@ -87,3 +87,12 @@ def test_the_loss_moves_a_supervised_heads_attention_onto_the_asked_tokens():
     assert losses[True] < 0.7 * before and losses[True] < losses[False] - 0.5, (before, losses)
     with pytest.raises(ValueError, match="attend.heads"):
         AttentionSupervision({"weight": 0.1, "heads": [[2, 0]]}).check(model)
+
+
+def test_the_recipe_refuses_a_head_its_target_lacks_before_training(capsys):
+    from training.train import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["configs/modelpair_qwen.yaml", "--set", "train.attend.heads=[[8, 0]]", "--output-dir", "/nonexistent"])
+    assert exit_.value.code == 2
+    assert "train.attend.heads: (8, 0) is not a head of a 8-layer decoder" in capsys.readouterr().err
