@@ -186,6 +186,9 @@ ARCHITECTURES = {  # model_type -> (VLM, its decoder alone)
 }
 
 
+HAND = "<!-- written by hand below this line: python -m training.evaluate keeps it -->"
+
+
 def model_card(report: dict, training: dict | None) -> str:
     p = report["params"]
     vlm, text = ARCHITECTURES.get(report.get("architecture", "llava"), (report.get("architecture"), "decoder"))
@@ -372,7 +375,9 @@ def main(argv: list[str] | None = None) -> None:
         (model_dir / "eval.json").write_text(json.dumps(report, indent=1))
     training_path = model_dir / "training.json"
     training = json.loads(training_path.read_text()) if training_path.exists() else None
-    (model_dir / "README.md").write_text(model_card(report, training))
+    card = model_dir / "README.md"
+    hand = card.read_text().partition(HAND)[2] if card.exists() else ""  # notes written by hand stay
+    card.write_text(model_card(report, training) + (f"\n{HAND}{hand}" if hand else ""))
 
 
 if __name__ == "__main__":
