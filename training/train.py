@@ -235,10 +235,11 @@ def main(argv: list[str] | None = None) -> None:
                          "(with --set train.finetune.steps=0, from the attention-supervised one)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    if ac := cfg["train"].get("attend"):  # said now, not after an hour of training
+    attend = AttentionSupervision(cfg["train"].get("attend"))  # off when absent or weight 0
+    if attend:  # a head the target lacks is said now, not after an hour of training
         try:
             text = cfg["target"]["text"]
-            AttentionSupervision(ac).check_shape(text["num_hidden_layers"], text["num_attention_heads"])
+            attend.check_shape(text["num_hidden_layers"], text["num_attention_heads"])
         except ValueError as e:
             ap.error(f"train.{e}")
     out = Path(args.output_dir or cfg["output_dir"])
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         tok = processor.tokenizer
         target = AutoModelForImageTextToText.from_pretrained(args.resume_target).float()  # its config stays as saved
         before = json.loads((Path(args.resume_target).parent / "training.json").read_text())
-        timings.update({k: before["timings"][k] for k in ("target_s",)})
+        timings["target_s"] = before["timings"]["target_s"]
         target_losses, vision_losses = before["target_losses"], {"target": before.get("vision_losses", {}).get("target")}
     else:
         tok = train_tokenizer(vocab_size=cfg["vocab_size"], question_first=cfg.get("question_first", False))
@@ -283,23 +284,22 @@ def main(argv: list[str] | None = None) -> None:
     t = time.time()
     freeze_tower(target, False)
     finetune_losses = []
-    if args.resume_target and not ft["steps"]:  # the resumed target's own fine-tune stands: its record carries over
-        timings["finetune_s"], finetune_losses = before["timings"]["finetune_s"], before["finetune_losses"]
-    elif ft["steps"]:
+    if ft["steps"]:
         finetune_losses = train_model(target, ground_truth_batches(Batcher(processor), tc["batch_size"],
                                                                    start=target_steps(tc) * tc["batch_size"],
                                                                    task_mix=tc.get("task_mix")),
                                       ft["steps"], ft["lr"], ft["warmup"], "finetune", device=args.device,
                                       dropout=TokenDropout(tc.get("token_dropout"), cfg["seed"] + 1))
         timings["finetune_s"] = time.time() - t
+    elif args.resume_target:  # the resumed target's own fine-tune stands: its record carries over
+        timings["finetune_s"], finetune_losses = before["timings"]["finetune_s"], before["finetune_losses"]
     attend_losses = []
-    if ac := cfg["train"].get("attend"):  # every image token seen, so no token dropout here
-        t = time.time()
+    if attend:  # every image token seen, so no token dropout here
+        ac, t = cfg["train"]["attend"], time.time()
         rows = ground_truth_batches(Batcher(processor), ac["batch_size"], start=ATTEND_OFFSET,
                                     task_mix=tc.get("task_mix"), asked_side=image_side(cfg))
-        attend_losses = train_model(target, rows,
-                                    ac["steps"], ac["lr"], ac["warmup"], "attend", device=args.device,
-                                    attend=AttentionSupervision(ac))
+        attend_losses = train_model(target, rows, ac["steps"], ac["lr"], ac["warmup"], "attend", device=args.device,
+                                    attend=attend)
         timings["attend_s"] = time.time() - t
     save_bf16(target, out / "target")
     processor.save_pretrained(out / "target")

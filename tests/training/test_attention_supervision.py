@@ -96,3 +96,20 @@ def test_the_recipe_refuses_a_head_its_target_lacks_before_training(capsys):
         main(["configs/modelpair_qwen.yaml", "--set", "train.attend.heads=[[8, 0]]", "--output-dir", "/nonexistent"])
     assert exit_.value.code == 2
     assert "train.attend.heads: (8, 0) is not a head of a 8-layer decoder" in capsys.readouterr().err
+
+
+def test_the_recipe_goes_on_from_a_trained_target_through_the_attend_stage(tmp_path):
+    """--resume-target with finetune.steps=0: the shipped target's fine-tune record carries over, the attend stage
+    trains, and the new pair is written (tiny step counts: seconds)."""
+    import json
+
+    from training.train import main
+
+    tiny = ["train.finetune.steps=0", "train.attend.steps=2", "train.vision.steps=2", "train.drafter.steps=2",
+            "train.drafter.batch_size=8", "train.distill.num_samples=16", "train.distill.batch_size=8"]
+    main(["configs/modelpair_qwen.yaml", "--resume-target", "models/target", "--output-dir", str(tmp_path),
+          "--skip-eval"] + [a for o in tiny for a in ("--set", o)])
+    record, before = (json.loads(p.read_text()) for p in (tmp_path / "training.json", Path("models/training.json")))
+    assert record["finetune_losses"] == before["finetune_losses"] and len(record["attend_losses"]) == 1
+    assert record["resumed_from"] == before["command"] and "attend_s" in record["timings"]
+    assert all((tmp_path / name / "model.safetensors").exists() for name in ("target", "drafter-vlm", "drafter-text"))
