@@ -8,8 +8,9 @@ So, besides the language-model loss, each supervised head is pushed to put its a
 predicts an answer token, on that cell's tokens: the loss is the mean of -log(attention mass on the cell).
 
 Used by the recipe's steps that run the model's own forward (training/train.py); batches carry `asked`: per row the
-indices (among the row's image tokens, in the model's order) of the asked shape's tokens, or -1 where a question
-asks about no single shape present (captions, counts, text, a shape that is not there).
+indices (among the row's image tokens, in the model's order) of the asked shape's tokens (of the empty cells' when an
+exists question names a shape that is not there), or -1 where a question asks about no single shape (captions,
+counts, text).
 """
 from __future__ import annotations
 
@@ -26,26 +27,35 @@ _ASKS = [
     (re.compile(r"(?:Where is the|Is there an?) (\w+) (\w+)\?"),
      lambda m, s: s.color == m.group(1) and s.kind == m.group(2)),
 ]
+_EXISTS = re.compile(r"Is there an? \w+ \w+\?")
+TEXT_ROW = (3, 4, 5)  # the cells a written word runs across
 
 
-def asked_cell(question: str, scene: corpus.Scene) -> int | None:
-    """The grid cell (0-8) of the one shape in the scene the question asks about; None when it asks about none."""
+def asked_cells(question: str, scene: corpus.Scene) -> list[int]:
+    """The grid cells (0-8) a supervised head should look at to answer: the one shape the question names; for an
+    exists question about a shape that is not there, the empty cells (nothing matches, so the head reads
+    background and the answer is no); [] for questions about no single shape (captions, counts, text)."""
     for pattern, matches in _ASKS:
         m = pattern.fullmatch(question)
         if m:
-            found = [s for s in scene.shapes if matches(m, s)]
-            return found[0].cell if len(found) == 1 else None
-    return None
+            found = [s.cell for s in scene.shapes if matches(m, s)]
+            if len(found) == 1:
+                return found
+            if not found and _EXISTS.fullmatch(question):
+                taken = {s.cell for s in scene.shapes} | (set(TEXT_ROW) if scene.word else set())
+                return [c for c in range(9) if c not in taken]
+            return []
+    return []
 
 
-def cell_tokens(cell: int | None, tokens_per_side: int) -> list[int]:
-    """The image tokens (raster order over a tokens_per_side square) that cover grid cell `cell` of the corpus's
-    3x3 grid; [] when there is no cell, or when cells do not fall on whole tokens."""
-    if cell is None or tokens_per_side % 3:
+def cell_tokens(cells: list[int], tokens_per_side: int) -> list[int]:
+    """The image tokens (raster order over a tokens_per_side square) that cover these cells of the corpus's 3x3
+    grid; [] when cells do not fall on whole tokens."""
+    if tokens_per_side % 3:
         return []
     side = tokens_per_side // 3
-    row, col = (cell // 3) * side, (cell % 3) * side
-    return [(row + r) * tokens_per_side + col + c for r in range(side) for c in range(side)]
+    return [((cell // 3) * side + r) * tokens_per_side + (cell % 3) * side + c
+            for cell in cells for r in range(side) for c in range(side)]
 
 
 def asked_tensor(rows: list[list[int]]) -> torch.Tensor:

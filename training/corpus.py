@@ -20,6 +20,7 @@ IMAGE_SIZE = 96
 CELL = IMAGE_SIZE // 3
 SPLIT_SEEDS = {"train": 1000, "validation": 2000, "test": 3000}
 TASKS = ("caption", "vqa", "position", "ocr")
+VQA_KINDS = ("count", "color", "shape", "exists")  # a vqa question is one of these; a mix may name one of them
 
 COLORS = {
     "red": (220, 40, 40),
@@ -148,8 +149,9 @@ def caption(scene: Scene) -> str:
     return text
 
 
-def question(scene: Scene, task: str, rng: random.Random) -> tuple[str, str]:
-    """A (question, answer) pair of the given task about the scene."""
+def question(scene: Scene, task: str, rng: random.Random, kind: str | None = None) -> tuple[str, str]:
+    """A (question, answer) pair of the given task about the scene; `kind` (one of VQA_KINDS) fixes a vqa
+    question's kind, else it is drawn."""
     if task == "caption":
         return PROMPTS["caption"], caption(scene)
     if task == "ocr":
@@ -159,7 +161,8 @@ def question(scene: Scene, task: str, rng: random.Random) -> tuple[str, str]:
     if task == "position":
         q = PROMPTS["position"].format(color=target.color, shape=target.kind)
         return q, f"The {target.name} is at the {POSITIONS[target.cell]}."
-    kind = rng.choice(("count", "color", "shape", "exists"))
+    drawn = rng.choice(VQA_KINDS)  # drawn either way, so a fixed kind leaves the rest of the stream as it was
+    kind = kind or drawn
     if kind == "count":
         n = len(scene.shapes)
         return PROMPTS["count"], f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} {'shape' if n == 1 else 'shapes'}."
@@ -181,8 +184,11 @@ def question(scene: Scene, task: str, rng: random.Random) -> tuple[str, str]:
 
 
 def sample(seed: int, index: int, task: str | None = None, max_shapes: int = 3) -> Sample:
-    """The index-th sample of the stream for this seed; task=None picks one (ocr only when text is drawn).
-    `max_shapes` < 3: scenes of at most that many shapes (a curriculum's first stages); 3 is the stream itself."""
+    """The index-th sample of the stream for this seed; task=None picks one (ocr only when text is drawn); a task
+    that is one of VQA_KINDS is a vqa question of that kind. `max_shapes` < 3: scenes of at most that many shapes
+    (a curriculum's first stages); 3 is the stream itself."""
+    kind = task if task in VQA_KINDS else None
+    task = "vqa" if kind else task
     rng = random.Random(seed * 1_000_003 + index)
     scene = make_scene(rng, max_shapes)
     if task is None:
@@ -193,7 +199,7 @@ def sample(seed: int, index: int, task: str | None = None, max_shapes: int = 3) 
         sub = random.Random(rng.random())
         while scene.word is None:
             scene = make_scene(sub, max_shapes)
-    q, a = question(scene, task, rng)
+    q, a = question(scene, task, rng, kind)
     return Sample(key=f"{seed:05d}-{index:07d}", task=task, question=q, answer=a, image=render(scene),
                   scene=scene)
 

@@ -189,6 +189,12 @@ ARCHITECTURES = {  # model_type -> (VLM, its decoder alone)
 HAND = "<!-- written by hand below this line: python -m training.evaluate keeps it -->"
 
 
+def resumed_from(training: dict) -> list[str]:
+    """The commands of the runs a resumed pair went on from, oldest first (one string in older records)."""
+    earlier = training.get("resumed_from", [])
+    return [earlier] if isinstance(earlier, str) else earlier
+
+
 def model_card(report: dict, training: dict | None) -> str:
     p = report["params"]
     vlm, text = ARCHITECTURES.get(report.get("architecture", "llava"), (report.get("architecture"), "decoder"))
@@ -213,14 +219,16 @@ def model_card(report: dict, training: dict | None) -> str:
     if training:
         t = training["timings"]
         stages = [("vision pretraining + target (tower frozen)", "target_s"), ("end-to-end fine-tune", "finetune_s"),
+                  ("the earlier runs' attention-supervised fine-tune", "attend_earlier_s"),
                   ("attention-supervised fine-tune", "attend_s"),
                   ("distillation set", "distill_s"), ("VLM drafter", "drafter-vlm_s"), ("text drafter", "drafter-text_s")]
         total = sum(t.get(k, 0.0) for _, k in stages)
         lines += [
             "## Training",
             "",
-            (f"Commands: `{training['resumed_from']}`, then `{training['command']}`, which went on from the first's "
-             "target (the stages it skipped keep the first run's times). Seeded. "
+            ("Commands: " + ", then ".join(f"`{c}`" for c in resumed_from(training) + [training["command"]])
+             + ", each going on from the one before's target (the stages a run skipped keep the earlier run's "
+             "times). Seeded. "
              if training.get("resumed_from") else
              f"Command: `{training['command']}` (seeded; `--resume-target` goes on from a trained target). ")
             + f"Wall time on {report['machine']}, with other work sharing the two cores: {total / 60:.1f} min in all "

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from training import corpus
-from training.attention_supervision import AttentionSupervision, asked_cell, asked_tensor, cell_tokens
+from training.attention_supervision import AttentionSupervision, asked_cells, asked_tensor, cell_tokens
 from training.modelpair import (
     build_processor,
     build_qwen_processor,
@@ -39,6 +39,7 @@ from training.modelpair import (
 from training.grow import grow
 from training.optim import fit
 from training.token_dropout import TokenDropout
+from training.evaluate import resumed_from
 from training.tokenizer import train_tokenizer
 from training.vision_pretrain import pretrain_vision
 
@@ -155,7 +156,7 @@ def ground_truth_batches(batcher: Batcher, batch_size: int, start: int = 0, task
             for _ in range(batch_size):
                 s = corpus.sample(TRAIN_SEED, i, rng.choices(tasks, weights)[0] if tasks else None, max_shapes)
                 items.append((s.image, s.question, s.answer) if asked_side is None else
-                             (s.image, s.question, s.answer, cell_tokens(asked_cell(s.question, s.scene), asked_side)))
+                             (s.image, s.question, s.answer, cell_tokens(asked_cells(s.question, s.scene), asked_side)))
                 i += 1
             done += 1
             yield batcher(items)
@@ -297,10 +298,14 @@ def main(argv: list[str] | None = None) -> None:
     if attend:  # every image token seen, so no token dropout here
         ac, t = cfg["train"]["attend"], time.time()
         rows = ground_truth_batches(Batcher(processor), ac["batch_size"], start=ATTEND_OFFSET,
-                                    task_mix=tc.get("task_mix"), asked_side=image_side(cfg))
+                                    task_mix=ac.get("task_mix") or tc.get("task_mix"),
+                                    asked_side=image_side(cfg))
         attend_losses = train_model(target, rows, ac["steps"], ac["lr"], ac["warmup"], "attend", device=args.device,
                                     attend=attend)
         timings["attend_s"] = time.time() - t
+    if args.resume_target and before.get("attend_losses"):  # the resumed target had supervised steps already
+        timings["attend_earlier_s"] = before["timings"]["attend_s"] + before["timings"].get("attend_earlier_s", 0.0)
+        attend_losses = before["attend_losses"] + attend_losses
     save_bf16(target, out / "target")
     processor.save_pretrained(out / "target")
 
@@ -338,8 +343,8 @@ def main(argv: list[str] | None = None) -> None:
               "drafter_losses": drafter_losses,
               "vision_losses": vision_losses,
               "command": command + (f" --resume-target {args.resume_target}" if args.resume_target else "")}
-    if args.resume_target:  # the run whose stages it went on from, and so whose times those stages carry
-        record["resumed_from"] = before["command"]
+    if args.resume_target:  # the runs whose stages it went on from (oldest first), whose times those stages carry
+        record["resumed_from"] = resumed_from(before) + [before["command"]]
     (out / "training.json").write_text(json.dumps(record, indent=1))
     print(f"[train] done in {timings['total_s']:.0f}s", flush=True)
     if not args.skip_eval:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from training import corpus
-from training.attention_supervision import AttentionSupervision, asked_cell, attention_loss, cell_tokens
+from training.attention_supervision import AttentionSupervision, asked_cells, attention_loss, cell_tokens
 from training.modelpair import build_qwen_processor, build_qwen_vlm
 from training.tokenizer import train_tokenizer
 from training.train import Batcher, ground_truth_batches, train_model
@@ -20,18 +20,26 @@ SCENE = corpus.Scene(shapes=(corpus.Shape("circle", "red", "small", 0), corpus.S
                      word=None, background=(10, 20, 30), jitter=((0, 0), (1, -2)))
 
 
-@pytest.mark.parametrize("question, cell", [
-    ("What color is the diamond?", 5), ("What shape is the red object?", 0), ("Where is the blue diamond?", 5),
-    ("Is there a red circle?", 0), ("Is there a red diamond?", None), ("What color is the square?", None),
-    ("How many shapes are there?", None), ("Describe the image.", None)])
-def test_the_asked_shape_is_the_one_the_question_names(question, cell):
-    assert asked_cell(question, SCENE) == cell
+@pytest.mark.parametrize("question, cells", [
+    ("What color is the diamond?", [5]), ("What shape is the red object?", [0]), ("Where is the blue diamond?", [5]),
+    ("Is there a red circle?", [0]), ("What color is the square?", []), ("How many shapes are there?", []),
+    ("Describe the image.", []),
+    # an exists question about a shape that is not there: the empty cells (the answer is no: nothing matches)
+    ("Is there a red diamond?", [1, 2, 3, 4, 6, 7, 8]), ("Is there a green square?", [1, 2, 3, 4, 6, 7, 8])])
+def test_the_cells_to_look_at_are_the_named_shapes_or_for_an_absent_one_the_empty_cells(question, cells):
+    assert asked_cells(question, SCENE) == cells
+
+
+def test_an_absent_shape_in_a_scene_with_text_looks_at_the_empty_cells_off_the_text_row():
+    scene = corpus.Scene(shapes=(corpus.Shape("circle", "red", "small", 0),), word="cat", background=(0, 0, 0),
+                         jitter=((0, 0),))
+    assert asked_cells("Is there a red square?", scene) == [1, 2, 6, 7, 8]
 
 
 def test_a_cell_is_the_square_of_tokens_over_it_or_nothing_when_cells_split_tokens():
-    assert cell_tokens(5, 6) == [16, 17, 22, 23]
-    assert cell_tokens(0, 3) == [0]
-    assert cell_tokens(4, 4) == [] and cell_tokens(None, 6) == []
+    assert cell_tokens([5], 6) == [16, 17, 22, 23]
+    assert cell_tokens([0, 8], 3) == [0, 8]
+    assert cell_tokens([4], 4) == [] and cell_tokens([], 6) == []
 
 
 @pytest.mark.parametrize("cell", [0, 4, 8])
@@ -48,7 +56,7 @@ def test_the_cells_tokens_are_where_the_shipped_processor_puts_the_shape(cell):
     background = np.median(patches, axis=0)  # most patches are plain black
     shape = np.abs(patches - background).max(-1) > 1e-4
     tokens = {int(i) // 4 for i in np.nonzero(shape)[0]}
-    assert tokens == set(cell_tokens(cell, 6)), (tokens, cell_tokens(cell, 6))  # a large square spans its cell
+    assert tokens == set(cell_tokens([cell], 6)), (tokens, cell_tokens([cell], 6))  # a large square spans its cell
 
 
 def test_the_loss_moves_a_supervised_heads_attention_onto_the_asked_tokens():
@@ -103,6 +111,7 @@ def test_the_recipe_goes_on_from_a_trained_target_through_the_attend_stage(tmp_p
     trains, and the new pair is written (tiny step counts: seconds)."""
     import json
 
+    from training.evaluate import model_card, resumed_from
     from training.train import main
 
     tiny = ["train.finetune.steps=0", "train.attend.steps=2", "train.vision.steps=2", "train.drafter.steps=2",
@@ -110,6 +119,12 @@ def test_the_recipe_goes_on_from_a_trained_target_through_the_attend_stage(tmp_p
     main(["configs/modelpair_qwen.yaml", "--resume-target", "models/target", "--output-dir", str(tmp_path),
           "--skip-eval"] + [a for o in tiny for a in ("--set", o)])
     record, before = (json.loads(p.read_text()) for p in (tmp_path / "training.json", Path("models/training.json")))
-    assert record["finetune_losses"] == before["finetune_losses"] and len(record["attend_losses"]) == 1
-    assert record["resumed_from"] == before["command"] and "attend_s" in record["timings"]
+    assert record["finetune_losses"] == before["finetune_losses"]
+    # the shipped target had supervised steps already: they and their time stay on the record, with the new ones
+    assert record["attend_losses"][:-1] == before["attend_losses"] and len(record["attend_losses"]) > 1
+    times = record["timings"]
+    assert times["attend_earlier_s"] == before["timings"]["attend_s"] + before["timings"].get("attend_earlier_s", 0)
+    assert record["resumed_from"] == resumed_from(before) + [before["command"]] and "attend_s" in times
+    card = model_card(json.loads(Path("models/eval.json").read_text()), record)  # names every run of the chain
+    assert all(f"`{c}`" in card for c in record["resumed_from"] + [record["command"]]), card
     assert all((tmp_path / name / "model.safetensors").exists() for name in ("target", "drafter-vlm", "drafter-text"))

@@ -104,3 +104,16 @@ def test_lookup_answers_are_tallied_by_whose_attribute_they_give():
     assert got == want and sum(r["another"] for r in got.values()) >= 10
     assert len(binding_lines(got)) == 2 + len(got)
     assert tally_binding([corpus.sample(5, 0, task="caption")], ["x"], {}) == {}
+
+
+@pytest.mark.parametrize("kind", corpus.VQA_KINDS)
+def test_a_vqa_kind_can_be_asked_for_and_the_scene_stays_the_streams(kind):
+    """A mix may name a kind of vqa question (e.g. more exists questions): the row is a vqa row of that kind
+    about the same scene the stream draws at that index, and a vqa row of that kind is unchanged."""
+    from training.evaluate import question_kind
+
+    for i in range(40):
+        s, plain = corpus.sample(5, i, task=kind), corpus.sample(5, i, task="vqa")
+        assert s.task == "vqa" and question_kind(s.question) == kind and s.scene == plain.scene
+        if question_kind(plain.question) == kind:
+            assert (s.question, s.answer) == (plain.question, plain.answer)
