@@ -224,6 +224,16 @@ def freeze_tower(model, frozen: bool) -> None:
         merger.requires_grad_(True)
 
 
+def task_mixes(train: dict) -> list[tuple[str, dict]]:
+    """Every task mix of the recipe, with the config field it sits in."""
+    tc = train["target"]
+    mixes = [("train.target.task_mix", tc.get("task_mix"))]
+    mixes += [(f"train.target.curriculum[{i}].task_mix", c.get("task_mix"))
+              for i, c in enumerate(tc.get("curriculum") or [])]
+    mixes.append(("train.attend.task_mix", (train.get("attend") or {}).get("task_mix")))
+    return [(field, mix) for field, mix in mixes if mix]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
@@ -243,6 +253,10 @@ def main(argv: list[str] | None = None) -> None:
             attend.check_shape(text["num_hidden_layers"], text["num_attention_heads"])
         except ValueError as e:
             ap.error(f"train.{e}")
+    for field, mix in task_mixes(cfg["train"]):  # so is a task no mix can draw (a typo would become vqa rows)
+        unknown = sorted(set(mix) - set(corpus.TASKS + corpus.VQA_KINDS))
+        if unknown:
+            ap.error(f"{field}: unknown task {unknown[0]!r} (tasks: {', '.join(corpus.TASKS + corpus.VQA_KINDS)})")
     out = Path(args.output_dir or cfg["output_dir"])
     torch.manual_seed(cfg["seed"])
     torch.set_num_threads(cfg["train"]["threads"])

@@ -106,6 +106,19 @@ def test_the_recipe_refuses_a_head_its_target_lacks_before_training(capsys):
     assert "train.attend.heads: (8, 0) is not a head of a 8-layer decoder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("field, value", [("train.attend.task_mix", "{exist: 1.0}"),
+                                          ("train.target.task_mix", "{caption: 0.5, vqa: 0.3, positon: 0.2}")])
+def test_the_recipe_refuses_a_task_no_mix_can_draw_before_training(capsys, field, value):
+    """A typo in a task mix would silently become vqa rows an hour in: it is a config error, said first."""
+    from training.train import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["configs/modelpair_qwen.yaml", "--set", f"{field}={value}", "--output-dir", "/nonexistent"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert field in err and "unknown task" in err, err
+
+
 def test_the_recipe_goes_on_from_a_trained_target_through_the_attend_stage(tmp_path):
     """--resume-target with finetune.steps=0: the shipped target's fine-tune record carries over, the attend stage
     trains, and the new pair is written (tiny step counts: seconds)."""
