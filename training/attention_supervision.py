@@ -20,14 +20,14 @@ import torch
 
 from training import corpus
 
-# the question's words that name the asked shape: kind, colour, or both
+# the question's words that name the asked shape (kind, colour, or both), and whether a question about a shape that
+# is not there is answered by looking at the empty cells (exists: nothing matches, so the answer is no)
 _ASKS = [
-    (re.compile(r"What color is the (\w+)\?"), lambda m, s: s.kind == m.group(1)),
-    (re.compile(r"What shape is the (\w+) object\?"), lambda m, s: s.color == m.group(1)),
-    (re.compile(r"(?:Where is the|Is there an?) (\w+) (\w+)\?"),
-     lambda m, s: s.color == m.group(1) and s.kind == m.group(2)),
+    (re.compile(r"What color is the (\w+)\?"), lambda m, s: s.kind == m.group(1), False),
+    (re.compile(r"What shape is the (\w+) object\?"), lambda m, s: s.color == m.group(1), False),
+    (re.compile(r"Where is the (\w+) (\w+)\?"), lambda m, s: s.color == m.group(1) and s.kind == m.group(2), False),
+    (re.compile(r"Is there an? (\w+) (\w+)\?"), lambda m, s: s.color == m.group(1) and s.kind == m.group(2), True),
 ]
-_EXISTS = re.compile(r"Is there an? \w+ \w+\?")
 TEXT_ROW = (3, 4, 5)  # the cells a written word runs across
 
 
@@ -35,16 +35,17 @@ def asked_cells(question: str, scene: corpus.Scene) -> list[int]:
     """The grid cells (0-8) a supervised head should look at to answer: the one shape the question names; for an
     exists question about a shape that is not there, the empty cells (nothing matches, so the head reads
     background and the answer is no); [] for questions about no single shape (captions, counts, text)."""
-    for pattern, matches in _ASKS:
+    for pattern, matches, empty_when_absent in _ASKS:
         m = pattern.fullmatch(question)
-        if m:
-            found = [s.cell for s in scene.shapes if matches(m, s)]
-            if len(found) == 1:
-                return found
-            if not found and _EXISTS.fullmatch(question):
-                taken = {s.cell for s in scene.shapes} | (set(TEXT_ROW) if scene.word else set())
-                return [c for c in range(9) if c not in taken]
-            return []
+        if not m:
+            continue
+        found = [s.cell for s in scene.shapes if matches(m, s)]
+        if len(found) == 1:
+            return found
+        if not found and empty_when_absent:
+            taken = {s.cell for s in scene.shapes} | (set(TEXT_ROW) if scene.word else set())
+            return [c for c in range(9) if c not in taken]
+        return []
     return []
 
 

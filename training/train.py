@@ -36,10 +36,10 @@ from training.modelpair import (
     build_vlm,
     user_prompt,
 )
+from training.evaluate import resumed_from
 from training.grow import grow
 from training.optim import fit
 from training.token_dropout import TokenDropout
-from training.evaluate import resumed_from
 from training.tokenizer import train_tokenizer
 from training.vision_pretrain import pretrain_vision
 
@@ -253,10 +253,10 @@ def main(argv: list[str] | None = None) -> None:
             attend.check_shape(text["num_hidden_layers"], text["num_attention_heads"])
         except ValueError as e:
             ap.error(f"train.{e}")
+    known = corpus.TASKS + corpus.VQA_KINDS
     for field, mix in task_mixes(cfg["train"]):  # so is a task no mix can draw (a typo would become vqa rows)
-        unknown = sorted(set(mix) - set(corpus.TASKS + corpus.VQA_KINDS))
-        if unknown:
-            ap.error(f"{field}: unknown task {unknown[0]!r} (tasks: {', '.join(corpus.TASKS + corpus.VQA_KINDS)})")
+        if unknown := sorted(set(mix) - set(known)):
+            ap.error(f"{field}: unknown task {unknown[0]!r} (tasks: {', '.join(known)})")
     out = Path(args.output_dir or cfg["output_dir"])
     torch.manual_seed(cfg["seed"])
     torch.set_num_threads(cfg["train"]["threads"])
