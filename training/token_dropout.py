@@ -6,7 +6,8 @@ scatter and the model's own 3-axis M-RoPE positions (`get_rope_index`), then dro
 the language model only the kept ones, each at its original (t, h, w) position: exactly what the engine
 hands its decoder after pruning. Which tokens survive is drawn per batch: uniformly at random, or the
 engine's own ranking (`diversity`, a max-min subset of the projected tokens), at a keep fraction drawn from
-the config's list.
+the config's list. With attention supervision (training/attention_supervision.py) the step supervises the heads
+too, onto the asked shape's tokens that were kept: the lookup is learned on pruned prompts as well.
 """
 from __future__ import annotations
 
@@ -28,8 +29,19 @@ def _kept_image_tokens(feats: torch.Tensor, keep: float, method: str, generator:
     return kept.sort(-1).values
 
 
-def dropout_loss(model, batch: dict, keep: float, method: str, generator: torch.Generator) -> torch.Tensor:
-    """The causal-LM loss of a Qwen2.5-VL batch (one image per row) with only `keep` of each image's tokens."""
+def kept_asked(asked: torch.Tensor, kept: torch.Tensor, m: int) -> torch.Tensor:
+    """asked [b, w] (indices among a row's m image tokens, -1 padding), kept [b, n] -> the asked tokens' indices
+    among the row's kept image tokens, -1 where a token was dropped."""
+    b, n = kept.shape
+    new_index = torch.full((b, m), -1, dtype=torch.long)
+    new_index.scatter_(1, kept, torch.arange(n).expand(b, n))
+    return torch.where(asked >= 0, new_index.gather(1, asked.clamp(min=0)), -1)
+
+
+def dropout_loss(model, batch: dict, keep: float, method: str, generator: torch.Generator,
+                 attend=None) -> torch.Tensor:
+    """The causal-LM loss of a Qwen2.5-VL batch (one image per row) with only `keep` of each image's tokens;
+    with `attend` (an AttentionSupervision) and the batch's `asked`, plus its attention loss on the kept tokens."""
     inner = model.model
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     grid = batch["image_grid_thw"]
@@ -48,12 +60,18 @@ def dropout_loss(model, batch: dict, keep: float, method: str, generator: torch.
     keep_mask[torch.arange(b)[:, None], image_cols.gather(1, kept)] = True
     cols = keep_mask.nonzero()[:, 1].view(b, -1)
     rows = torch.arange(b)[:, None]
-    hidden = inner.language_model(inputs_embeds=embeds[rows, cols], attention_mask=mask[rows, cols],
-                                  position_ids=positions[:, rows, cols]).last_hidden_state
-    logits = model.lm_head(hidden).float()
+    supervised = attend is not None and "asked" in batch
+    out = inner.language_model(inputs_embeds=embeds[rows, cols], attention_mask=mask[rows, cols],
+                               position_ids=positions[:, rows, cols], output_attentions=supervised)
+    logits = model.lm_head(out.last_hidden_state).float()
     kept_labels = labels[rows, cols]
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                              kept_labels[:, 1:].reshape(-1), ignore_index=-100)
+    if supervised:
+        pruned = {"input_ids": ids[rows, cols], "labels": kept_labels, "asked": kept_asked(batch["asked"], kept, m)}
+        extra = attend.attention_loss(out.attentions, pruned, model.config.image_token_id)
+        loss = loss if extra is None else loss + attend.weight * extra
+    return loss
 
 
 class TokenDropout:
@@ -67,9 +85,9 @@ class TokenDropout:
         self.rng = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def loss(self, model, batch: dict, plain) -> torch.Tensor:
-        """The batch's loss with dropout drawn, else `plain(model, batch)`."""
+    def loss(self, model, batch: dict, plain, attend=None) -> torch.Tensor:
+        """The batch's loss with dropout drawn (supervised by `attend` when given), else `plain(model, batch)`."""
         if self.p > 0 and "image_grid_thw" in batch and self.rng.random() < self.p:
             return dropout_loss(model, batch, self.rng.choice(self.keep), self.rng.choice(self.methods),
-                                self.generator)
+                                self.generator, attend)
         return plain(model, batch)

@@ -6,8 +6,9 @@
 2. pretrain the target's vision tower on dense scene labels (training.vision_pretrain), freeze it, and
    train the projector and decoder on ground-truth answers (train split), as LLaVA does (with
    train.target.shallow_layers, a shallower decoder first, then grown to full depth: training.grow); then
-   fine-tune everything, tower included, at a low learning rate on fresh samples (train.finetune), then with
-   attention supervision (train.attend: chosen heads learn to look at the shape a question asks about);
+   fine-tune everything, tower included, at a low learning rate on fresh samples (train.finetune, optional),
+   with attention supervision (train.attend: chosen heads learn to look at the shape a question asks about, on
+   prompts with every image token and, with its token_dropout, on pruned ones);
 3. generate the target's own greedy answers on fresh train prompts (the distillation set);
 4. train the VLM drafter (its tower pretrained the same way) and the text-only drafter on those answers (sequence-level distillation);
 5. evaluate on the test split and write the model card (training.evaluate).
@@ -107,8 +108,8 @@ def train_model(model, batches, steps: int, lr: float, warmup: int, name: str, l
                 device: str = "cpu", dropout: TokenDropout | None = None,
                 attend: AttentionSupervision | None = None) -> list[float]:
     """AdamW + warmup/cosine schedule (bf16 autocast on a GPU); with `dropout`, some batches see only part of
-    each image's tokens; with `attend`, the batches that see all of them add the attention loss. Returns the loss
-    per logged window."""
+    each image's tokens; with `attend`, every batch adds the attention loss (a dropout batch's on the tokens it
+    kept). Returns the loss per logged window."""
     attention = model.config._attn_implementation
     if attend:
         attend.check(model)
@@ -122,7 +123,7 @@ def train_model(model, batches, steps: int, lr: float, warmup: int, name: str, l
     def loss_fn() -> torch.Tensor:
         batch = {k: v.to(device) for k, v in next(batches).items()}
         with autocast(device):
-            return dropout.loss(model, batch, plain) if dropout else plain(model, batch)
+            return dropout.loss(model, batch, plain, attend) if dropout else plain(model, batch)
 
     losses = fit(model.parameters(), loss_fn, opt, sched, steps, name, log_every)
     model.eval()
@@ -263,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.time()
     timings = {}
 
-    tc, vc, ft = cfg["train"]["target"], cfg["train"]["vision"], cfg["train"]["finetune"]
+    tc, vc = cfg["train"]["target"], cfg["train"]["vision"]
+    ft = cfg["train"].get("finetune") or {"steps": 0}
     if args.resume_target:
         from transformers import AutoModelForImageTextToText
 
@@ -309,13 +311,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.resume_target:  # the resumed target's own fine-tune stands: its record carries over
         timings["finetune_s"], finetune_losses = before["timings"]["finetune_s"], before["finetune_losses"]
     attend_losses = []
-    if attend:  # every image token seen, so no token dropout here
+    if attend:  # with its own token dropout, if any: the lookup learned on pruned prompts too
         ac, t = cfg["train"]["attend"], time.time()
         rows = ground_truth_batches(Batcher(processor), ac["batch_size"], start=ATTEND_OFFSET,
                                     task_mix=ac.get("task_mix") or tc.get("task_mix"),
                                     asked_side=image_side(cfg))
         attend_losses = train_model(target, rows, ac["steps"], ac["lr"], ac["warmup"], "attend", device=args.device,
-                                    attend=attend)
+                                    attend=attend, dropout=TokenDropout(ac.get("token_dropout"), cfg["seed"] + 2))
         timings["attend_s"] = time.time() - t
     if args.resume_target and before.get("attend_losses"):  # the resumed target had supervised steps already
         timings["attend_earlier_s"] = before["timings"]["attend_s"] + before["timings"].get("attend_earlier_s", 0.0)

@@ -134,3 +134,40 @@ def test_token_dropout_trains_on_the_kept_tokens_at_their_own_positions(pair):
     loss.backward()
     assert model.model.visual.merger.mlp[0].weight.grad.abs().sum() > 0
     assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_a_supervised_dropout_step_is_the_supervised_loss_at_keep_1_and_supervises_the_kept_asked_tokens(pair):
+    """The attend stage's token dropout: at keep 1.0 the step is exactly the supervised step on every token; at
+    0.5 its attention loss counts the asked tokens that were kept (none kept: the language-model loss alone)."""
+    from transformers import AutoModelForImageTextToText
+
+    from engine.processor import load_processor
+    from training.attention_supervision import AttentionSupervision
+    from training.token_dropout import dropout_loss
+
+    path, _ = pair
+    model = AutoModelForImageTextToText.from_pretrained(path / "target", dtype=torch.float32)
+    model.set_attn_implementation("eager")
+    batch = next(ground_truth_batches(Batcher(load_processor(str(path / "target"))), 4, task_mix={"vqa": 1.0},
+                                      asked_side=4))
+    batch["asked"] = torch.tensor([[1, 2, 5], [0, -1, -1], [15, 3, -1], [7, 8, 9]])
+    attend = AttentionSupervision({"weight": 1.0, "heads": [[1, 0], [0, 3]]})
+    plain = {k: v for k, v in batch.items() if k != "asked"}
+    with torch.no_grad():
+        full = attend.loss(model, batch)
+        assert abs(full - model(**plain).loss) > 1e-3  # the supervision adds to the loss
+        g = torch.Generator().manual_seed(0)
+        assert torch.allclose(dropout_loss(model, batch, 1.0, "random", g, attend), full, atol=1e-5)
+        g = torch.Generator().manual_seed(3)
+        half = dropout_loss(model, batch, 0.5, "random", g, attend)
+        g = torch.Generator().manual_seed(3)  # the same tokens kept, no supervision
+        unsupervised = dropout_loss(model, batch, 0.5, "random", g)
+    assert half > unsupervised + 1e-3, (half, unsupervised)
+
+
+def test_the_asked_tokens_are_renumbered_among_the_kept_ones_and_dropped_ones_leave():
+    from training.token_dropout import kept_asked
+
+    kept = torch.tensor([[0, 2, 5], [1, 3, 4]])
+    asked = torch.tensor([[2, 5, 1], [4, -1, -1]])
+    assert kept_asked(asked, kept, 6).tolist() == [[1, 2, -1], [2, -1, -1]]
