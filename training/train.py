@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda for a bigger pair on a GPU")
     ap.add_argument("--resume-target", default=None,
-                    help="a trained target folder: skip stages 1-2 and go on from its fine-tune "
-                         "(with --set train.finetune.steps=0, from the attention-supervised one)")
+                    help="a trained target folder: skip its first stages and go on from it (train.finetune "
+                         "and train.attend run on it where their steps are not 0)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     attend = AttentionSupervision(cfg["train"].get("attend"))  # off when absent or weight 0
