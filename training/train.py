@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
                                       ft["steps"], ft["lr"], ft["warmup"], "finetune", device=args.device,
                                       dropout=TokenDropout(tc.get("token_dropout"), cfg["seed"] + 1))
         timings["finetune_s"] = time.time() - t
-    elif args.resume_target:  # the resumed target's own fine-tune stands: its record carries over
+    elif args.resume_target and "finetune_s" in before["timings"]:  # its own fine-tune stands: the record too
         timings["finetune_s"], finetune_losses = before["timings"]["finetune_s"], before["finetune_losses"]
     attend_losses = []
     if attend:  # with its own token dropout, if any: the lookup learned on pruned prompts too

@@ -133,6 +133,7 @@ def test_the_recipe_goes_on_from_a_trained_target_through_the_attend_stage(tmp_p
           "--skip-eval"] + [a for o in tiny for a in ("--set", o)])
     record, before = (json.loads(p.read_text()) for p in (tmp_path / "training.json", Path("models/training.json")))
     assert record["finetune_losses"] == before["finetune_losses"]
+    assert record["timings"].get("finetune_s") == before["timings"].get("finetune_s")  # none when it had none
     # the shipped target had supervised steps already: they and their time stay on the record, with the new ones
     assert record["attend_losses"][:-1] == before["attend_losses"] and len(record["attend_losses"]) > 1
     times = record["timings"]

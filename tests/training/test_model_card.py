@@ -14,7 +14,10 @@ def test_rewriting_the_card_keeps_the_hand_written_part_and_the_measured_figures
     main([str(tmp_path), "--card-only"])
     card = (tmp_path / "README.md").read_text()
     assert "old figures" not in card and card.endswith(f"{HAND}\n## Notes\n\nwhy it fails\n")
-    assert "| position |" in card and "--resume-target models/target" in card  # from eval.json and training.json
+    import json
+
+    command = json.loads((tmp_path / "training.json").read_text())["command"]
+    assert "| position |" in card and f"`{command}`" in card  # from eval.json and training.json
     (tmp_path / "README.md").unlink()
     main([str(tmp_path), "--card-only"])
     assert HAND not in (tmp_path / "README.md").read_text()
