@@ -106,12 +106,9 @@ class AttentionSupervision:
                 raise ValueError(f"attend.heads: ({layer}, {head}) is not a head of a {layers}-layer "
                                  f"decoder with {heads} heads")
 
-    def attention_loss(self, attentions, batch: dict, image_token_id: int) -> torch.Tensor | None:
-        return attention_loss(attentions, batch, image_token_id, self.heads)
-
     def loss(self, model, batch: dict) -> torch.Tensor:
         """The language-model loss plus `weight` x the attention loss (the model runs eager attention for it)."""
         inputs = {k: v for k, v in batch.items() if k != "asked"}
         out = model(**inputs, output_attentions=True)
-        extra = self.attention_loss(out.attentions, batch, model.config.image_token_id)
+        extra = attention_loss(out.attentions, batch, model.config.image_token_id, self.heads)
         return out.loss if extra is None else out.loss + self.weight * extra

@@ -16,6 +16,7 @@ import random
 import torch
 
 from engine.visual_tokens import _max_min_subset
+from training.attention_supervision import attention_loss
 
 
 def _kept_image_tokens(feats: torch.Tensor, keep: float, method: str, generator: torch.Generator) -> torch.Tensor:
@@ -69,7 +70,7 @@ def dropout_loss(model, batch: dict, keep: float, method: str, generator: torch.
                                              kept_labels[:, 1:].reshape(-1), ignore_index=-100)
     if supervised:
         pruned = {"input_ids": ids[rows, cols], "labels": kept_labels, "asked": kept_asked(batch["asked"], kept, m)}
-        extra = attend.attention_loss(out.attentions, pruned, model.config.image_token_id)
+        extra = attention_loss(out.attentions, pruned, model.config.image_token_id, attend.heads)
         loss = loss if extra is None else loss + attend.weight * extra
     return loss
 

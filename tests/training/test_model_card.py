@@ -1,4 +1,5 @@
 """The model card is written from the measured figures, and what was written by hand below its marker stays."""
+import json
 import shutil
 from pathlib import Path
 
@@ -14,8 +15,6 @@ def test_rewriting_the_card_keeps_the_hand_written_part_and_the_measured_figures
     main([str(tmp_path), "--card-only"])
     card = (tmp_path / "README.md").read_text()
     assert "old figures" not in card and card.endswith(f"{HAND}\n## Notes\n\nwhy it fails\n")
-    import json
-
     command = json.loads((tmp_path / "training.json").read_text())["command"]
     assert "| position |" in card and f"`{command}`" in card  # from eval.json and training.json
     (tmp_path / "README.md").unlink()
