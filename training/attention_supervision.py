@@ -79,8 +79,8 @@ def attention_loss(attentions: tuple[torch.Tensor, ...], batch: dict, image_toke
         answer = (labels[r] != -100).nonzero().squeeze(1)
         queries = torch.arange(int(answer[0]) - 1, int(answer[-1]), device=ids.device)  # they predict the answer
         for layer, head in heads:
-            mass = attentions[layer][r, head][queries][:, keys].sum(-1)
-            terms.append(-torch.log(mass.float() + 1e-6).mean())
+            mass = attentions[layer][r, head][queries][:, keys].float().sum(-1)  # summed in float32 under autocast
+            terms.append(-torch.log(mass + 1e-6).mean())
     return torch.stack(terms).mean() if terms else None
 
 

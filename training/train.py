@@ -39,7 +39,7 @@ from training.modelpair import (
 )
 from training.evaluate import resumed_from
 from training.grow import grow
-from training.optim import fit
+from training.optim import autocast, fit, uses_bf16
 from training.token_dropout import TokenDropout
 from training.tokenizer import train_tokenizer
 from training.vision_pretrain import pretrain_vision
@@ -99,17 +99,12 @@ class Batcher:
         return out
 
 
-def autocast(device: str):
-    """bf16 autocast on a GPU; float32 on a CPU (without native bf16, autocast makes a Qwen2.5-VL step ~20x slower)."""
-    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda"))
-
-
 def train_model(model, batches, steps: int, lr: float, warmup: int, name: str, log_every: int = 50,
                 device: str = "cpu", dropout: TokenDropout | None = None,
-                attend: AttentionSupervision | None = None) -> list[float]:
-    """AdamW + warmup/cosine schedule (bf16 autocast on a GPU); with `dropout`, some batches see only part of
-    each image's tokens; with `attend`, every batch adds the attention loss (a dropout batch's on the tokens it
-    kept). Returns the loss per logged window."""
+                attend: AttentionSupervision | None = None, bf16: bool | None = None) -> list[float]:
+    """AdamW + warmup/cosine schedule, in bf16 autocast where `bf16` (None: on a GPU; training.optim.uses_bf16);
+    with `dropout`, some batches see only part of each image's tokens; with `attend`, every batch adds the
+    attention loss (a dropout batch's on the tokens it kept). Returns the loss per logged window."""
     attention = model.config._attn_implementation
     if attend:
         attend.check(model)
@@ -122,7 +117,7 @@ def train_model(model, batches, steps: int, lr: float, warmup: int, name: str, l
 
     def loss_fn() -> torch.Tensor:
         batch = {k: v.to(device) for k, v in next(batches).items()}
-        with autocast(device):
+        with autocast(device, device.startswith("cuda") if bf16 is None else bf16):
             return dropout.loss(model, batch, plain, attend) if dropout else plain(model, batch)
 
     losses = fit(model.parameters(), loss_fn, opt, sched, steps, name, log_every)
@@ -258,6 +253,11 @@ def main(argv: list[str] | None = None) -> None:
     for field, mix in task_mixes(cfg["train"]):  # so is a task no mix can draw (a typo would become vqa rows)
         if unknown := sorted(set(mix) - set(known)):
             ap.error(f"{field}: unknown task {unknown[0]!r} (tasks: {', '.join(known)})")
+    try:
+        bf16 = uses_bf16(cfg["train"].get("precision", "auto"), args.device)
+    except ValueError as e:
+        ap.error(f"train.{e}")
+    print(f"[train] precision: {'bf16 autocast' if bf16 else 'float32'}", flush=True)
     out = Path(args.output_dir or cfg["output_dir"])
     torch.manual_seed(cfg["seed"])
     torch.set_num_threads(cfg["train"]["threads"])
@@ -284,19 +284,19 @@ def main(argv: list[str] | None = None) -> None:
         t = time.time()
         vision_losses = {"target": pretrain_vision(vision_tower(target), processor.image_processor, vc["steps"],
                                                    vc["batch_size"], vc["lr"], cfg["seed"], device=args.device,
-                                                   cell_head=vc.get("cell_head", False))}
+                                                   cell_head=vc.get("cell_head", False), bf16=bf16)}
         freeze_tower(target, True)
         stream = ground_truth_batches(Batcher(processor), tc["batch_size"], task_mix=tc.get("task_mix"),
                                       curriculum=tc.get("curriculum"))
         dropout = TokenDropout(tc.get("token_dropout"), cfg["seed"])
         target_losses = train_model(target, stream, tc["steps"], tc["lr"], tc["warmup"], "target",
-                                    device=args.device, dropout=dropout)
+                                    device=args.device, dropout=dropout, bf16=bf16)
         if tc.get("shallow_layers"):  # grow to the target's depth, same function, and go on with every layer
             target = grow(target.cpu(), vlm(cfg["target"]))
             freeze_tower(target, True)
             gc = tc["grown"]
             target_losses += train_model(target, stream, gc["steps"], gc["lr"], gc["warmup"], "grown",
-                                         device=args.device, dropout=dropout)
+                                         device=args.device, dropout=dropout, bf16=bf16)
         timings["target_s"] = time.time() - t
     t = time.time()
     freeze_tower(target, False)
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                    start=target_steps(tc) * tc["batch_size"],
                                                                    task_mix=tc.get("task_mix")),
                                       ft["steps"], ft["lr"], ft["warmup"], "finetune", device=args.device,
-                                      dropout=TokenDropout(tc.get("token_dropout"), cfg["seed"] + 1))
+                                      dropout=TokenDropout(tc.get("token_dropout"), cfg["seed"] + 1), bf16=bf16)
         timings["finetune_s"] = time.time() - t
     elif args.resume_target and "finetune_s" in before["timings"]:  # its own fine-tune stands: the record too
         timings["finetune_s"], finetune_losses = before["timings"]["finetune_s"], before["finetune_losses"]
@@ -317,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
                                     task_mix=ac.get("task_mix") or tc.get("task_mix"),
                                     asked_side=image_side(cfg))
         attend_losses = train_model(target, rows, ac["steps"], ac["lr"], ac["warmup"], "attend", device=args.device,
-                                    attend=attend, dropout=TokenDropout(ac.get("token_dropout"), cfg["seed"] + 2))
+                                    attend=attend, dropout=TokenDropout(ac.get("token_dropout"), cfg["seed"] + 2),
+                                    bf16=bf16)
         timings["attend_s"] = time.time() - t
     if args.resume_target and before.get("attend_losses"):  # the resumed target had supervised steps already
         timings["attend_earlier_s"] = before["timings"]["attend_s"] + before["timings"].get("attend_earlier_s", 0.0)
@@ -327,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
 
     dc = cfg["train"]["distill"]
     t = time.time()
-    distill = distillation_set(target.to(args.device), processor, dc["num_samples"], dc["batch_size"])
+    with autocast(args.device, bf16):  # the answers of the target as it is served in bf16
+        distill = distillation_set(target.to(args.device), processor, dc["num_samples"], dc["batch_size"])
     target.cpu()
     timings["distill_s"] = time.time() - t
     print(f"[distill] {len(distill)} target answers in {timings['distill_s']:.0f}s", flush=True)
@@ -343,18 +345,20 @@ def main(argv: list[str] | None = None) -> None:
         if with_image:
             vision_losses[name] = pretrain_vision(vision_tower(model), processor.image_processor, vc["steps"],
                                                   vc["batch_size"], vc["lr"], cfg["seed"], device=args.device,
-                                                  cell_head=vc.get("cell_head", False))
+                                                  cell_head=vc.get("cell_head", False), bf16=bf16)
             freeze_tower(model, True)
         drafter_losses[name] = train_model(model, cycle_batches(Batcher(processor, with_image), distill,
                                                                 fc["batch_size"], cfg["seed"]),
-                                           fc["steps"], fc["lr"], fc["warmup"], name, device=args.device)
+                                           fc["steps"], fc["lr"], fc["warmup"], name, device=args.device,
+                                           bf16=bf16)
         timings[f"{name}_s"] = time.time() - t
         save_bf16(model, out / name)
         (processor if with_image else tok).save_pretrained(out / name)
 
     timings["total_s"] = time.time() - t_start
     command = "python -m training.train " + " ".join([args.config] + [f"--set {o}" for o in args.overrides])
-    record = {"config": cfg, "timings": timings, "target_losses": target_losses, "finetune_losses": finetune_losses,
+    record = {"config": cfg, "precision": "bf16 autocast" if bf16 else "float32", "timings": timings,
+              "target_losses": target_losses, "finetune_losses": finetune_losses,
               "attend_losses": attend_losses,
               "drafter_losses": drafter_losses,
               "vision_losses": vision_losses,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from training import corpus
-from training.optim import fit
+from training.optim import autocast, fit
 
 COLORS = [None, *sorted(corpus.COLORS)]
 SHAPES = [None, *corpus.SHAPES]
@@ -83,7 +83,8 @@ def tower_grid(vision_tower) -> tuple[int, int]:
 
 
 def pretrain_vision(vision_tower, image_processor, steps: int, batch_size: int, lr: float, seed: int,
-                    log_every: int = 50, device: str = "cpu", cell_head: bool = False) -> list[float]:
+                    log_every: int = 50, device: str = "cpu", cell_head: bool = False,
+                    bf16: bool | None = None) -> list[float]:
     rng = random.Random(seed)
     config = vision_tower.config
     heads = HEADS | CELL_HEAD if cell_head else HEADS
@@ -99,7 +100,7 @@ def pretrain_vision(vision_tower, image_processor, steps: int, batch_size: int, 
     def loss_fn() -> torch.Tensor:
         scenes = [corpus.make_scene(rng) for _ in range(batch_size)]
         labels = [{k: v.to(device) for k, v in scene_labels(s).items()} for s in scenes]
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+        with autocast(device, device.startswith("cuda") if bf16 is None else bf16):
             patches = tower_features(vision_tower, image_processor, [corpus.render(s) for s in scenes], device)
             cells, word = probe(patches)
         words = torch.stack([lab["word"] for lab in labels])[:, None].expand(word.shape[:2])  # (batch, patches)
