@@ -231,7 +231,9 @@ def model_card(report: dict, training: dict | None) -> str:
              "times). Seeded. "
              if training.get("resumed_from") else
              f"Command: `{training['command']}` (seeded; `--resume-target` goes on from a trained target). ")
-            + f"Wall time on {report['machine']} (training stages; the evaluation after them not counted): "
+            + f"Wall time on {report['machine']}"
+            + (f", in {training['precision']}" if training.get("precision") else "")
+            + " (training stages; the evaluation after them not counted): "
             f"{total / 60:.1f} min in all "
             "(" + ", ".join(f"{name} {t[k] / 60:.1f} min" for name, k in stages if k in t) + "). "
             f"Final training loss: target {training['target_losses'][-1]:.4f}"
