@@ -11,8 +11,8 @@ PRECISIONS = ("auto", "bf16", "float32")
 
 def uses_bf16(precision: str, device: str) -> bool:
     """`train.precision`: bf16 autocast (float32 weights and optimiser, bf16 matrix work) or float32. `auto`: bf16
-    on a GPU and on a CPU with native bf16 (AMX or AVX512-BF16: a target step 1.45x faster than float32 on a
-    2-core EPYC); float32 on a CPU that would only emulate bf16 (there a Qwen2.5-VL step is ~20x slower)."""
+    on a GPU and on a CPU with native bf16 (AMX or AVX512-BF16: a target step 1.3-1.55x faster than float32
+    on a 2-core EPYC; the tiny drafters gain little); float32 on a CPU that would only emulate bf16 (there a Qwen2.5-VL step is ~20x slower)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "auto":
