@@ -34,9 +34,11 @@ def test_shipped_text_drafter_shares_the_tokenizer_and_generates():
     from engine.processor import load_processor
 
     tok = AutoTokenizer.from_pretrained(MODELS / "drafter-text")
-    assert tok.get_vocab() == load_processor(str(MODELS / "target")).tokenizer.get_vocab()
+    processor = load_processor(str(MODELS / "target"))
+    assert tok.get_vocab() == processor.tokenizer.get_vocab()
     model = AutoModelForCausalLM.from_pretrained(MODELS / "drafter-text").eval()
-    ids = tok("<s>USER: How many shapes are there?\nASSISTANT:", return_tensors="pt", add_special_tokens=False)
+    prompt = user_prompt(processor, "How many shapes are there?").replace(IMAGE, "")  # as it was trained
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip().startswith("There")
 
