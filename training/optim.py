@@ -12,7 +12,8 @@ PRECISIONS = ("auto", "bf16", "float32")
 def uses_bf16(precision: str, device: str) -> bool:
     """`train.precision`: bf16 autocast (float32 weights and optimiser, bf16 matrix work) or float32. `auto`: bf16
     on a GPU and on a CPU with native bf16 (AMX or AVX512-BF16: a target step 1.3-1.55x faster than float32
-    on a 2-core EPYC; the tiny drafters gain little); float32 on a CPU that would only emulate bf16 (there a Qwen2.5-VL step is ~20x slower)."""
+    on a 2-core EPYC; the tiny drafters gain little); float32 on a CPU that would only emulate bf16 (there a
+    Qwen2.5-VL step is ~20x slower)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "auto":
@@ -22,9 +23,11 @@ def uses_bf16(precision: str, device: str) -> bool:
     return precision == "bf16"
 
 
-def autocast(device: str, bf16: bool):
-    """The context a training step (or the distillation set's generation) runs in: bf16 autocast where `bf16`."""
-    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
+def autocast(device: str, bf16: bool | None = None):
+    """The context a training step (or the distillation set's generation) runs in: bf16 autocast where `bf16`
+    (None: on a GPU)."""
+    enabled = device.startswith("cuda") if bf16 is None else bf16
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=enabled)
 
 
 def fit(params: Iterable[torch.nn.Parameter], loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer,

@@ -117,7 +117,7 @@ def train_model(model, batches, steps: int, lr: float, warmup: int, name: str, l
 
     def loss_fn() -> torch.Tensor:
         batch = {k: v.to(device) for k, v in next(batches).items()}
-        with autocast(device, device.startswith("cuda") if bf16 is None else bf16):
+        with autocast(device, bf16):
             return dropout.loss(model, batch, plain, attend) if dropout else plain(model, batch)
 
     losses = fit(model.parameters(), loss_fn, opt, sched, steps, name, log_every)

@@ -100,7 +100,7 @@ def pretrain_vision(vision_tower, image_processor, steps: int, batch_size: int, 
     def loss_fn() -> torch.Tensor:
         scenes = [corpus.make_scene(rng) for _ in range(batch_size)]
         labels = [{k: v.to(device) for k, v in scene_labels(s).items()} for s in scenes]
-        with autocast(device, device.startswith("cuda") if bf16 is None else bf16):
+        with autocast(device, bf16):
             patches = tower_features(vision_tower, image_processor, [corpus.render(s) for s in scenes], device)
             cells, word = probe(patches)
         words = torch.stack([lab["word"] for lab in labels])[:, None].expand(word.shape[:2])  # (batch, patches)
