@@ -142,3 +142,21 @@ def test_the_recipe_goes_on_from_a_trained_target_through_the_attend_stage(tmp_p
     card = model_card(json.loads(Path("models/eval.json").read_text()), record)  # names every run of the chain
     assert all(f"`{c}`" in card for c in record["resumed_from"] + [record["command"]]), card
     assert all((tmp_path / name / "model.safetensors").exists() for name in ("target", "drafter-vlm", "drafter-text"))
+
+
+def test_the_recipe_can_go_on_from_a_trained_target_with_no_attend_steps(tmp_path):
+    """--resume-target with attend.steps 0 (only the drafters again, e.g. with more steps): no attend stage runs
+    (it once divided by its zero steps), the target's supervised steps and their time stay on the record."""
+    import json
+
+    from training.train import main
+
+    tiny = ["train.finetune.steps=0", "train.attend.steps=0", "train.vision.steps=2", "train.drafter.steps=2",
+            "train.drafter.batch_size=8", "train.distill.num_samples=16", "train.distill.batch_size=8"]
+    main(["configs/modelpair_qwen.yaml", "--resume-target", "models/target", "--output-dir", str(tmp_path),
+          "--skip-eval"] + [a for o in tiny for a in ("--set", o)])
+    record, before = (json.loads(p.read_text()) for p in (tmp_path / "training.json", Path("models/training.json")))
+    assert record["attend_losses"] == before["attend_losses"] and "attend_s" not in record["timings"]
+    assert record["timings"]["attend_earlier_s"] == before["timings"]["attend_s"] + before["timings"].get(
+        "attend_earlier_s", 0)
+    assert len(record["drafter_losses"]["drafter-vlm"]) >= 1
