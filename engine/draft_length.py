@@ -15,13 +15,19 @@ against what speculation saves over a row's whole answer:
     saved per row = L * (t_plain - t_spec(k*)),   t_plain = verify(0) / B,   t_spec(k) = (verify(k) + k d) / (B E(k))
 
 (L: output tokens per row, B: rows per round, E(k): tokens per row per round, d: one drafter step; all
-measured). When the drafter's prefill costs more than that, the engine stops admitting rows to the drafter and
-decodes plainly: speculation never makes a job slower than plain decoding by more than the probing. While off,
-one `generate` call in `probe_every` speculates again, so that estimates stay fresh.
+measured). L is a mean over the rows that finished, in which each row still decoding counts as long as its
+answer may still grow (max_new_tokens): the first rows to finish are the short ones, and a mean over them alone
+switched a drafter that paid off within the first rounds of a call. When the drafter's prefill costs more than
+that, the engine stops admitting rows to the drafter and decodes plainly: speculation never makes a job slower
+than plain decoding by more than the probing. While off, one `generate` call in `probe_every` speculates again,
+so that estimates stay fresh.
 """
 from __future__ import annotations
 
 from engine.estimates import Acceptance, CostLine
+
+
+ROW_WINDOW = 4096  # finished rows the output-length estimate weighs fully
 
 
 class DraftLength:
@@ -37,7 +43,10 @@ class DraftLength:
         self.rounds = 0
         self.history: list[int] = []
         self.prefill_row_s: float | None = None  # the drafter's prefill, per admitted row
-        self.row_tokens: float | None = None  # output tokens per finished row
+        self.done_rows = 0.0  # rows finished (the last ROW_WINDOW or so) and their output tokens
+        self.done_tokens = 0.0
+        self.live_rows = 0  # rows still decoding at the last count, and the most tokens they may still reach
+        self.live_limit = 0
         self.batch_rows: float | None = None  # rows per round
         self.probe_every = probe_every
         self.calls = 0
@@ -51,10 +60,22 @@ class DraftLength:
         if rows:
             self.prefill_row_s = self._avg(self.prefill_row_s, seconds / rows)
 
-    def record_finished(self, tokens: list[int]) -> None:
-        """Output tokens of rows that just finished."""
-        for t in tokens:
-            self.row_tokens = self._avg(self.row_tokens, float(t))
+    def record_finished(self, tokens: list[int], live_rows: int = 0, limit: int = 0) -> None:
+        """Output tokens of rows that just finished; `live_rows` rows still decode, each of which may reach
+        `limit` tokens."""
+        self.done_rows += len(tokens)
+        self.done_tokens += sum(tokens)
+        if self.done_rows > ROW_WINDOW:  # a long job's answers may change: older rows weigh half
+            self.done_rows, self.done_tokens = self.done_rows / 2, self.done_tokens / 2
+        self.live_rows, self.live_limit = live_rows, limit
+
+    @property
+    def row_tokens(self) -> float | None:
+        """Output tokens per row (None before a row finished): the finished rows' mean, with each live row counted
+        at its limit, so that it errs long (keeps speculating) until the long rows have finished too."""
+        if not self.done_rows:
+            return None
+        return (self.done_tokens + self.live_rows * self.live_limit) / (self.done_rows + self.live_rows)
 
     def saving_per_row(self) -> float | None:
         """Seconds that speculation at its best k saves over one row's answer, before the drafter's prefill (None

@@ -288,7 +288,8 @@ class SpecEngine:
         if all(s.finish is None for s in active):
             return
         if hasattr(policy, "record_finished"):
-            policy.record_finished([len(s.generated) for s in active if s.finish is not None])
+            policy.record_finished([len(s.generated) for s in active if s.finish is not None],
+                                   sum(s.finish is None for s in active), params.max_new_tokens)
         for s in active:
             if s.finish is not None:
                 text, _ = finish_text(self.tokenizer, s.generated, params.stop)

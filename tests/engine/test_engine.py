@@ -250,6 +250,38 @@ def test_the_cost_model_weighs_the_drafters_prefill_against_what_speculation_sav
     assert DraftLength(4).pays()  # a fixed k is the user's order
 
 
+def test_the_row_length_is_not_judged_by_the_short_rows_that_finish_first():
+    """Half a batch stops after 2 tokens, half runs to 30: while the long half decodes, each of its rows counts as
+    long as it may get (64), so a drafter that pays over the whole batch is kept; once all finished, the mean is
+    exact. (A mean over the finished rows alone, 2 tokens, switched off the shipped VLM drafter at batch 16.)"""
+    policy = DraftLength(None, max_k=8)
+    for _ in range(10):
+        k = policy.choose()
+        policy.record(k, 0.010 + 0.001 * k, 0.0005 * k, [min(k, 3)] * 16, [k] * 16, rows=16)
+    policy.record_finished([2] * 8, live_rows=8, limit=64)
+    assert policy.row_tokens == (8 * 2 + 8 * 64) / 16
+    per_token = policy.saving_per_row() / policy.row_tokens
+    policy.record_prefill(16, 16 * per_token * 10)  # pays over a 16-token row, not over a 2-token one
+    assert policy.pays()
+    policy.record_finished([30] * 8, live_rows=0, limit=64)
+    assert policy.row_tokens == 16 and policy.pays()
+    policy.record_finished([2] * 16)  # a batch of short answers after it: now it does not pay
+    assert policy.row_tokens == (16 * 16 + 16 * 2) / 32 and not policy.pays()
+
+
+def test_the_engine_tells_the_policy_how_many_rows_are_still_decoding(heldout):
+    requests, _ = heldout
+    engine = SpecEngine(EngineConfig(TARGET, DRAFTERS["vlm"], dtype="float32", max_batch_size=8))
+    seen = []
+    record = engine.policy.record_finished
+    engine.policy.record_finished = lambda tokens, live, limit: (seen.append((len(tokens), live, limit)),
+                                                                 record(tokens, live, limit))
+    engine.generate(requests[:12], GREEDY)
+    assert sum(n for n, _, _ in seen) == 12 and seen[-1][1] == 0
+    assert any(live for _, live, _ in seen) and {limit for _, _, limit in seen} == {GREEDY.max_new_tokens}
+    assert engine.policy.done_rows == 12
+
+
 def test_a_drafter_whose_prefill_cannot_pay_is_turned_off_and_the_output_stays_the_targets(heldout):
     """A drafter made slow on purpose (its prefill sleeps 0.3 s a row): within the first call the engine stops
     admitting rows to it, the next call decodes plainly from the start; after new drafter weights a call probes
