@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.resume_target and "finetune_s" in before["timings"]:  # its own fine-tune stands: the record too
         timings["finetune_s"], finetune_losses = before["timings"]["finetune_s"], before["finetune_losses"]
     attend_losses = []
-    if attend and cfg["train"]["attend"]["steps"]:  # with its own token dropout: the lookup learned on pruned prompts too
+    if attend and cfg["train"]["attend"]["steps"]:  # own token dropout: the lookup learned on pruned prompts too
         ac, t = cfg["train"]["attend"], time.time()
         rows = ground_truth_batches(Batcher(processor), ac["batch_size"], start=ATTEND_OFFSET,
                                     task_mix=ac.get("task_mix") or tc.get("task_mix"),
