@@ -321,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
                                     bf16=bf16)
         timings["attend_s"] = time.time() - t
     if args.resume_target and before.get("attend_losses"):  # the resumed target had supervised steps already
-        timings["attend_earlier_s"] = before["timings"]["attend_s"] + before["timings"].get("attend_earlier_s", 0.0)
+        earlier = before["timings"]  # a run that only retrained the drafters has earlier runs' time and no own
+        timings["attend_earlier_s"] = earlier.get("attend_s", 0.0) + earlier.get("attend_earlier_s", 0.0)
         attend_losses = before["attend_losses"] + attend_losses
     save_bf16(target, out / "target")
     processor.save_pretrained(out / "target")
