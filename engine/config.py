@@ -16,6 +16,7 @@ class Compression:
     visual_keep: float = 1.0  # fraction of image tokens the decoder sees
     visual_method: str = "attention"  # attention | diversity
     visual_merge: bool = False  # fold pruned tokens into their nearest kept token
+    visual_tower_layer: int | None = None  # prune inside a patch-merging tower, before this block (None: after it)
     apply_to: str = "target"  # target | drafter | both (a job's section; a resolved model's is moot)
 
     @property
@@ -29,7 +30,7 @@ class Compression:
         target = self if self.apply_to in ("target", "both") else none
         if drafter in SELF_DRAFTERS:
             return target, Compression(SELF_DRAFTERS[drafter], self.group_size, target.visual_keep,
-                                       target.visual_method, target.visual_merge)
+                                       target.visual_method, target.visual_merge, target.visual_tower_layer)
         return target, self if self.apply_to in ("drafter", "both") else none
 
 

@@ -129,7 +129,7 @@ class LoadedModel:
             if not self.is_vlm:
                 raise ValueError(f"compression.visual_tokens: {path} is not a vision-language model")
             self.pruner = VisualTokenPruner(self.model, config, compression.visual_keep, compression.visual_method,
-                                            compression.visual_merge)
+                                            compression.visual_merge, compression.visual_tower_layer)
 
     @torch.no_grad()
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:

@@ -12,10 +12,15 @@ positions; the text around them is untouched). Training-free, two ways to rank t
 - `diversity` (ToDRE's first stage): a greedy max-min subset of the projected image tokens under cosine
   distance: start from the token farthest from the image's mean, then repeatedly add the token farthest
   from everything kept so far. It needs nothing from the encoder, so it works for any tower.
+
+With `tower_layer` (a patch-merging tower only, `diversity` only), the tokens are chosen inside the tower,
+before that block, and the tower's later blocks run on the kept ones alone (engine/tower_pruning.py).
 """
 from __future__ import annotations
 
 import torch
+
+from engine.tower_pruning import Handles, TowerPruning
 
 METHODS = ("attention", "diversity")
 
@@ -32,7 +37,7 @@ def _encoder_layers(model) -> list | None:
 
 
 class VisualTokenPruner:
-    def __init__(self, model, config, keep: float, method: str, merge: bool = False):
+    def __init__(self, model, config, keep: float, method: str, merge: bool = False, tower_layer: int | None = None):
         if not 0 < keep <= 1:
             raise ValueError(f"compression.visual_tokens.keep: must be in (0, 1], not {keep}")
         if method not in METHODS:
@@ -41,6 +46,10 @@ class VisualTokenPruner:
         self.layer = self.tower = None
         self._captured: torch.Tensor | dict | None = None
         self._scores: list[torch.Tensor] | None = None  # a merging tower's per-image scores, once computed
+        self.in_tower: TowerPruning | None = None
+        if tower_layer is not None:
+            self.in_tower = _tower_pruning(model, config, keep, method, merge, tower_layer)
+            return
         if method == "attention":
             layers = _encoder_layers(model)
             self.tower = _merging_tower(model) if not layers else None
@@ -60,6 +69,8 @@ class VisualTokenPruner:
 
     def hook(self):
         """Install the capture of the scoring layer's attention input (attention method); returns the handle."""
+        if self.in_tower is not None:
+            return self.in_tower.hook()
         if self.layer is None:
             return None
         if self.tower is not None:
@@ -85,7 +96,7 @@ class VisualTokenPruner:
     @property
     def per_image(self) -> bool:
         """Whether images of different sizes in one batch can be ranked (each image's scores are its own)."""
-        return self.method == "diversity" or self.tower is not None
+        return self.method == "diversity" or self.tower is not None or self.in_tower is not None
 
     def select(self, image_embeds: torch.Tensor, images: list[int] | None = None) -> torch.Tensor:
         """image_embeds [images, m, hidden] (the tokens the decoder would see) -> kept indices [images, n], sorted.
@@ -94,6 +105,9 @@ class VisualTokenPruner:
         n = max(1, round(self.keep * m))
         if n >= m:
             return torch.arange(m, device=image_embeds.device).expand(b, m)
+        if self.in_tower is not None:  # chosen in the tower, which encoded only these
+            kept = self.in_tower.kept
+            return torch.stack([kept[i] for i in (images if images is not None else range(len(kept)))]).to(image_embeds.device)
         if self.method == "attention" and self.tower is not None:
             scores = self._merged_scores()
             scores = torch.stack([scores[i] for i in (images if images is not None else range(len(scores)))])
@@ -126,7 +140,7 @@ class VisualTokenPruner:
         self._captured, self._scores = captured, None
         handles = [self.tower.register_forward_pre_hook(grid, with_kwargs=True),
                    self.layer.attn.register_forward_pre_hook(attention_input, with_kwargs=True)]
-        return _Handles(handles)
+        return Handles(handles)
 
     def _merged_scores(self) -> list[torch.Tensor]:
         """Per image the tower last encoded, per token: the attention its patches receive from every patch of its
@@ -175,6 +189,21 @@ class VisualTokenPruner:
         return (total / count[..., None]).to(image_embeds.dtype)
 
 
+def _tower_pruning(model, config, keep: float, method: str, merge: bool, layer: int) -> TowerPruning:
+    tower = getattr(getattr(model, "model", model), "visual", None)
+    if tower is None or not hasattr(tower, "spatial_merge_size") or not hasattr(tower, "merger") \
+            or getattr(tower.config, "deepstack_visual_indexes", None) or not getattr(tower, "blocks", None):
+        raise ValueError(f"compression.visual_tokens.tower_layer: pruning inside the tower needs a patch-merging "
+                         f"vision tower (Qwen2-VL, Qwen2.5-VL), which {config.model_type} does not have")
+    if method != "diversity":
+        raise ValueError("compression.visual_tokens.method: pruning inside the tower ranks by diversity, not "
+                         f"{method!r}")
+    if merge:
+        raise ValueError("compression.visual_tokens.merge: the tower never encodes the tokens it prunes, so there is "
+                         "nothing to merge; with tower_layer set, merge must be false")
+    return TowerPruning(tower, keep, layer, lambda feats, n: _max_min_subset(feats.float(), n))
+
+
 def _merging_tower(model):
     """A vision tower that merges m x m patches into each token and whose last block attends over the whole image
     (Qwen2-VL, Qwen2.5-VL), or None."""
@@ -188,15 +217,6 @@ def _merging_tower(model):
     if not hasattr(blocks[-1].attn, "qkv") or getattr(tower.config, "deepstack_visual_indexes", None):
         return None
     return tower
-
-
-class _Handles:
-    def __init__(self, handles: list):
-        self.handles = handles
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def _f(t: torch.Tensor | None) -> torch.Tensor | None:

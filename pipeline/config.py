@@ -148,6 +148,9 @@ class VisualTokensConfig(Section):
     keep: float = Field(COMPRESSION.visual_keep, gt=0, le=1)  # fraction of each image's tokens the decoder sees
     method: Literal["attention", "diversity"] = COMPRESSION.visual_method  # [CLS] attention (FasterVLM) | ToDRE
     merge: bool = COMPRESSION.visual_merge  # fold each pruned token into its nearest kept token, not drop it
+    # prune inside a patch-merging vision tower (Qwen2-VL, Qwen2.5-VL) before this block, so the tower's later
+    # blocks run on the kept tokens only (diversity; a model trained with it); null: after the tower
+    tower_layer: int | None = Field(COMPRESSION.visual_tower_layer, ge=0)
 
 
 class CompressionConfig(Section):
@@ -162,6 +165,13 @@ class CompressionConfig(Section):
     def _check(self) -> "CompressionConfig":
         if self.group_size & (self.group_size - 1):
             raise ValueError(f"compression.group_size: must be a power of two, not {self.group_size}")
+        v = self.visual_tokens
+        if v.tower_layer is not None and v.method != "diversity":
+            raise ValueError("compression.visual_tokens.method: pruning inside the tower (tower_layer) ranks by "
+                             f"diversity, not {v.method}")
+        if v.tower_layer is not None and v.merge:
+            raise ValueError("compression.visual_tokens.merge: the tower never encodes the tokens it prunes "
+                             "inside it (tower_layer), so there is nothing to merge")
         return self
 
     def active(self) -> bool:
@@ -170,7 +180,8 @@ class CompressionConfig(Section):
     def to_engine(self) -> Compression:
         v = self.visual_tokens
         return Compression(weights=self.weights, group_size=self.group_size, visual_keep=v.keep,
-                           visual_method=v.method, visual_merge=v.merge, apply_to=self.apply_to)
+                           visual_method=v.method, visual_merge=v.merge, visual_tower_layer=v.tower_layer,
+                           apply_to=self.apply_to)
 
 
 class PreprocessConfig(Section):

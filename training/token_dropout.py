@@ -6,7 +6,9 @@ scatter and the model's own 3-axis M-RoPE positions (`get_rope_index`), then dro
 the language model only the kept ones, each at its original (t, h, w) position: exactly what the engine
 hands its decoder after pruning. Which tokens survive is drawn per batch: uniformly at random, or the
 engine's own ranking (`diversity`, a max-min subset of the projected tokens), at a keep fraction drawn from
-the config's list. With attention supervision (training/attention_supervision.py) the step supervises the heads
+the config's list. `tower-diversity` and `tower-random` drop them inside the vision tower instead, before block
+`tower_layer`, as the engine's in-tower pruning does (engine/tower_pruning.py): the tower's later blocks, the
+merger and the decoder all see only the kept tokens. With attention supervision (training/attention_supervision.py) the step supervises the heads
 too, onto the asked shape's tokens that were kept: the lookup is learned on pruned prompts as well.
 """
 from __future__ import annotations
@@ -15,19 +17,26 @@ import random
 
 import torch
 
+from engine.tower_pruning import TowerPruning
 from engine.visual_tokens import _max_min_subset
 from training.attention_supervision import attention_loss
 
 
+def _ranked(feats: torch.Tensor, n: int, method: str, generator: torch.Generator) -> torch.Tensor:
+    """feats [images, m, d] -> the indices of n of each image's m tokens [images, n] (random, or diversity)."""
+    b, m, _ = feats.shape
+    if method.endswith("random"):
+        return torch.stack([torch.randperm(m, generator=generator)[:n] for _ in range(b)]).to(feats.device)
+    return _max_min_subset(feats.detach().float(), n)
+
+
 def _kept_image_tokens(feats: torch.Tensor, keep: float, method: str, generator: torch.Generator) -> torch.Tensor:
     """feats [images, m, d] -> kept indices [images, n], sorted."""
-    b, m, _ = feats.shape
+    m = feats.shape[1]
     n = max(1, round(keep * m))
-    if method == "random":
-        kept = torch.stack([torch.randperm(m, generator=generator)[:n] for _ in range(b)])
-    else:
-        kept = _max_min_subset(feats.detach().float(), n)
-    return kept.sort(-1).values
+    if n >= m:
+        return torch.arange(m, device=feats.device).expand(feats.shape[0], m)
+    return _ranked(feats, n, method, generator).sort(-1).values
 
 
 def kept_asked(asked: torch.Tensor, kept: torch.Tensor, m: int) -> torch.Tensor:
@@ -40,21 +49,33 @@ def kept_asked(asked: torch.Tensor, kept: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def dropout_loss(model, batch: dict, keep: float, method: str, generator: torch.Generator,
-                 attend=None) -> torch.Tensor:
+                 attend=None, tower_layer: int = 1) -> torch.Tensor:
     """The causal-LM loss of a Qwen2.5-VL batch (one image per row) with only `keep` of each image's tokens;
-    with `attend` (an AttentionSupervision) and the batch's `asked`, plus its attention loss on the kept tokens."""
+    with `attend` (an AttentionSupervision) and the batch's `asked`, plus its attention loss on the kept tokens.
+    A `tower-` method drops them inside the vision tower, before block `tower_layer`."""
     inner = model.model
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     grid = batch["image_grid_thw"]
     embeds = inner.get_input_embeddings()(ids)
-    feats = torch.cat(inner.get_image_features(batch["pixel_values"], grid).pooler_output).to(embeds.dtype)
+    in_tower = None
+    if method.startswith("tower-"):
+        in_tower = TowerPruning(inner.visual, keep, tower_layer, lambda f, n: _ranked(f, n, method, generator))
+    handle = in_tower.hook() if in_tower else None
+    try:
+        feats = torch.cat(inner.get_image_features(batch["pixel_values"], grid).pooler_output).to(embeds.dtype)
+    finally:
+        if handle:
+            handle.remove()
     is_image = ids == model.config.image_token_id
     embeds = embeds.masked_scatter(is_image[..., None].expand_as(embeds), feats)
     positions, _ = inner.get_rope_index(ids, mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=grid,
                                         attention_mask=mask)  # [3, b, t]
     b, t = ids.shape
     m = int(is_image[0].sum())
-    kept = _kept_image_tokens(feats.view(b, m, -1), keep, method, generator)  # [b, n]
+    if in_tower:  # the tower chose them (its output is zero at the others)
+        kept = torch.stack(in_tower.kept).to(ids.device)
+    else:
+        kept = _kept_image_tokens(feats.view(b, m, -1), keep, method, generator)  # [b, n]
     # each row: its text tokens, and its kept image tokens in their place (every row has one image of m tokens)
     image_cols = is_image.nonzero()[:, 1].view(b, m)
     keep_mask = ~is_image
@@ -75,6 +96,9 @@ def dropout_loss(model, batch: dict, keep: float, method: str, generator: torch.
     return loss
 
 
+METHODS = ("random", "diversity", "tower-random", "tower-diversity")
+
+
 class TokenDropout:
     """The per-batch draw: with probability `p`, a keep fraction from `keep` and a method from `methods`."""
 
@@ -83,6 +107,9 @@ class TokenDropout:
         self.p = float(spec.get("p", 0.0))
         self.keep = list(spec.get("keep", [0.25, 0.5, 0.75]))
         self.methods = list(spec.get("methods", ["random", "diversity"]))
+        if unknown := sorted(set(self.methods) - set(METHODS)):
+            raise ValueError(f"token_dropout.methods: unknown {unknown[0]!r} (methods: {', '.join(METHODS)})")
+        self.tower_layer = int(spec.get("tower_layer", 1))  # the block before which tower- methods drop tokens
         self.rng = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -90,5 +117,5 @@ class TokenDropout:
         """The batch's loss with dropout drawn (supervised by `attend` when given), else `plain(model, batch)`."""
         if self.p > 0 and "image_grid_thw" in batch and self.rng.random() < self.p:
             return dropout_loss(model, batch, self.rng.choice(self.keep), self.rng.choice(self.methods),
-                                self.generator, attend)
+                                self.generator, attend, self.tower_layer)
         return plain(model, batch)

@@ -129,13 +129,16 @@ def test_qwen2_5_vl_with_a_prefix_vocabulary_or_a_vlm_drafter_is_exact(drafter, 
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("method", ["diversity", "attention"])
-def test_pruned_image_tokens_keep_their_three_axis_positions(tmp_path_factory, method):
+@pytest.mark.parametrize("name,method,tower_layer", [("qwen2_5_vl", "diversity", None),
+                                                     ("qwen2_5_vl", "attention", None),
+                                                     ("qwen2_5_vl", "diversity", 1), ("qwen2_vl", "diversity", 0)])
+def test_pruned_image_tokens_keep_their_three_axis_positions(tmp_path_factory, name, method, tower_layer):
     """Visual-token pruning under M-RoPE: the kept tokens are decoded at their own (t, h, w) positions and the
     text after them at the unpruned prompt's. The engine's prefill logits equal the HF language model's over the
-    same kept embeddings at those positions; and speculation over the pruned prompt stays lossless."""
-    f = family("qwen2_5_vl", tmp_path_factory)
-    pruning = Compression(visual_keep=0.5, visual_method=method)
+    same kept embeddings at those positions; and speculation over the pruned prompt stays lossless. Pruned
+    inside the tower (tower_layer), the kept embeddings are the tower's own output for the kept tokens."""
+    f = family(name, tmp_path_factory)
+    pruning = Compression(visual_keep=0.5, visual_method=method, visual_tower_layer=tower_layer)
     engine = SpecEngine(EngineConfig(f["path"], None, dtype="float32", compression=pruning))
     target, r = engine.target, f["requests"][0]
     full = target.model.model.get_rope_index(torch.tensor([r.input_ids]),
@@ -154,6 +157,21 @@ def test_pruned_image_tokens_keep_their_three_axis_positions(tmp_path_factory, m
     hf = AutoLanguageModel(f["path"])
     want = hf(pe.embeds[:, :n], kept.T[:, None, :])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if tower_layer is not None:  # the image embeddings the decoder got: the tower's, run on the kept tokens
+        from engine.request import stack_arrays
+
+        inputs = stack_arrays([r.model_inputs], torch.float32, "cpu", len(r.input_ids))
+        handle = target.pruner.hook()
+        try:
+            feats = target.model.model.get_image_features(inputs["pixel_values"],
+                                                          inputs["image_grid_thw"]).pooler_output[0]
+        finally:
+            handle.remove()
+        image = [tuple(p) for p in full[torch.tensor(r.input_ids) == target.image_token_id].tolist()]
+        at = [image.index(tuple(p)) for p in kept.tolist() if tuple(p) in image]
+        assert len(at) == round(0.5 * len(image)) and feats[[i for i in range(len(image)) if i not in at]].abs().sum() == 0
+        image_rows = [i for i, p in enumerate(kept.tolist()) if tuple(p) in image]
+        torch.testing.assert_close(pe.embeds[0, image_rows], feats[at], rtol=1e-5, atol=1e-5)
     pruned = engine.generate(f["requests"][:7], PARAMS)
     engine = SpecEngine(EngineConfig(f["path"], "ngram", dtype="float32", compression=pruning))
     assert [r.token_ids for r in engine.generate(f["requests"][:7], PARAMS)] == [r.token_ids for r in pruned]

@@ -28,6 +28,11 @@ def test_defaults_fill_the_prompt_from_the_task_kind():
     ({**BASE, "decoding": {"max_batch_size": 0}}, "decoding.max_batch_size"),
     ({**BASE, "decoding": {"dtype": "int3"}}, "decoding.dtype"),
     ({"input": {"paths": ["a"]}, "output": {"path": "o"}}, "model"),
+    ({**BASE, "compression": {"visual_tokens": {"keep": 0.5, "tower_layer": -1}}},
+     "compression.visual_tokens.tower_layer"),
+    ({**BASE, "compression": {"visual_tokens": {"keep": 0.5, "tower_layer": 1}}}, "compression.visual_tokens.method"),
+    ({**BASE, "compression": {"visual_tokens": {"keep": 0.5, "tower_layer": 1, "method": "diversity", "merge": True}}},
+     "compression.visual_tokens.merge"),
 ])
 def test_bad_config_names_the_field_in_one_line(raw, field):
     with pytest.raises(ConfigError) as err:

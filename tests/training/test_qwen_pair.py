@@ -15,6 +15,7 @@ from engine.request import Request, SamplingParams
 from training import corpus
 from training.modelpair import build_qwen_processor, build_qwen_text_lm, build_qwen_vlm, user_prompt
 from training.tokenizer import IMAGE, chat_template, train_tokenizer
+from training.token_dropout import TokenDropout
 from training.train import Batcher, ground_truth_batches, train_model
 
 SPEC = {"vision": {"depth": 2, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64},
@@ -115,7 +116,7 @@ def test_the_qwen_tower_pretrains_on_scene_labels():
 
 def test_token_dropout_trains_on_the_kept_tokens_at_their_own_positions(pair):
     """At keep 1.0 the dropout step is the model's own loss; at 0.5 it sees fewer tokens (a different loss) and
-    its gradient reaches the merger and the decoder."""
+    its gradient reaches the merger and the decoder; dropped inside the tower, the tower's blocks too."""
     from transformers import AutoModelForImageTextToText
 
     from engine.processor import load_processor
@@ -125,15 +126,22 @@ def test_token_dropout_trains_on_the_kept_tokens_at_their_own_positions(pair):
     model = AutoModelForImageTextToText.from_pretrained(path / "target", dtype=torch.float32)
     batch = next(ground_truth_batches(Batcher(load_processor(str(path / "target"))), 4))
     g = torch.Generator().manual_seed(0)
+    methods = ("random", "diversity", "tower-random", "tower-diversity")
     with torch.no_grad():
         full = model(**batch).loss
-        assert torch.allclose(dropout_loss(model, batch, 1.0, "random", g), full, atol=1e-5)
-        halves = [dropout_loss(model, batch, 0.5, m, g) for m in ("random", "diversity")]
+        for method in methods:
+            assert torch.allclose(dropout_loss(model, batch, 1.0, method, g), full, atol=1e-5)
+        halves = [dropout_loss(model, batch, 0.5, m, g) for m in methods]
     assert all(abs(h - full) > 1e-4 for h in halves), (full, halves)
     loss = dropout_loss(model, batch, 0.5, "random", g)
     loss.backward()
     assert model.model.visual.merger.mlp[0].weight.grad.abs().sum() > 0
     assert model.lm_head.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    dropout_loss(model, batch, 0.5, "tower-random", g, tower_layer=1).backward()
+    assert model.model.visual.blocks[0].mlp.down_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="^token_dropout.methods: unknown 'tower'"):
+        TokenDropout({"methods": ["random", "tower"]}, 0)
 
 
 def test_a_supervised_dropout_step_is_the_supervised_loss_at_keep_1_and_supervises_the_kept_asked_tokens(pair):

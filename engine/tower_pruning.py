@@ -1,0 +1,125 @@
+"""Visual-token pruning inside a patch-merging vision tower (Qwen2-VL, Qwen2.5-VL): from block `layer` on, the
+tower runs on the kept tokens' patches only, so pruning saves the tower's work as well as the decoder's.
+
+Pruning after the merger (engine/visual_tokens.py) leaves the tower to encode every patch, and in a small VLM
+the tower is half of prefill. Here the tower's own forward runs with four hooks:
+- on the tower: the image grid, hence each image's tokens in the tower's (window) order and its windows;
+- before block `layer`: each image's tokens (an m x m group of patches each, contiguous) are ranked on the
+  hidden states there (layer 0: the patch embeddings), the kept ones' patches go on, and the block is handed
+  their rotary embeddings and the attention segments (whole image, or windows) recounted over them;
+- before every later block: the same segments and rotary embeddings;
+- after the merger: the kept tokens' features are scattered back into a full-size output (zeros where pruned),
+  so that the model's own code (window order undone, placeholder scatter, M-RoPE positions) runs unchanged, and
+  the engine drops the pruned placeholders as it drops any pruned token: kept tokens keep their positions.
+
+A model sees a different tower output than without pruning (its attention saw fewer patches), so it is for
+a model trained with it (training/token_dropout.py drops tokens the same way); at keep 1.0 nothing changes.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Ranking = Callable[[torch.Tensor, int], torch.Tensor]  # features [images, m, d], n -> kept indices [images, n]
+
+
+class TowerPruning:
+    def __init__(self, tower, keep: float, layer: int, rank: Ranking):
+        if not 0 <= layer < len(tower.blocks):
+            raise ValueError(f"compression.visual_tokens.tower_layer: the vision tower has blocks 0..{len(tower.blocks) - 1}, "
+                             f"not {layer}")
+        self.tower, self.keep, self.layer, self.rank = tower, keep, layer, rank
+        self.unit = tower.spatial_merge_size ** 2
+        full = getattr(tower, "fullatt_block_indexes", None)
+        self.full_blocks = set(range(len(tower.blocks)) if full is None else full)  # Qwen2-VL: no windows
+        self.kept: list[torch.Tensor] | None = None  # per image: kept token indices, row-major, sorted
+        self._state: dict = {}
+
+    def hook(self):
+        """Install the hooks for one forward of the tower; returns a handle whose remove() takes them out."""
+        handles = [self.tower.register_forward_pre_hook(self._start, with_kwargs=True),
+                   self.tower.merger.register_forward_hook(self._scatter)]
+        for i, block in enumerate(self.tower.blocks[self.layer:], self.layer):
+            handles.append(block.register_forward_pre_hook(self._block_hook(i), with_kwargs=True))
+        return Handles(handles)
+
+    def _start(self, _module, args, kwargs):
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        sizes = [int(t * h * w) // self.unit for t, h, w in grid.tolist()]  # tokens per image
+        if hasattr(self.tower, "window_size"):
+            from transformers.vision_utils import get_vision_window_index
+
+            order, windows = get_vision_window_index(grid, self.tower.spatial_merge_size, self.tower.window_size,
+                                                     self.tower.patch_size)
+            windows = (windows // self.unit).tolist()
+        else:
+            order, windows = torch.arange(sum(sizes)), None
+        self.kept = None
+        self._state = {"sizes": sizes, "order": order.to(grid.device), "windows": windows}
+
+    def _select(self, hidden: torch.Tensor) -> None:
+        """Rank each image's tokens on `hidden` [patches, d] (window order) and work out what the blocks run on."""
+        s = self._state
+        tokens = hidden.detach().reshape(-1, self.unit * hidden.shape[-1])  # one row per token, its patches side by side
+        starts = torch.tensor([0, *s["sizes"]]).cumsum(0).tolist()
+        kept, counts = [], []
+        by_size: dict[int, list[int]] = {}
+        for i, m in enumerate(s["sizes"]):
+            by_size.setdefault(m, []).append(i)
+        chosen: dict[int, torch.Tensor] = {}
+        for m, images in by_size.items():
+            n = max(1, round(self.keep * m))
+            feats = torch.stack([tokens[starts[i]:starts[i] + m] for i in images])
+            picked = self.rank(feats, n) if n < m else torch.arange(m, device=hidden.device).expand(len(images), m)
+            for i, p in zip(images, picked.sort(-1).values):
+                chosen[i] = p
+        for i in range(len(s["sizes"])):
+            kept.append(chosen[i] + starts[i])
+            counts.append(len(chosen[i]))
+        kept_tokens = torch.cat(kept)  # window-order token indices, ascending
+        s["tokens"] = kept_tokens
+        s["patches"] = (kept_tokens[:, None] * self.unit + torch.arange(self.unit, device=hidden.device)).flatten()
+        s["full"] = self._segments(counts)
+        if s["windows"] is not None:
+            marks = torch.zeros(starts[-1], dtype=torch.long)
+            marks[kept_tokens.cpu()] = 1
+            per_window = [int(marks[a:z].sum()) for a, z in zip(s["windows"][:-1], s["windows"][1:])]
+            s["window"] = self._segments([c for c in per_window if c])
+        else:
+            s["window"] = s["full"]
+        # per image, the kept tokens in row-major order (what the merger's output is put back into)
+        order = s["order"][kept_tokens]
+        self.kept = [(o - starts[i]).sort().values for i, o in enumerate(order.split(counts))]
+
+    def _segments(self, counts: list[int]) -> tuple[torch.Tensor, int]:
+        lengths = torch.tensor(counts, dtype=torch.int32) * self.unit
+        cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        return cu.to(self._state["order"].device), int(lengths.max())
+
+    def _block_hook(self, index: int):
+        def pre(_module, args, kwargs):
+            s = self._state
+            hidden = kwargs.pop("hidden_states", None) if not args else args[0]
+            if index == self.layer:
+                self._select(hidden)
+                hidden = hidden[s["patches"]]
+                s["rotary"] = tuple(x[s["patches"]] for x in kwargs["position_embeddings"])
+            cu, longest = s["full"] if index in self.full_blocks else s["window"]
+            kwargs = dict(kwargs, cu_seqlens=cu, max_seqlen=longest, position_embeddings=s["rotary"])
+            return (hidden, *args[1:]), kwargs
+        return pre
+
+    def _scatter(self, _module, _args, out: torch.Tensor) -> torch.Tensor:
+        tokens = self._state["tokens"]
+        full = out.new_zeros(sum(self._state["sizes"]), out.shape[-1])
+        return full.index_copy(0, tokens, out)
+
+
+class Handles:
+    def __init__(self, handles: list):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
