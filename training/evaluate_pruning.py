@@ -3,8 +3,10 @@
 For each ranking method the engine offers on the target's vision tower (engine/visual_tokens.py) and each keep
 fraction, the held-out rows run through `SpecEngine` (float32, greedy, no drafter) with
 `compression.visual_keep/visual_method`; per task, the share of exact answers; and the prefill time of every
-row (vision tower, merger, pruning, decoder over the prompt; best of two passes) as a speed ratio against keep
-1.0 in the same run. A method the tower does not support is recorded with the engine's own reason.
+row (vision tower, merger, pruning, decoder over the prompt; every setting timed in turn, three rounds, the
+median) as a speed ratio against keep 1.0 in the same run. `tower-diversity` prunes inside the vision tower (engine/tower_pruning.py) before the block
+the target's recipe dropped tokens at. A method the tower does not support is recorded with the engine's own
+reason.
 """
 from __future__ import annotations
 
@@ -19,12 +21,12 @@ KEEPS = (1.0, 0.75, 0.5, 0.25)
 
 
 @torch.inference_mode()
-def prefill_seconds(engine, requests, batch: int, sync=lambda: None) -> float:
+def prefill_seconds(engine, requests, batch: int, sync=lambda: None, passes: int = 2) -> float:
     """Seconds to prefill every row in batches of `batch` (tower, projector, pruning, decoder; the first token's
-    logits), as the engine admits a full batch: the best of two passes."""
+    logits), as the engine admits a full batch: the best of `passes` passes."""
     best = float("inf")
     model = engine.target
-    for _ in range(2):
+    for _ in range(passes):
         sync()
         t = time.perf_counter()
         for i in range(0, len(requests), batch):
@@ -39,8 +41,28 @@ def prefill_seconds(engine, requests, batch: int, sync=lambda: None) -> float:
     return best
 
 
+TOWER_METHOD = "tower-diversity"  # diversity ranking inside the tower, before block `tower_layer`
+
+
+def tower_layer_of(model_dir: Path) -> int:
+    """The tower block before which the target learned to lose tokens (its recipe's token dropout), else 1."""
+    import json
+
+    record = model_dir / "training.json"
+    train = json.loads(record.read_text())["config"]["train"] if record.exists() else {}
+    for stage in ("attend", "target"):
+        layer = ((train.get(stage) or {}).get("token_dropout") or {}).get("tower_layer")
+        if layer is not None:
+            return int(layer)
+    return 1
+
+
 def pruning_sweep(model_dir: Path, per_task: int, seed: int, batch: int = 32,
-                  methods: tuple[str, ...] = ("attention", "diversity")) -> dict:
+                  methods: tuple[str, ...] = ("attention", "diversity", TOWER_METHOD), repeats: int = 3) -> dict:
+    """Accuracy per task at each keep fraction and method; prefill time of each setting measured `repeats`
+    times, interleaved with keep 1.0's (one pass each, in turn), as the median's ratio to keep 1.0's median."""
+    import statistics
+
     from engine.config import Compression, EngineConfig
     from engine.engine import SpecEngine
     from engine.request import SamplingParams
@@ -55,21 +77,27 @@ def pruning_sweep(model_dir: Path, per_task: int, seed: int, batch: int = 32,
         answers += [corpus.sample(seed, i, task).answer for i in range(per_task)]
         tasks += [task] * per_task
     params = SamplingParams(max_new_tokens=64)
+    layer = tower_layer_of(model_dir)
+    engines = {}
 
     def run(keep: float, method: str) -> dict:
+        tower = method == TOWER_METHOD
+        compression = Compression(visual_keep=keep, visual_method="diversity" if tower else method,
+                                  visual_tower_layer=layer if tower else None)
         config = EngineConfig(str(model_dir / "target"), None, dtype="float32", max_batch_size=batch,
-                              parity_check=False, compression=Compression(visual_keep=keep, visual_method=method))
+                              parity_check=False, compression=compression)
         try:
             engine = SpecEngine(config, device="cpu")
         except ValueError as err:
             return {"unsupported": str(err)}
+        engines[(method, keep)] = engine
         out = engine.generate(requests, params)
         right = [r.text.strip() == a for r, a in zip(out, answers)]
-        return {"accuracy": {t: sum(ok for ok, tt in zip(right, tasks) if tt == t) / per_task for t in corpus.TASKS},
-                "prefill_s": prefill_seconds(engine, requests, batch)}
+        return {"accuracy": {t: sum(ok for ok, tt in zip(right, tasks) if tt == t) / per_task for t in corpus.TASKS}}
 
-    full = run(1.0, methods[-1])
-    sweep: dict = {"per_task": per_task, "seed": seed, "batch": batch, "keep_1.0": full, "methods": {}}
+    full = run(1.0, "diversity")
+    sweep: dict = {"per_task": per_task, "seed": seed, "batch": batch, "repeats": repeats, "tower_layer": layer,
+                   "keep_1.0": full, "methods": {}}
     for method in methods:
         rows = {}
         for keep in KEEPS[1:]:
@@ -77,10 +105,18 @@ def pruning_sweep(model_dir: Path, per_task: int, seed: int, batch: int = 32,
             if "unsupported" in r:
                 rows = r
                 break
-            r["prefill_speedup"] = full["prefill_s"] / r["prefill_s"]
-            r["points_lost"] = {t: 100 * (full["accuracy"][t] - r["accuracy"][t]) for t in corpus.TASKS}
             rows[str(keep)] = r
         sweep["methods"][method] = rows
+    times: dict = {key: [] for key in engines}
+    for _ in range(repeats):  # interleaved: this shared machine's speed drifts from minute to minute
+        for key, engine in engines.items():
+            times[key].append(prefill_seconds(engine, requests, batch, passes=1))
+    full["prefill_s"] = statistics.median(times[("diversity", 1.0)])
+    for method, rows in sweep["methods"].items():
+        for keep, r in rows.items() if "unsupported" not in rows else ():
+            r["prefill_s"] = statistics.median(times[(method, float(keep))])
+            r["prefill_speedup"] = full["prefill_s"] / r["prefill_s"]
+            r["points_lost"] = {t: 100 * (full["accuracy"][t] - r["accuracy"][t]) for t in corpus.TASKS}
     return sweep
 
 
@@ -94,7 +130,8 @@ def card_lines(sweep: dict) -> list[str]:
         if "unsupported" in rows:
             lines.append(f"| {method} | - | unsupported by this tower: {rows['unsupported']} |")
             continue
+        name = f"diversity, in the tower from block {sweep.get('tower_layer', 1)}" if method == TOWER_METHOD else method
         for keep, r in rows.items():
             cells = [f"{r['accuracy'][t]:.1%} ({-r['points_lost'][t]:+.1f})" for t in corpus.TASKS]
-            lines.append(f"| {method} | {keep} | " + " | ".join(cells) + f" | {r['prefill_speedup']:.2f}x |")
+            lines.append(f"| {name} | {keep} | " + " | ".join(cells) + f" | {r['prefill_speedup']:.2f}x |")
     return lines
