@@ -50,6 +50,11 @@ SETTINGS = {  # name -> (drafter, compression section)
     "prune-diversity-0.25-merge": (None, {"visual_keep": 0.25, "visual_method": "diversity", "visual_merge": True}),
     "int8+prune-diversity-0.5-merge": (None, {"weights": "int8", "visual_keep": 0.5, "visual_method": "diversity",
                                              "visual_merge": True}),
+    # inside the tower, from block 1 (the shipped target's recipe drops tokens there): the tower's work shrinks too
+    "prune-tower-0.75": (None, {"visual_keep": 0.75, "visual_method": "diversity", "visual_tower_layer": 1}),
+    "prune-tower-0.5": (None, {"visual_keep": 0.5, "visual_method": "diversity", "visual_tower_layer": 1}),
+    "int8+prune-tower-0.5": (None, {"weights": "int8", "visual_keep": 0.5, "visual_method": "diversity",
+                                    "visual_tower_layer": 1}),
     "self-int8": ("self-int8", {}),
     "self-int4": ("self-int4", {}),
     "drafter-vlm (shipped pair)": (str(ROOT / "models/drafter-vlm"), {}),

@@ -150,7 +150,9 @@ def _details(m: dict, output_dir: str) -> str:
             weights += f", applied to {c['apply_to']}"
         vt = c.get("visual_tokens") or {}
         keep = vt.get("keep", 1.0)
-        visual = f"keep {keep:.0%}" + (f" ({vt.get('method')}{', merged' if vt.get('merge') else ''})" if keep < 1 else "")
+        where = f", in the tower from block {vt['tower_layer']}" if vt.get("tower_layer") is not None else ""
+        visual = f"keep {keep:.0%}" + (f" ({vt.get('method')}{', merged' if vt.get('merge') else ''}{where})"
+                                       if keep < 1 else "")
         rows += [("weights", weights), ("visual tokens", visual), ("self-speculation", c.get("self_speculation") or "no")]
         ev = c.get("evaluation")
         if ev and ev.get("rows"):
