@@ -50,42 +50,37 @@ class TowerPruning:
         if hasattr(self.tower, "window_size"):
             from transformers.vision_utils import get_vision_window_index
 
-            order, windows = get_vision_window_index(grid, self.tower.spatial_merge_size, self.tower.window_size,
-                                                     self.tower.patch_size)
-            windows = (windows // self.unit).tolist()
+            order, cu = get_vision_window_index(grid, self.tower.spatial_merge_size, self.tower.window_size,
+                                                self.tower.patch_size)
+            window_of = torch.repeat_interleave(torch.arange(len(cu) - 1), (cu // self.unit).diff().cpu())
         else:
-            order, windows = torch.arange(sum(sizes)), None
+            order, window_of = torch.arange(sum(sizes)), None
         self.kept = None
-        self._state = {"sizes": sizes, "order": order.to(grid.device), "windows": windows}
+        self._state = {"sizes": sizes, "order": order.to(grid.device), "window_of": window_of}
 
     def _select(self, hidden: torch.Tensor) -> None:
         """Rank each image's tokens on `hidden` [patches, d] (window order) and work out what the blocks run on."""
         s = self._state
         tokens = hidden.detach().reshape(-1, self.unit * hidden.shape[-1])  # one row per token, its patches side by side
         starts = torch.tensor([0, *s["sizes"]]).cumsum(0).tolist()
-        kept, counts = [], []
         by_size: dict[int, list[int]] = {}
         for i, m in enumerate(s["sizes"]):
             by_size.setdefault(m, []).append(i)
-        chosen: dict[int, torch.Tensor] = {}
-        for m, images in by_size.items():
+        chosen: list = [None] * len(s["sizes"])  # per image: kept token indices in window order, from its start
+        for m, images in by_size.items():  # images of one size are ranked together
             n = max(1, round(self.keep * m))
             feats = torch.stack([tokens[starts[i]:starts[i] + m] for i in images])
             picked = self.rank(feats, n) if n < m else torch.arange(m, device=hidden.device).expand(len(images), m)
             for i, p in zip(images, picked.sort(-1).values):
-                chosen[i] = p
-        for i in range(len(s["sizes"])):
-            kept.append(chosen[i] + starts[i])
-            counts.append(len(chosen[i]))
-        kept_tokens = torch.cat(kept)  # window-order token indices, ascending
+                chosen[i] = p + starts[i]
+        counts = [len(c) for c in chosen]
+        kept_tokens = torch.cat(chosen)  # window-order token indices, ascending
         s["tokens"] = kept_tokens
         s["patches"] = (kept_tokens[:, None] * self.unit + torch.arange(self.unit, device=hidden.device)).flatten()
         s["full"] = self._segments(counts)
-        if s["windows"] is not None:
-            marks = torch.zeros(starts[-1], dtype=torch.long)
-            marks[kept_tokens.cpu()] = 1
-            per_window = [int(marks[a:z].sum()) for a, z in zip(s["windows"][:-1], s["windows"][1:])]
-            s["window"] = self._segments([c for c in per_window if c])
+        if s["window_of"] is not None:  # kept tokens per window, windows left empty dropped
+            per_window = torch.bincount(s["window_of"][kept_tokens.cpu()], minlength=int(s["window_of"][-1]) + 1)
+            s["window"] = self._segments(per_window[per_window > 0].tolist())
         else:
             s["window"] = s["full"]
         # per image, the kept tokens in row-major order (what the merger's output is put back into)
