@@ -14,7 +14,7 @@ class Compression:
     weights: str = "none"  # none | int8 | int4 (weight-only, the decoder's linears)
     group_size: int = 64  # int4: input channels per scale and zero
     visual_keep: float = 1.0  # fraction of image tokens the decoder sees
-    visual_method: str = "attention"  # attention | diversity
+    visual_method: str = "attention"  # attention | diversity | spread (inside the tower)
     visual_merge: bool = False  # fold pruned tokens into their nearest kept token
     visual_tower_layer: int | None = None  # prune inside a patch-merging tower, before this block (None: after it)
     apply_to: str = "target"  # target | drafter | both (a job's section; a resolved model's is moot)

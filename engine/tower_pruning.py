@@ -21,7 +21,9 @@ from typing import Callable
 
 import torch
 
-Ranking = Callable[[torch.Tensor, int], torch.Tensor]  # features [images, m, d], n -> kept indices [images, n]
+# features [images, m, d], n, places [images, m, 3] (each token's frame, row, column on the image's token grid,
+# over the grid's longer side) -> kept indices [images, n]
+Ranking = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 
 
 class TowerPruning:
@@ -56,7 +58,20 @@ class TowerPruning:
         else:
             order, window_of = torch.arange(sum(sizes)), None
         self.kept = None
-        self._state = {"sizes": sizes, "order": order.to(grid.device), "window_of": window_of}
+        self._state = {"sizes": sizes, "order": order.to(grid.device), "window_of": window_of,
+                       "places": self._places(grid, sizes, order)}
+
+    def _places(self, grid: torch.Tensor, sizes: list[int], order: torch.Tensor) -> list[torch.Tensor]:
+        """Per image, each token's (frame, row, column) in the tower's order, over the token grid's longer side."""
+        m = self.tower.spatial_merge_size
+        places, start = [], 0
+        for (t, h, w), size in zip(grid.tolist(), sizes):
+            h, w = h // m, w // m
+            r = order[start:start + size].cpu() - start  # row-major index of each token, in the tower's order
+            frame, cell = r // (h * w), r % (h * w)
+            places.append(torch.stack([frame, cell // w, cell % w], -1).float() / max(h - 1, w - 1, 1))
+            start += size
+        return places
 
     def _select(self, hidden: torch.Tensor) -> None:
         """Rank each image's tokens on `hidden` [patches, d] (window order) and work out what the blocks run on."""
@@ -70,7 +85,8 @@ class TowerPruning:
         for m, images in by_size.items():  # images of one size are ranked together
             n = max(1, round(self.keep * m))
             feats = torch.stack([tokens[starts[i]:starts[i] + m] for i in images])
-            picked = self.rank(feats, n) if n < m else torch.arange(m, device=hidden.device).expand(len(images), m)
+            places = torch.stack([s["places"][i] for i in images]).to(hidden.device)
+            picked = self.rank(feats, n, places) if n < m else torch.arange(m, device=hidden.device).expand(len(images), m)
             for i, p in zip(images, picked.sort(-1).values):
                 chosen[i] = p + starts[i]
         counts = [len(c) for c in chosen]

@@ -14,8 +14,13 @@ positions; the text around them is untouched). Training-free, two ways to rank t
   distance: start from the token farthest from the image's mean, then repeatedly add the token farthest
   from everything kept so far. It needs nothing from the encoder, so it works for any tower.
 
-With `tower_layer` (a patch-merging tower only, `diversity` only), the tokens are chosen inside the tower,
+With `tower_layer` (a patch-merging tower only; `diversity` or `spread`), the tokens are chosen inside the tower,
 before that block, and the tower's later blocks run on the kept ones alone (engine/tower_pruning.py).
+- `spread` (inside the tower only, where each token's place on the image grid is known): `diversity` under
+  cosine distance plus the two tokens' distance on the grid (as a fraction of the image's longer side), so the
+  kept tokens cover the image. Plain diversity keeps one token of a uniform region and drops its twins, and the
+  decoder no longer sees how far a large shape reaches: on the shipped pair, keeping half the tokens inside the
+  tower, captions went from 84% (diversity) to 98% (spread) right, against 100% on every token (models/README.md).
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ import torch
 
 from engine.tower_pruning import Handles, TowerPruning
 
-METHODS = ("attention", "diversity")
+METHODS = ("attention", "diversity", "spread")
+SPREAD_WEIGHT = 1.0  # grid distance against cosine distance; 0.3 and 3.0 kept 96% of captions, 1.0 98%
 
 
 def _encoder_layers(model) -> list | None:
@@ -51,6 +57,9 @@ class VisualTokenPruner:
         if tower_layer is not None:
             self.in_tower = _tower_pruning(model, config, keep, method, merge, tower_layer)
             return
+        if method == "spread":
+            raise ValueError("compression.visual_tokens.method: spread ranks tokens inside the vision tower, where their "
+                             "places on the image are known; set tower_layer (a patch-merging tower), or use diversity")
         if method == "attention":
             layers = _encoder_layers(model)
             self.tower = _merging_tower(model) if not layers else None
@@ -199,13 +208,15 @@ def _tower_pruning(model, config, keep: float, method: str, merge: bool, layer: 
             or getattr(tower.config, "deepstack_visual_indexes", None) or not getattr(tower, "blocks", None):
         raise ValueError(f"compression.visual_tokens.tower_layer: pruning inside the tower needs a patch-merging "
                          f"vision tower (Qwen2-VL, Qwen2.5-VL), which {config.model_type} does not have")
-    if method != "diversity":
-        raise ValueError("compression.visual_tokens.method: pruning inside the tower ranks by diversity, not "
-                         f"{method!r}")
+    if method not in ("diversity", "spread"):
+        raise ValueError("compression.visual_tokens.method: pruning inside the tower ranks by diversity or spread, "
+                         f"not {method!r}")
     if merge:
         raise ValueError("compression.visual_tokens.merge: the tower never encodes the tokens it prunes, so there is "
                          "nothing to merge; with tower_layer set, merge must be false")
-    return TowerPruning(tower, keep, layer, lambda feats, n: _max_min_subset(feats.float(), n))
+    weight = SPREAD_WEIGHT if method == "spread" else 0.0
+    return TowerPruning(tower, keep, layer,
+                        lambda feats, n, places: _max_min_subset(feats.float(), n, places if weight else None, weight))
 
 
 def _merging_tower(model):
@@ -227,11 +238,14 @@ def _f(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float()
 
 
-def _max_min_subset(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Greedy farthest-point selection of n of the m rows of each x [b, m, d] under cosine distance."""
+def _max_min_subset(x: torch.Tensor, n: int, places: torch.Tensor | None = None, weight: float = 1.0) -> torch.Tensor:
+    """Greedy farthest-point selection of n of the m rows of each x [b, m, d] under cosine distance; with
+    `places` [b, m, k] (each row's coordinates), plus `weight` times the rows' euclidean distance there."""
     b, m, _ = x.shape
     unit = torch.nn.functional.normalize(x, dim=-1)
     sim = unit @ unit.transpose(1, 2)  # [b, m, m]
+    if places is not None:  # a similarity lowered by distance: greedy on (1 - sim) + weight * distance
+        sim = sim - weight * torch.cdist(places.float(), places.float())
     mean = torch.nn.functional.normalize(unit.mean(1, keepdim=True), dim=-1)
     first = (unit @ mean.transpose(1, 2)).squeeze(-1).argmin(-1)  # the token farthest from the mean
     rows = torch.arange(b, device=x.device)

@@ -146,10 +146,11 @@ class AutoscalerConfig(Section):
 
 class VisualTokensConfig(Section):
     keep: float = Field(COMPRESSION.visual_keep, gt=0, le=1)  # fraction of each image's tokens the decoder sees
-    method: Literal["attention", "diversity"] = COMPRESSION.visual_method  # [CLS] attention (FasterVLM) | ToDRE
+    # [CLS] attention (FasterVLM) | ToDRE's diversity | spread: diversity that also covers the image (tower only)
+    method: Literal["attention", "diversity", "spread"] = COMPRESSION.visual_method
     merge: bool = COMPRESSION.visual_merge  # fold each pruned token into its nearest kept token, not drop it
     # prune inside a patch-merging vision tower (Qwen2-VL, Qwen2.5-VL) before this block, so the tower's later
-    # blocks run on the kept tokens only (diversity; a model trained with it); null: after the tower
+    # blocks run on the kept tokens only (diversity or spread; a model trained with it); null: after the tower
     tower_layer: int | None = Field(COMPRESSION.visual_tower_layer, ge=0)
 
 
@@ -166,9 +167,12 @@ class CompressionConfig(Section):
         if self.group_size & (self.group_size - 1):
             raise ValueError(f"compression.group_size: must be a power of two, not {self.group_size}")
         v = self.visual_tokens
-        if v.tower_layer is not None and v.method != "diversity":
+        if v.tower_layer is not None and v.method not in ("diversity", "spread"):
             raise ValueError("compression.visual_tokens.method: pruning inside the tower (tower_layer) ranks by "
-                             f"diversity, not {v.method}")
+                             f"diversity or spread, not {v.method}")
+        if v.tower_layer is None and v.method == "spread":
+            raise ValueError("compression.visual_tokens.method: spread ranks tokens inside the vision tower; set "
+                             "tower_layer, or use diversity")
         if v.tower_layer is not None and v.merge:
             raise ValueError("compression.visual_tokens.merge: the tower never encodes the tokens it prunes "
                              "inside it (tower_layer), so there is nothing to merge")

@@ -367,6 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--by-kind", type=int, default=0, metavar="N",
                     help="only: the target's accuracy per kind of question over N vqa and N position rows")
     ap.add_argument("--card-only", action="store_true", help="only rewrite README.md from eval.json and training.json")
+    ap.add_argument("--pruning-only", action="store_true",
+                    help="only re-run the pruning sweep into eval.json (the rest of it kept) and rewrite README.md")
     args = ap.parse_args(argv)
     model_dir = Path(args.model_dir)
     if args.by_kind:
@@ -377,8 +379,14 @@ def main(argv: list[str] | None = None) -> None:
         print("\nLookup questions (colour, shape, position): whose attribute the answer gives")
         print("\n".join(binding_lines(binding)))
         return
-    if args.card_only:
+    if args.card_only or args.pruning_only:
         report = json.loads((model_dir / "eval.json").read_text())
+        if args.pruning_only:
+            from training.evaluate_pruning import pruning_sweep
+
+            torch.set_num_threads(2)
+            report["pruning"] = pruning_sweep(model_dir, args.prune_per_task, TEST_SEED)
+            (model_dir / "eval.json").write_text(json.dumps(report, indent=1))
     else:
         report = evaluate(model_dir, args.per_task, prune_per_task=args.prune_per_task)
         print(json.dumps({k: report.get(k) for k in ("accuracy", "accuracy_fresh", "acceptance", "step_ms", "params")},

@@ -4,8 +4,8 @@ For each ranking method the engine offers on the target's vision tower (engine/v
 fraction, the held-out rows run through `SpecEngine` (float32, greedy, no drafter) with
 `compression.visual_keep/visual_method`; per task, the share of exact answers; and the prefill time of every
 row (vision tower, merger, pruning, decoder over the prompt; every setting timed in turn, three rounds, the
-median) as a speed ratio against keep 1.0 in the same run. `tower-diversity` prunes inside the vision tower (engine/tower_pruning.py) before the block
-the target's recipe dropped tokens at. A method the tower does not support is recorded with the engine's own
+median) as a speed ratio against keep 1.0 in the same run. `tower-diversity` and `tower-spread` prune inside the
+vision tower (engine/tower_pruning.py) before the block the target's recipe dropped tokens at. A method the tower does not support is recorded with the engine's own
 reason.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def prefill_seconds(engine, requests, batch: int, sync=lambda: None, passes: int
     return best
 
 
-TOWER_METHOD = "tower-diversity"  # diversity ranking inside the tower, before block `tower_layer`
+TOWER_METHODS = ("tower-diversity", "tower-spread")  # ranked inside the tower, before block `tower_layer`
 
 
 def tower_layer_of(model_dir: Path) -> int:
@@ -58,7 +58,7 @@ def tower_layer_of(model_dir: Path) -> int:
 
 
 def pruning_sweep(model_dir: Path, per_task: int, seed: int, batch: int = 32,
-                  methods: tuple[str, ...] = ("attention", "diversity", TOWER_METHOD), repeats: int = 3) -> dict:
+                  methods: tuple[str, ...] = ("attention", "diversity", *TOWER_METHODS), repeats: int = 3) -> dict:
     """Accuracy per task at each keep fraction and method; prefill time of each setting measured `repeats`
     times, interleaved with keep 1.0's (one pass each, in turn), as the median's ratio to keep 1.0's median."""
     import statistics
@@ -81,8 +81,8 @@ def pruning_sweep(model_dir: Path, per_task: int, seed: int, batch: int = 32,
     engines = {}
 
     def run(keep: float, method: str) -> dict:
-        tower = method == TOWER_METHOD
-        compression = Compression(visual_keep=keep, visual_method="diversity" if tower else method,
+        tower = method in TOWER_METHODS
+        compression = Compression(visual_keep=keep, visual_method=method.removeprefix("tower-"),
                                   visual_tower_layer=layer if tower else None)
         config = EngineConfig(str(model_dir / "target"), None, dtype="float32", max_batch_size=batch,
                               parity_check=False, compression=compression)
@@ -130,7 +130,9 @@ def card_lines(sweep: dict) -> list[str]:
         if "unsupported" in rows:
             lines.append(f"| {method} | - | unsupported by this tower: {rows['unsupported']} |")
             continue
-        name = f"diversity, in the tower from block {sweep.get('tower_layer', 1)}" if method == TOWER_METHOD else method
+        name = method
+        if method in TOWER_METHODS:
+            name = f"{method.removeprefix('tower-')}, in the tower from block {sweep.get('tower_layer', 1)}"
         for keep, r in rows.items():
             cells = [f"{r['accuracy'][t]:.1%} ({-r['points_lost'][t]:+.1f})" for t in corpus.TASKS]
             lines.append(f"| {name} | {keep} | " + " | ".join(cells) + f" | {r['prefill_speedup']:.2f}x |")

@@ -26,7 +26,7 @@ def tower_and_pixels():
     return model.model.visual, enc["pixel_values"], enc["image_grid_thw"]
 
 
-def first_tokens(feats: torch.Tensor, n: int) -> torch.Tensor:
+def first_tokens(feats: torch.Tensor, n: int, places: torch.Tensor) -> torch.Tensor:
     """A ranking that ignores the features: each image's first n tokens in the tower's order."""
     return torch.arange(n).expand(feats.shape[0], n)
 
@@ -110,6 +110,39 @@ def test_windowed_blocks_attend_within_their_windows_over_the_kept_tokens(tower_
     assert (window_of[moved.nonzero().squeeze(1)] != window_of[token]).any()
 
 
+@torch.inference_mode()
+def test_the_ranking_is_told_each_tokens_place_on_the_image(tower_and_pixels):
+    """The tower holds tokens in window order; the places it hands the ranking are their own rows and columns:
+    keeping the tokens first in row-major order by their places keeps each image's top row."""
+    tower, pixels, grid = tower_and_pixels
+    seen = []
+
+    def top_rows(feats, n, places):
+        seen.append(places)
+        return (places[..., 1] * 6 + places[..., 2]).argsort(-1)[:, :n]
+
+    pruning = TowerPruning(tower, 6 / 36, 1, top_rows)
+    run(tower, pixels, grid, pruning)
+    assert [k.tolist() for k in pruning.kept] == [list(range(6))] * 3
+    places = seen[0][0]  # first image, [36, 3]: frame, row, column over the grid's longer side (6 tokens)
+    assert places[:, 0].eq(0).all() and places.min() == 0 and places.max() == 1
+    rows_cols = {(round(r * 5), round(c * 5)) for _, r, c in places.tolist()}
+    assert rows_cols == {(r, c) for r in range(6) for c in range(6)}
+    assert (places[3:5, 1:] * 5).round().tolist() == [[0, 3], [1, 0]]  # window order (4x4 windows), not row-major
+
+
+def test_spread_covers_a_uniform_image_where_diversity_keeps_one_corner():
+    """Sixteen identical tokens on a 4x4 grid: diversity has nothing to tell them apart and keeps the first four
+    (the top row); spread, which adds the tokens' distance on the grid, keeps the four corners."""
+    from engine.visual_tokens import _max_min_subset
+
+    feats = torch.ones(1, 16, 8)
+    r = torch.arange(16)
+    places = torch.stack([torch.zeros(16), r // 4, r % 4], -1)[None] / 3
+    assert _max_min_subset(feats, 4).sort(-1).values.tolist() == [[0, 1, 2, 3]]
+    assert _max_min_subset(feats, 4, places).sort(-1).values.tolist() == [[0, 3, 12, 15]]
+
+
 def test_a_block_the_tower_lacks_is_refused(tower_and_pixels):
     tower, _, _ = tower_and_pixels
     with pytest.raises(ValueError, match="tower_layer: the vision tower has blocks 0..2, not 3"):
@@ -125,8 +158,11 @@ def test_what_cannot_prune_inside_the_tower_is_refused_at_load(tower_and_pixels)
     qwen = SimpleNamespace(model=SimpleNamespace(visual=tower))
     config = SimpleNamespace(model_type="qwen2_5_vl", vision_feature_layer=-1)
     assert VisualTokenPruner(qwen, config, 0.5, "diversity", tower_layer=1).per_image
+    assert VisualTokenPruner(qwen, config, 0.5, "spread", tower_layer=1).per_image
     with pytest.raises(ValueError, match="^compression.visual_tokens.method: pruning inside the tower ranks by div"):
         VisualTokenPruner(qwen, config, 0.5, "attention", tower_layer=1)
+    with pytest.raises(ValueError, match="^compression.visual_tokens.method: spread ranks tokens inside the vision "):
+        VisualTokenPruner(qwen, config, 0.5, "spread")
     with pytest.raises(ValueError, match="^compression.visual_tokens.merge: "):
         VisualTokenPruner(qwen, config, 0.5, "diversity", merge=True, tower_layer=1)
     llava = SimpleNamespace(model=SimpleNamespace(vision_tower=torch.nn.Module()))

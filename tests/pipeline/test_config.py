@@ -31,6 +31,7 @@ def test_defaults_fill_the_prompt_from_the_task_kind():
     ({**BASE, "compression": {"visual_tokens": {"keep": 0.5, "tower_layer": -1}}},
      "compression.visual_tokens.tower_layer"),
     ({**BASE, "compression": {"visual_tokens": {"keep": 0.5, "tower_layer": 1}}}, "compression.visual_tokens.method"),
+    ({**BASE, "compression": {"visual_tokens": {"keep": 0.5, "method": "spread"}}}, "compression.visual_tokens.method"),
     ({**BASE, "compression": {"visual_tokens": {"keep": 0.5, "tower_layer": 1, "method": "diversity", "merge": True}}},
      "compression.visual_tokens.merge"),
 ])

@@ -126,7 +126,7 @@ def test_token_dropout_trains_on_the_kept_tokens_at_their_own_positions(pair):
     model = AutoModelForImageTextToText.from_pretrained(path / "target", dtype=torch.float32)
     batch = next(ground_truth_batches(Batcher(load_processor(str(path / "target"))), 4))
     g = torch.Generator().manual_seed(0)
-    methods = ("random", "diversity", "tower-random", "tower-diversity")
+    methods = ("random", "diversity", "tower-random", "tower-diversity", "tower-spread")
     with torch.no_grad():
         full = model(**batch).loss
         for method in methods:
