@@ -53,8 +53,9 @@ SETTINGS = {  # name -> (drafter, compression section)
     # inside the tower, from block 1 (the shipped target's recipe drops tokens there): the tower's work shrinks too
     "prune-tower-0.75": (None, {"visual_keep": 0.75, "visual_method": "diversity", "visual_tower_layer": 1}),
     "prune-tower-0.5": (None, {"visual_keep": 0.5, "visual_method": "diversity", "visual_tower_layer": 1}),
-    "int8+prune-tower-0.5": (None, {"weights": "int8", "visual_keep": 0.5, "visual_method": "diversity",
-                                    "visual_tower_layer": 1}),
+    "prune-tower-spread-0.5": (None, {"visual_keep": 0.5, "visual_method": "spread", "visual_tower_layer": 1}),
+    "int8+prune-tower-spread-0.5": (None, {"weights": "int8", "visual_keep": 0.5, "visual_method": "spread",
+                                           "visual_tower_layer": 1}),
     "self-int8": ("self-int8", {}),
     "self-int4": ("self-int4", {}),
     "drafter-vlm (shipped pair)": (str(ROOT / "models/drafter-vlm"), {}),
