@@ -1,11 +1,14 @@
 """What each compression setting buys and what it costs, against the uncompressed target, in one run.
 
     python benchmarks/compression.py [--per-task 100] [--batch 16] [--device cpu|cuda] [--threads 2]
-                                     [--only NAME,NAME] [--json out.json]
+                                     [--only NAME,NAME] [--rounds 3] [--json out.json]
 
 Rows: the held-out test split, `--per-task` rows of each task (caption, vqa, position, ocr), greedy, max 64 new
 tokens, the engine at bf16 (the job's default). Each setting runs in its own process (so its peak memory is its
-own), after a warm-up on 16 rows. Per setting it prints:
+own), after a warm-up on 16 rows. The settings run in turn, `--rounds` times (uncompressed among them): each
+setting's times are the median of its rounds, so a machine that drifts during the run slows every setting alike
+(one round after another drifted: pruning read 0.7x decode in one run, 1.27x generate interleaved). Per setting
+it prints:
   - token agreement: teacher-forced, the share of the uncompressed target's output tokens the setting's model
     picks given the same prefix; exact: the share of rows whose greedy output is the same text;
   - accuracy per task (exact match with the corpus's answer) and the change in points against uncompressed;
@@ -166,6 +169,15 @@ def kernels(threads: int) -> list[dict]:
     return rows
 
 
+def median_times(runs: list[dict]) -> dict:
+    """One setting's rounds -> its first round's result with every time the median of the rounds'."""
+    import statistics
+
+    assert all(r["token_ids"] == runs[0]["token_ids"] for r in runs), "a setting's output changed between rounds"
+    return dict(runs[0], **{k: statistics.median(r[k] for r in runs) for k in ("wall_s", "prefill_s", "engine_prefill_s")},
+                rounds=len(runs))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-task", type=int, default=100)
@@ -173,6 +185,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="")
+    ap.add_argument("--rounds", type=int, default=3, help="every setting this many times, in turn; median times")
     ap.add_argument("--json", default="")
     ap.add_argument("--child", default="")
     ap.add_argument("--reference", default="")
@@ -183,15 +196,17 @@ def main() -> None:
     base = run_setting("uncompressed", args, None)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"texts": base["texts"], "token_ids": base["token_ids"]}, f)
-    results = {}
-    for name in names:
-        results[name] = run_setting(name, args, f.name)
-        print(f"  {name}: done", file=sys.stderr)
+    rounds: dict[str, list[dict]] = {name: [] for name in names}
+    for i in range(args.rounds):  # interleaved: this shared machine's speed drifts from minute to minute
+        for name in names:
+            rounds[name].append(run_setting(name, args, f.name))
+            print(f"  {name}: round {i + 1} of {args.rounds} done", file=sys.stderr)
     os.unlink(f.name)
+    results = {name: median_times(runs) for name, runs in rounds.items()}
     b = results["uncompressed"]
     dec = lambda r: r["tokens"] / (r["wall_s"] - r["engine_prefill_s"])  # noqa: E731
     print(f"# compression on {args.device}, {platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
-          f"{args.per_task} rows per task, batch {args.batch}, bf16")
+          f"{args.per_task} rows per task, batch {args.batch}, bf16; times: median of {args.rounds} interleaved rounds")
     print("| setting | token agr. | exact | caption | vqa | position | ocr | prefill | decode | end-to-end "
           "| weights | peak RSS | acceptance |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
