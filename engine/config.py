@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 SELF_DRAFTERS = {"self-int8": "int8", "self-int4": "int4"}  # model.drafter: the target, quantized, drafts for itself
 WEIGHT_BITS = {"none": None, "int8": 8, "int4": 4}
+TOWER_RANKINGS = ("diversity", "spread")  # the visual_method values that can rank inside the tower (tower_layer)
 
 
 @dataclass(frozen=True)

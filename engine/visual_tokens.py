@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.tower_pruning import Handles, TowerPruning
+from engine.config import TOWER_RANKINGS
+from engine.tower_pruning import Handles, Ranking, TowerPruning
 
 METHODS = ("attention", "diversity", "spread")
 SPREAD_WEIGHT = 1.0  # grid distance against cosine distance; 0.3 and 3.0 kept 96% of captions, 1.0 98%
@@ -208,15 +209,20 @@ def _tower_pruning(model, config, keep: float, method: str, merge: bool, layer: 
             or getattr(tower.config, "deepstack_visual_indexes", None) or not getattr(tower, "blocks", None):
         raise ValueError(f"compression.visual_tokens.tower_layer: pruning inside the tower needs a patch-merging "
                          f"vision tower (Qwen2-VL, Qwen2.5-VL), which {config.model_type} does not have")
-    if method not in ("diversity", "spread"):
+    if method not in TOWER_RANKINGS:
         raise ValueError("compression.visual_tokens.method: pruning inside the tower ranks by diversity or spread, "
                          f"not {method!r}")
     if merge:
         raise ValueError("compression.visual_tokens.merge: the tower never encodes the tokens it prunes, so there is "
                          "nothing to merge; with tower_layer set, merge must be false")
-    weight = SPREAD_WEIGHT if method == "spread" else 0.0
-    return TowerPruning(tower, keep, layer,
-                        lambda feats, n, places: _max_min_subset(feats.float(), n, places if weight else None, weight))
+    return TowerPruning(tower, keep, layer, tower_ranking(method))
+
+
+def tower_ranking(method: str) -> Ranking:
+    """The ranking `method` (diversity or spread) names, as the tower calls it: (features, n, places) -> kept."""
+    if method == "spread":
+        return lambda feats, n, places: _max_min_subset(feats.float(), n, places, SPREAD_WEIGHT)
+    return lambda feats, n, places: _max_min_subset(feats.float(), n)
 
 
 def _merging_tower(model):

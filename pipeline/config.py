@@ -9,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from engine.config import SELF_DRAFTERS, Compression, DrafterTraining, EngineConfig
+from engine.config import SELF_DRAFTERS, TOWER_RANKINGS, Compression, DrafterTraining, EngineConfig
 from engine.request import SamplingParams
 
 ENGINE = EngineConfig(target="")  # the engine's defaults, stated once in engine/config.py
@@ -167,7 +167,7 @@ class CompressionConfig(Section):
         if self.group_size & (self.group_size - 1):
             raise ValueError(f"compression.group_size: must be a power of two, not {self.group_size}")
         v = self.visual_tokens
-        if v.tower_layer is not None and v.method not in ("diversity", "spread"):
+        if v.tower_layer is not None and v.method not in TOWER_RANKINGS:
             raise ValueError("compression.visual_tokens.method: pruning inside the tower (tower_layer) ranks by "
                              f"diversity or spread, not {v.method}")
         if v.tower_layer is None and v.method == "spread":

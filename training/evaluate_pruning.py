@@ -5,8 +5,8 @@ fraction, the held-out rows run through `SpecEngine` (float32, greedy, no drafte
 `compression.visual_keep/visual_method`; per task, the share of exact answers; and the prefill time of every
 row (vision tower, merger, pruning, decoder over the prompt; every setting timed in turn, three rounds, the
 median) as a speed ratio against keep 1.0 in the same run. `tower-diversity` and `tower-spread` prune inside the
-vision tower (engine/tower_pruning.py) before the block the target's recipe dropped tokens at. A method the tower does not support is recorded with the engine's own
-reason.
+vision tower (engine/tower_pruning.py) before the block the target's recipe dropped tokens at. A method the
+tower does not support is recorded with the engine's own reason.
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ scatter and the model's own 3-axis M-RoPE positions (`get_rope_index`), then dro
 the language model only the kept ones, each at its original (t, h, w) position: exactly what the engine
 hands its decoder after pruning. Which tokens survive is drawn per batch: uniformly at random, or the
 engine's own ranking (`diversity`, a max-min subset of the projected tokens), at a keep fraction drawn from
-the config's list. `tower-diversity`, `tower-spread` and `tower-random` drop them inside the vision tower instead, before block
-`tower_layer`, as the engine's in-tower pruning does (engine/tower_pruning.py): the tower's later blocks, the
+the config's list. `tower-diversity`, `tower-spread` and `tower-random` drop them inside the vision tower
+instead, before block `tower_layer`, as the engine's in-tower pruning does (engine/tower_pruning.py): the tower's later blocks, the
 merger and the decoder all see only the kept tokens. With attention supervision (training/attention_supervision.py) the step supervises the heads
 too, onto the asked shape's tokens that were kept: the lookup is learned on pruned prompts as well.
 """
@@ -18,7 +18,7 @@ import random
 import torch
 
 from engine.tower_pruning import TowerPruning
-from engine.visual_tokens import SPREAD_WEIGHT, _max_min_subset
+from engine.visual_tokens import tower_ranking
 from training.attention_supervision import attention_loss
 
 
@@ -29,9 +29,7 @@ def _ranked(feats: torch.Tensor, n: int, method: str, generator: torch.Generator
     b, m, _ = feats.shape
     if method.endswith("random"):
         return torch.stack([torch.randperm(m, generator=generator)[:n] for _ in range(b)]).to(feats.device)
-    if method.endswith("spread"):
-        return _max_min_subset(feats.detach().float(), n, places, SPREAD_WEIGHT)
-    return _max_min_subset(feats.detach().float(), n)
+    return tower_ranking(method.removeprefix("tower-"))(feats.detach(), n, places)
 
 
 def _kept_image_tokens(feats: torch.Tensor, keep: float, method: str, generator: torch.Generator) -> torch.Tensor:
@@ -63,7 +61,7 @@ def dropout_loss(model, batch: dict, keep: float, method: str, generator: torch.
     embeds = inner.get_input_embeddings()(ids)
     in_tower = None
     if method.startswith("tower-"):
-        in_tower = TowerPruning(inner.visual, keep, tower_layer, 
+        in_tower = TowerPruning(inner.visual, keep, tower_layer,
                                 lambda f, n, places: _ranked(f, n, method, generator, places))
     handle = in_tower.hook() if in_tower else None
     try:
