@@ -38,7 +38,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from training.evaluate_pruning import tower_layer_of  # noqa: E402
+
 TASKS = ("caption", "vqa", "position", "ocr")
+TOWER_LAYER = tower_layer_of(ROOT / "models")
 SETTINGS = {  # name -> (drafter, compression section)
     "uncompressed": (None, {}),
     "int8": (None, {"weights": "int8"}),
@@ -53,12 +56,13 @@ SETTINGS = {  # name -> (drafter, compression section)
     "prune-diversity-0.25-merge": (None, {"visual_keep": 0.25, "visual_method": "diversity", "visual_merge": True}),
     "int8+prune-diversity-0.5-merge": (None, {"weights": "int8", "visual_keep": 0.5, "visual_method": "diversity",
                                              "visual_merge": True}),
-    # inside the tower, from block 1 (the shipped target's recipe drops tokens there): the tower's work shrinks too
-    "prune-tower-0.75": (None, {"visual_keep": 0.75, "visual_method": "diversity", "visual_tower_layer": 1}),
-    "prune-tower-0.5": (None, {"visual_keep": 0.5, "visual_method": "diversity", "visual_tower_layer": 1}),
-    "prune-tower-spread-0.5": (None, {"visual_keep": 0.5, "visual_method": "spread", "visual_tower_layer": 1}),
+    # inside the tower, before the block the shipped target learned to lose tokens at (its recipe's token
+    # dropout, TOWER_LAYER): the tower's work shrinks too
+    "prune-tower-0.75": (None, {"visual_keep": 0.75, "visual_method": "diversity", "visual_tower_layer": TOWER_LAYER}),
+    "prune-tower-0.5": (None, {"visual_keep": 0.5, "visual_method": "diversity", "visual_tower_layer": TOWER_LAYER}),
+    "prune-tower-spread-0.5": (None, {"visual_keep": 0.5, "visual_method": "spread", "visual_tower_layer": TOWER_LAYER}),
     "int8+prune-tower-spread-0.5": (None, {"weights": "int8", "visual_keep": 0.5, "visual_method": "spread",
-                                           "visual_tower_layer": 1}),
+                                           "visual_tower_layer": TOWER_LAYER}),
     "self-int8": ("self-int8", {}),
     "self-int4": ("self-int4", {}),
     "drafter-vlm (shipped pair)": (str(ROOT / "models/drafter-vlm"), {}),

@@ -8,7 +8,8 @@
    train.target.shallow_layers, a shallower decoder first, then grown to full depth: training.grow); then
    fine-tune everything, tower included, at a low learning rate on fresh samples (train.finetune, optional),
    with attention supervision (train.attend: chosen heads learn to look at the shape a question asks about, on
-   prompts with every image token and, with its token_dropout, on pruned ones);
+   prompts with every image token and, with its token_dropout, on pruned ones; train.attend.then: a second
+   pass with its own steps and token dropout);
 3. generate the target's own greedy answers on fresh train prompts (the distillation set);
 4. train the VLM drafter (its tower pretrained the same way) and the text-only drafter on those answers (sequence-level distillation);
 5. evaluate on the test split and write the model card (training.evaluate).
@@ -319,6 +320,12 @@ def main(argv: list[str] | None = None) -> None:
         attend_losses = train_model(target, rows, ac["steps"], ac["lr"], ac["warmup"], "attend", device=args.device,
                                     attend=attend, dropout=TokenDropout(ac.get("token_dropout"), cfg["seed"] + 2),
                                     bf16=bf16)
+        if then := ac.get("then"):  # a second pass on the rows after, its own steps and token dropout (e.g.
+            # concentrated on the keep and ranking a job prunes at), the rest as the attend stage's
+            tc2 = {**ac, **then}
+            attend_losses += train_model(target, rows, tc2["steps"], tc2["lr"], tc2["warmup"], "attend-then",
+                                         device=args.device, attend=attend, bf16=bf16,
+                                         dropout=TokenDropout(tc2.get("token_dropout"), cfg["seed"] + 3))
         timings["attend_s"] = time.time() - t
     if args.resume_target and before.get("attend_losses"):  # the resumed target had supervised steps already
         earlier = before["timings"]  # a run that only retrained the drafters has earlier runs' time and no own

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from training import corpus
 from training.attention_supervision import AttentionSupervision, asked_cells, attention_loss, cell_tokens
@@ -119,23 +120,39 @@ def test_the_recipe_refuses_a_task_no_mix_can_draw_before_training(capsys, field
     assert field in err and "unknown task" in err, err
 
 
-def test_the_recipe_goes_on_from_a_trained_target_through_the_attend_stage(tmp_path):
+def test_the_recipe_goes_on_from_a_trained_target_through_the_attend_stage(tmp_path, monkeypatch):
     """--resume-target with finetune.steps=0: the shipped target's fine-tune record carries over, the attend stage
-    trains, and the new pair is written (tiny step counts: seconds)."""
+    trains, then its second pass (attend.then) with its own token dropout, and the new pair is written (tiny step
+    counts: seconds)."""
     import json
 
+    import training.train as recipe
     from training.evaluate import model_card, resumed_from
     from training.train import main
 
-    tiny = ["train.finetune.steps=0", "train.attend.steps=2", "train.vision.steps=2", "train.drafter.steps=2",
-            "train.drafter.batch_size=8", "train.distill.num_samples=16", "train.distill.batch_size=8"]
+    stages = []
+
+    def recorded(model, batches, steps, lr, warmup, name, **kw):
+        dropout = kw.get("dropout")
+        stages.append((name, steps, lr, dropout and (dropout.p, dropout.keep, dropout.methods, dropout.tower_layer)))
+        return train_model(model, batches, steps, lr, warmup, name, **kw)
+
+    monkeypatch.setattr(recipe, "train_model", recorded)
+    then = "{steps: 3, token_dropout: {p: 0.7, keep: [0.5], methods: [tower-spread], tower_layer: 0}}"
+    tiny = ["train.finetune.steps=0", "train.attend.steps=2", f"train.attend.then={then}", "train.vision.steps=2",
+            "train.drafter.steps=2", "train.drafter.batch_size=8", "train.distill.num_samples=16",
+            "train.distill.batch_size=8"]
     main(["configs/modelpair_qwen.yaml", "--resume-target", "models/target", "--output-dir", str(tmp_path),
           "--skip-eval"] + [a for o in tiny for a in ("--set", o)])
+    lr = yaml.safe_load(Path("configs/modelpair_qwen.yaml").read_text())["train"]["attend"]["lr"]
+    attend = [s for s in stages if s[0].startswith("attend")]
+    assert [s[:3] for s in attend] == [("attend", 2, lr), ("attend-then", 3, lr)], stages
+    assert attend[1][3] == (0.7, [0.5], ["tower-spread"], 0) and attend[0][3] != attend[1][3]
     record, before = (json.loads(p.read_text()) for p in (tmp_path / "training.json", Path("models/training.json")))
     assert record["finetune_losses"] == before["finetune_losses"]
     assert record["timings"].get("finetune_s") == before["timings"].get("finetune_s")  # none when it had none
     # the shipped target had supervised steps already: they and their time stay on the record, with the new ones
-    assert record["attend_losses"][:-1] == before["attend_losses"] and len(record["attend_losses"]) > 1
+    assert record["attend_losses"][:-2] == before["attend_losses"] and len(record["attend_losses"]) > 2
     times = record["timings"]
     assert times["attend_earlier_s"] == sum(before["timings"].get(k, 0) for k in ("attend_s", "attend_earlier_s"))
     assert record["resumed_from"] == resumed_from(before) + [before["command"]] and "attend_s" in times
