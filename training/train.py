@@ -231,6 +231,16 @@ def task_mixes(train: dict) -> list[tuple[str, dict]]:
     return [(field, mix) for field, mix in mixes if mix]
 
 
+def attend_passes(ac: dict, seed: int) -> list[tuple[str, dict, int]]:
+    """The attend stage's passes over its rows: (name, settings, dropout seed). With `then`, a second pass on the
+    rows after, its own steps and token dropout (e.g. concentrated on the keep and ranking a job prunes at), the
+    rest as the attend stage's."""
+    passes = [("attend", ac, seed + 2)]
+    if ac.get("then"):
+        passes.append(("attend-then", {**ac, **ac["then"]}, seed + 3))
+    return passes
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
@@ -254,6 +264,14 @@ def main(argv: list[str] | None = None) -> None:
     for field, mix in task_mixes(cfg["train"]):  # so is a task no mix can draw (a typo would become vqa rows)
         if unknown := sorted(set(mix) - set(known)):
             ap.error(f"{field}: unknown task {unknown[0]!r} (tasks: {', '.join(known)})")
+    stages = [("train.target", cfg["train"]["target"])]
+    stages += [(f"train.{name.replace('-', '.')}", pc)
+               for name, pc, _ in attend_passes(cfg["train"].get("attend") or {}, 0)]
+    for field, stage in stages:  # and a token-dropout method no ranking has
+        try:
+            TokenDropout(stage.get("token_dropout"), 0)
+        except ValueError as e:
+            ap.error(f"{field}.{e}")
     try:
         bf16 = uses_bf16(cfg["train"].get("precision", "auto"), args.device)
     except ValueError as e:
@@ -317,15 +335,9 @@ def main(argv: list[str] | None = None) -> None:
         rows = ground_truth_batches(Batcher(processor), ac["batch_size"], start=ATTEND_OFFSET,
                                     task_mix=ac.get("task_mix") or tc.get("task_mix"),
                                     asked_side=image_side(cfg))
-        attend_losses = train_model(target, rows, ac["steps"], ac["lr"], ac["warmup"], "attend", device=args.device,
-                                    attend=attend, dropout=TokenDropout(ac.get("token_dropout"), cfg["seed"] + 2),
-                                    bf16=bf16)
-        if then := ac.get("then"):  # a second pass on the rows after, its own steps and token dropout (e.g.
-            # concentrated on the keep and ranking a job prunes at), the rest as the attend stage's
-            tc2 = {**ac, **then}
-            attend_losses += train_model(target, rows, tc2["steps"], tc2["lr"], tc2["warmup"], "attend-then",
-                                         device=args.device, attend=attend, bf16=bf16,
-                                         dropout=TokenDropout(tc2.get("token_dropout"), cfg["seed"] + 3))
+        for name, pc, seed in attend_passes(ac, cfg["seed"]):
+            attend_losses += train_model(target, rows, pc["steps"], pc["lr"], pc["warmup"], name, device=args.device,
+                                         attend=attend, dropout=TokenDropout(pc.get("token_dropout"), seed), bf16=bf16)
         timings["attend_s"] = time.time() - t
     if args.resume_target and before.get("attend_losses"):  # the resumed target had supervised steps already
         earlier = before["timings"]  # a run that only retrained the drafters has earlier runs' time and no own

@@ -120,6 +120,20 @@ def test_the_recipe_refuses_a_task_no_mix_can_draw_before_training(capsys, field
     assert field in err and "unknown task" in err, err
 
 
+@pytest.mark.parametrize("stage,setting", [
+    ("train.attend", "train.attend.token_dropout={p: 0.5, methods: [tower-sprad]}"),
+    ("train.attend.then", "train.attend.then={steps: 9, token_dropout: {methods: [tower-sprad]}}")])
+def test_the_recipe_refuses_a_token_dropout_method_before_training(capsys, stage, setting):
+    """A misspelt ranking in the attend stage or its second pass would fail half an hour in: it is said first."""
+    from training.train import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["configs/modelpair_qwen.yaml", "--set", setting, "--output-dir", "/nonexistent"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{stage}.token_dropout.methods: unknown 'tower-sprad'" in err, err
+
+
 def test_the_recipe_goes_on_from_a_trained_target_through_the_attend_stage(tmp_path, monkeypatch):
     """--resume-target with finetune.steps=0: the shipped target's fine-tune record carries over, the attend stage
     trains, then its second pass (attend.then) with its own token dropout, and the new pair is written (tiny step
