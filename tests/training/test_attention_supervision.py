@@ -183,10 +183,15 @@ def test_the_recipe_can_go_on_from_a_trained_target_with_no_attend_steps(tmp_pat
     from training.train import main
 
     tiny = ["train.finetune.steps=0", "train.attend.steps=0", "train.vision.steps=2", "train.drafter.steps=2",
-            "train.drafter.batch_size=8", "train.distill.num_samples=16", "train.distill.batch_size=8"]
+            "train.drafter.batch_size=8", "train.distill.num_samples=16", "train.distill.batch_size=8",
+            "train.precision=float32"]
     main(["configs/modelpair_qwen.yaml", "--resume-target", "models/target", "--output-dir", str(tmp_path),
           "--skip-eval"] + [a for o in tiny for a in ("--set", o)])
     record, before = (json.loads(p.read_text()) for p in (tmp_path / "training.json", Path("models/training.json")))
+    # this run's precision, and the earlier runs' where they differ (a bf16 run gone on from in float32)
+    earlier = [p for p in (before.get("earlier_precision"), before["precision"]) if p]
+    assert record["precision"] == "float32"
+    assert record.get("earlier_precision", "float32") == " then ".join(dict.fromkeys(earlier))
     assert record["attend_losses"] == before["attend_losses"] and "attend_s" not in record["timings"]
     assert record["timings"]["attend_earlier_s"] == sum(before["timings"].get(k, 0)
                                                        for k in ("attend_s", "attend_earlier_s"))
