@@ -4,8 +4,8 @@
                                      [--only NAME,NAME] [--rounds 3] [--json out.json]
 
 Rows: the held-out test split, `--per-task` rows of each task (caption, vqa, position, ocr), greedy, max 64 new
-tokens, the engine at bf16 (the job's default). Each setting runs in its own process (so its peak memory is its
-own), after a warm-up on 16 rows. The settings run in turn, `--rounds` times (uncompressed among them): each
+tokens, the engine at the job's default dtype (`auto`: bf16 on a GPU and on a CPU with native bf16, else
+float32). Each setting runs in its own process (so its peak memory is its own), after a warm-up on 16 rows. The settings run in turn, `--rounds` times (uncompressed among them): each
 setting's times are the median of its rounds, so a machine that drifts during the run slows every setting alike
 (one round after another drifted: pruning read 0.7x decode in one run, 1.27x generate interleaved). Per setting
 it prints:
@@ -208,9 +208,12 @@ def main() -> None:
     os.unlink(f.name)
     results = {name: median_times(runs) for name, runs in rounds.items()}
     b = results["uncompressed"]
+    from engine.model import resolve_dtype
+
+    dtype = str(resolve_dtype("auto", "specray", args.device)).removeprefix("torch.")  # the engine's `auto`
     dec = lambda r: r["tokens"] / (r["wall_s"] - r["engine_prefill_s"])  # noqa: E731
     print(f"# compression on {args.device}, {platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
-          f"{args.per_task} rows per task, batch {args.batch}, bf16; times: median of {args.rounds} interleaved rounds")
+          f"{args.per_task} rows per task, batch {args.batch}, {dtype}; times: median of {args.rounds} interleaved rounds")
     print("| setting | token agr. | exact | caption | vqa | position | ocr | prefill | decode | end-to-end "
           "| weights | peak RSS | acceptance |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -233,9 +233,9 @@ def model_card(report: dict, training: dict | None) -> str:
              f"Command: `{training['command']}` (seeded; `--resume-target` goes on from a trained target). ")
             + f"Wall time on {report['machine']}"
             + (f", in {training['precision']}" if training.get("precision") else "")
-            + (f" (the earlier runs' stages in {training['earlier_precision']})"
-               if training.get("earlier_precision") else "")
-            + " (training stages; the evaluation after them not counted): "
+            + " (training stages, the evaluation after them not counted"
+            + (f"; the earlier runs' in {training['earlier_precision']}" if training.get("earlier_precision") else "")
+            + "): "
             f"{total / 60:.1f} min in all "
             "(" + ", ".join(f"{name} {t[k] / 60:.1f} min" for name, k in stages if k in t) + "). "
             f"Final training loss: target {training['target_losses'][-1]:.4f}"

@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import random
+import shlex
 import time
 from pathlib import Path
 
@@ -376,7 +377,8 @@ def main(argv: list[str] | None = None) -> None:
         (processor if with_image else tok).save_pretrained(out / name)
 
     timings["total_s"] = time.time() - t_start
-    command = "python -m training.train " + " ".join([args.config] + [f"--set {o}" for o in args.overrides])
+    command = "python -m training.train " + " ".join([args.config] + [f"--set {shlex.quote(o)}"  # as a shell takes it
+                                                                       for o in args.overrides])
     record = {"config": cfg, "precision": "bf16 autocast" if bf16 else "float32", "timings": timings,
               "target_losses": target_losses, "finetune_losses": finetune_losses,
               "attend_losses": attend_losses,

@@ -139,6 +139,7 @@ def test_the_recipe_goes_on_from_a_trained_target_through_the_attend_stage(tmp_p
     trains, then its second pass (attend.then) with its own token dropout, and the new pair is written (tiny step
     counts: seconds)."""
     import json
+    import shlex
 
     import training.train as recipe
     from training.evaluate import model_card, resumed_from
@@ -170,6 +171,7 @@ def test_the_recipe_goes_on_from_a_trained_target_through_the_attend_stage(tmp_p
     times = record["timings"]
     assert times["attend_earlier_s"] == sum(before["timings"].get(k, 0) for k in ("attend_s", "attend_earlier_s"))
     assert record["resumed_from"] == resumed_from(before) + [before["command"]] and "attend_s" in times
+    assert f"train.attend.then={then}" in shlex.split(record["command"])  # the command pastes into a shell
     card = model_card(json.loads(Path("models/eval.json").read_text()), record)  # names every run of the chain
     assert all(f"`{c}`" in card for c in record["resumed_from"] + [record["command"]]), card
     assert all((tmp_path / name / "model.safetensors").exists() for name in ("target", "drafter-vlm", "drafter-text"))
@@ -180,6 +182,7 @@ def test_the_recipe_can_go_on_from_a_trained_target_with_no_attend_steps(tmp_pat
     (it once divided by its zero steps), the target's supervised steps and their time stay on the record."""
     import json
 
+    from training.evaluate import model_card
     from training.train import main
 
     tiny = ["train.finetune.steps=0", "train.attend.steps=0", "train.vision.steps=2", "train.drafter.steps=2",
@@ -192,6 +195,9 @@ def test_the_recipe_can_go_on_from_a_trained_target_with_no_attend_steps(tmp_pat
     earlier = [p for p in (before.get("earlier_precision"), before["precision"]) if p]
     assert record["precision"] == "float32"
     assert record.get("earlier_precision", "float32") == " then ".join(dict.fromkeys(earlier))
+    card = model_card(json.loads(Path("models/eval.json").read_text()), record)
+    assert "in float32 (training stages" in card
+    assert "earlier_precision" not in record or f"the earlier runs' in {record['earlier_precision']})" in card
     assert record["attend_losses"] == before["attend_losses"] and "attend_s" not in record["timings"]
     assert record["timings"]["attend_earlier_s"] == sum(before["timings"].get(k, 0)
                                                        for k in ("attend_s", "attend_earlier_s"))
