@@ -5,10 +5,10 @@
 
 Rows: the held-out test split, `--per-task` rows of each task (caption, vqa, position, ocr), greedy, max 64 new
 tokens, the engine at the job's default dtype (`auto`: bf16 on a GPU and on a CPU with native bf16, else
-float32). Each setting runs in its own process (so its peak memory is its own), after a warm-up on 16 rows. The settings run in turn, `--rounds` times (uncompressed among them): each
-setting's times are the median of its rounds, so a machine that drifts during the run slows every setting alike
-(one round after another drifted: pruning read 0.7x decode in one run, 1.27x generate interleaved). Per setting
-it prints:
+float32). Each setting runs in its own process (so its peak memory is its own), after a warm-up on 16 rows.
+The settings run in turn, `--rounds` times (uncompressed among them): each setting's times are the median of
+its rounds, so a machine that drifts during the run slows every setting alike (one round after another drifted:
+pruning read 0.7x decode in one run, 1.27x generate interleaved). Per setting it prints:
   - token agreement: teacher-forced, the share of the uncompressed target's output tokens the setting's model
     picks given the same prefix; exact: the share of rows whose greedy output is the same text;
   - accuracy per task (exact match with the corpus's answer) and the change in points against uncompressed;
@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engine.model import resolve_dtype  # noqa: E402
 from training.evaluate_pruning import tower_layer_of  # noqa: E402
 
 TASKS = ("caption", "vqa", "position", "ocr")
@@ -208,8 +209,6 @@ def main() -> None:
     os.unlink(f.name)
     results = {name: median_times(runs) for name, runs in rounds.items()}
     b = results["uncompressed"]
-    from engine.model import resolve_dtype
-
     dtype = str(resolve_dtype("auto", "specray", args.device)).removeprefix("torch.")  # the engine's `auto`
     dec = lambda r: r["tokens"] / (r["wall_s"] - r["engine_prefill_s"])  # noqa: E731
     print(f"# compression on {args.device}, {platform.machine()}, {args.threads} threads, torch {torch.__version__}; "

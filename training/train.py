@@ -387,7 +387,8 @@ def main(argv: list[str] | None = None) -> None:
               "command": command + (f" --resume-target {args.resume_target}" if args.resume_target else "")}
     if args.resume_target:  # the runs whose stages it went on from (oldest first), whose times those stages carry
         record["resumed_from"] = resumed_from(before) + [before["command"]]
-        earlier = list(dict.fromkeys(p for p in (before.get("earlier_precision"), before.get("precision")) if p))
+        chain = before.get("earlier_precision", "").split(" then ") + [before.get("precision", "")]
+        earlier = list(dict.fromkeys(p for p in chain if p))  # each precision once, first seen first
         if earlier and earlier != [record["precision"]]:  # e.g. going on from a bf16 run on a CPU without bf16
             record["earlier_precision"] = " then ".join(earlier)
     (out / "training.json").write_text(json.dumps(record, indent=1))
