@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -41,6 +42,7 @@ from training.modelpair import (
 )
 from training.evaluate import resumed_from
 from training.grow import grow
+from training.length_groups import length_grouped
 from training.optim import autocast, fit, uses_bf16
 from training.token_dropout import TokenDropout
 from training.tokenizer import train_tokenizer
@@ -103,10 +105,13 @@ class Batcher:
 
 def train_model(model, batches, steps: int, lr: float, warmup: int, name: str, log_every: int = 50,
                 device: str = "cpu", dropout: TokenDropout | None = None,
-                attend: AttentionSupervision | None = None, bf16: bool | None = None) -> list[float]:
+                attend: AttentionSupervision | None = None, bf16: bool | None = None,
+                by_length: bool = True) -> list[float]:
     """AdamW + warmup/cosine schedule, in bf16 autocast where `bf16` (None: on a GPU; training.optim.uses_bf16);
     with `dropout`, some batches see only part of each image's tokens; with `attend`, every batch adds the
-    attention loss (a dropout batch's on the tokens it kept). Returns the loss per logged window."""
+    attention loss (a dropout batch's on the tokens it kept). `by_length`: the decoder runs on groups of rows of
+    like length, so padding costs no work (the same loss and gradient; training/length_groups.py). Returns the
+    loss per logged window."""
     attention = model.config._attn_implementation
     if attend:
         attend.check(model)
@@ -122,7 +127,8 @@ def train_model(model, batches, steps: int, lr: float, warmup: int, name: str, l
         with autocast(device, bf16):
             return dropout.loss(model, batch, plain, attend) if dropout else plain(model, batch)
 
-    losses = fit(model.parameters(), loss_fn, opt, sched, steps, name, log_every)
+    with length_grouped(model) if by_length else contextlib.nullcontext():
+        losses = fit(model.parameters(), loss_fn, opt, sched, steps, name, log_every)
     model.eval()
     if attend:
         model.set_attn_implementation(attention)
