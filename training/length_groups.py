@@ -1,4 +1,4 @@
-"""Training without paying for padding: a batch's rows differ in length (a caption's answer is 20 tokens longer
+"""Training without paying for padding: a batch's rows differ in length (a caption's answer up to 30 tokens longer
 than a yes/no), and padded to the longest, a quarter of the decoder's tokens in a recipe batch are padding. Here
 the decoder runs on groups of rows of similar length, each cut to its own longest row, and its outputs are padded
 back: the rows are right-padded and attention is causal, so every real position sees exactly what it saw in the
