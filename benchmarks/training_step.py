@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import io
 import statistics
 import sys
@@ -24,12 +23,14 @@ sys.path.insert(0, str(ROOT))
 from training.attention_supervision import AttentionSupervision  # noqa: E402
 from training.optim import uses_bf16  # noqa: E402
 from training.token_dropout import TokenDropout  # noqa: E402
-from training.train import (ATTEND_OFFSET, Batcher, attend_passes, freeze_tower, ground_truth_batches,  # noqa: E402
-                            image_side, load_config, train_model)
+from training.train import (ATTEND_OFFSET, Batcher, architecture, attend_passes, freeze_tower,  # noqa: E402
+                            ground_truth_batches, image_side, load_config, shallow_spec, train_model)
 
 
 def stages(cfg: dict, models: Path):
-    """(name, model, batches, dropout, attend) per recipe stage, each model loaded as shipped."""
+    """(name, model, tower frozen (None: no tower), batches, dropout, attend) per recipe stage: the shipped models
+    (the 2-layer target built as the recipe builds it) on ground-truth rows (the drafters train on the target's
+    answers, of like lengths)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from engine.processor import load_processor
@@ -43,17 +44,15 @@ def stages(cfg: dict, models: Path):
                                 task_mix=ac["task_mix"], asked_side=image_side(cfg))
     target_rows = [next(ground_truth_batches(Batcher(processor), tc["batch_size"], start=i * tc["batch_size"],
                                              task_mix=tc["task_mix"])) for i in range(8)]
-    shallow = copy.deepcopy(target)  # the stage's first part: its decoder `shallow_layers` deep
-    depth = tc.get("shallow_layers") or target.config.text_config.num_hidden_layers
-    shallow.model.language_model.layers = shallow.model.language_model.layers[:depth]
-    shallow.config.text_config.num_hidden_layers = depth
-    shallow.config.text_config.layer_types = shallow.config.text_config.layer_types[:depth]
-    out = [(f"target, {depth} layers (tower frozen)", shallow, target_rows,
+    _, vlm, _ = architecture(cfg, processor.tokenizer)  # the stage's first part, built as the recipe builds it
+    depth = tc.get("shallow_layers") or cfg["target"]["text"]["num_hidden_layers"]
+    shallow = vlm(shallow_spec(cfg["target"], depth))
+    out = [(f"target, {depth} layers (tower frozen)", shallow, True, target_rows,
             lambda: TokenDropout(tc.get("token_dropout"), 0), None),
-           ("target, grown (tower frozen)", target, target_rows, lambda: TokenDropout(tc.get("token_dropout"), 0),
-            None)]
+           ("target, grown (tower frozen)", target, True, target_rows,
+            lambda: TokenDropout(tc.get("token_dropout"), 0), None)]
     for name, pc, seed in attend_passes(ac, 0):
-        out.append((name, target, [next(rows) for _ in range(8)], lambda pc=pc, seed=seed:
+        out.append((name, target, False, [next(rows) for _ in range(8)], lambda pc=pc, seed=seed:
                     TokenDropout(pc.get("token_dropout"), seed), attend))
     drafter_vlm = AutoModelForImageTextToText.from_pretrained(models / "drafter-vlm").float()
     drafter_text = AutoModelForCausalLM.from_pretrained(models / "drafter-text").float()
@@ -64,7 +63,7 @@ def stages(cfg: dict, models: Path):
                    for i in range(8)]
         if not with_image:
             batches = [{k: b[k] for k in ("input_ids", "attention_mask", "labels")} for b in batches]
-        out.append((name, model, batches, lambda: TokenDropout(None, 0), None))
+        out.append((name, model, True if with_image else None, batches, lambda: TokenDropout(None, 0), None))
     return out
 
 
@@ -91,16 +90,15 @@ def main() -> None:
           f"{args.steps} steps x {args.rounds} interleaved rounds, median")
     print("| step | padded (s) | length groups (s) | ratio | padding in the batch |")
     print("|---|---|---|---|---|")
-    for name, model, batches, dropout, attend in stages(cfg, Path(args.models)):
-        frozen = "frozen" in name
-        freeze_tower(model, True) if frozen else None
+    for name, model, frozen, batches, dropout, attend in stages(cfg, Path(args.models)):
+        if frozen is not None:
+            freeze_tower(model, frozen)
         masks = torch.cat([b["attention_mask"].flatten() for b in batches])
         times = {False: [], True: []}
         timed(model, batches, 2, dropout(), attend, bf16, True)  # warm up
         for _ in range(args.rounds):
             for by_length in (False, True):
                 times[by_length].append(timed(model, batches, args.steps, dropout(), attend, bf16, by_length))
-        freeze_tower(model, False) if frozen else None
         padded, grouped = statistics.median(times[False]), statistics.median(times[True])
         print(f"| {name} | {padded:.3f} | {grouped:.3f} | {padded / grouped:.2f}x | "
               f"{1 - masks.float().mean():.0%} |", flush=True)
