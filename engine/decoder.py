@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from engine.kv_cache import KVCache
 from engine.backbone import read_backbone
+from kernels.packed import PackedLinear, packs
 from kernels.quant import QuantLinear, quantize
 
 
@@ -43,10 +44,16 @@ def _gemma_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
 
 
 def _linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-    """A dense weight (F.linear) or a QuantLinear."""
+    """A dense weight (F.linear), a PackedLinear or a QuantLinear."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, b)
+    if isinstance(w, PackedLinear):
+        return w(x, b)
     return w(x) if b is None else w(x) + b
+
+
+def _dense(w) -> torch.Tensor:
+    return w.dense() if isinstance(w, PackedLinear) else w
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -111,6 +118,20 @@ class LeanDecoder:
             })
         if self.quantized is not None:
             self.quantize(self.quantized["bits"], self.quantized["group_size"])
+        self.pack()
+
+    def pack(self) -> None:
+        """Hold the dense linear weights (and an untied head) in the CPU's packed bf16 layout (kernels/packed.py),
+        where that is faster; elsewhere, and for quantized weights, nothing changes."""
+        if not packs(self.device, self.dtype):
+            return
+        tied = self.head_weight.data_ptr() == self.embed_weight.data_ptr()  # a packed copy would be a second one
+        if isinstance(self.head_weight, torch.Tensor) and not tied:
+            self.head_weight = PackedLinear(self.head_weight)
+        for p in self.layers:
+            for name in self.LINEARS:
+                if isinstance(p[name], torch.Tensor):
+                    p[name] = PackedLinear(p[name])
 
     LINEARS = ("qkv", "o", "gate_up", "down")
 
@@ -121,7 +142,7 @@ class LeanDecoder:
         before, groups = self.linear_bytes(), set()
         for p in self.layers:
             for name in self.LINEARS:
-                w = p[name]
+                w = _dense(p[name])
                 g = group_size
                 while bits == 4 and w.shape[1] % g:
                     g //= 2
@@ -141,18 +162,21 @@ class LeanDecoder:
         return other
 
     def linear_bytes(self) -> int:
-        return sum(w.nbytes if isinstance(w, QuantLinear) else w.numel() * w.element_size()
+        return sum(w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes
                    for p in self.layers for w in (p[n] for n in self.LINEARS))
 
     def dense_tensors(self) -> list[torch.Tensor]:
-        """Every unquantized weight tensor (some are the HF model's own: the embedding, a tied head, the norm)."""
-        out = [self.embed_weight, self.head_weight, self.final_norm]
+        """Every plain weight tensor (some are the HF model's own: the embedding, a tied head, the norm)."""
+        out = [self.embed_weight, self.final_norm]
+        out += [self.head_weight] if isinstance(self.head_weight, torch.Tensor) else []
         for p in self.layers:
             out += [t for t in p.values() if isinstance(t, torch.Tensor)]
         return out
 
     def quant_bytes(self) -> int:
-        return sum(w.nbytes for p in self.layers for w in p.values() if isinstance(w, QuantLinear))
+        """Bytes of the weights held other than as plain tensors (quantized, or packed)."""
+        held = [w for p in self.layers for w in p.values() if isinstance(w, (QuantLinear, PackedLinear))]
+        return sum(w.nbytes for w in held) + (0 if isinstance(self.head_weight, torch.Tensor) else self.head_weight.nbytes)
 
     def new_cache(self) -> KVCache:
         """An empty cache for a group of sequences (grown by its allocate)."""
@@ -176,7 +200,7 @@ class LeanDecoder:
         return x if self.embed_scale is None else x * self.embed_scale
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = F.linear(hidden, self.head_weight)
+        out = _linear(hidden, self.head_weight)
         cap = self.backbone.final_softcap
         return (out if cap is None else torch.tanh(out / cap) * cap).float()
 

@@ -18,13 +18,16 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from engine.config import Compression
 from engine.decoder import LeanDecoder
 from engine.hf_decoder import HFDecoder
 from engine.parity import check
+from engine.tower_pruning import Handles
 from engine.request import shape_key, stack_arrays
 from engine.support import BLOCK_MASKS, HF_BACKEND, plan, refusal
+from engine.vision_tower import LeanTower, supports as lean_tower_supports
 from engine.visual_tokens import VisualTokenPruner
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -114,6 +117,9 @@ class LoadedModel:
             raise ValueError(f"compression.weights: quantization needs the lean decoder (decoding.decoder: lean and a "
                              f"backbone it runs); {path} has {text_config.model_type}")
         self.pruner = None
+        tower = getattr(self.model.model, "visual", None) if self.is_vlm else None
+        # the engine's own tower forward (engine/vision_tower.py) where it reproduces the model's
+        self.lean_tower = LeanTower(tower) if self.lean and tower is not None and lean_tower_supports(tower) else None
         self.max_positions = getattr(text_config, "max_position_embeddings", None)
         self.eos_ids = eos_ids(self.model.generation_config, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -144,6 +150,8 @@ class LoadedModel:
                              f"unexpected {unexpected[:3]}")
         if self.lean:
             self.decoder.load(self.language_model, self.model.get_output_embeddings())
+        if self.lean_tower is not None:
+            self.lean_tower.load()
 
     def with_decoder(self, decoder) -> "LoadedModel":
         """The same model (tokenizer, tower, prompt embedding) over another decoder: self-speculation's drafter."""
@@ -180,12 +188,7 @@ class LoadedModel:
         keep = torch.ones_like(ids, dtype=torch.bool)  # the tokens the decoder sees (visual-token pruning)
         for idx in groups.values():
             inputs = stack_arrays([arrays[i] or {} for i in idx], self.dtype, self.device, width)
-            handle = self.pruner.hook() if self.pruner is not None else None
-            try:
-                kw = self._language_model_inputs(ids[idx], inputs)
-            finally:
-                if handle is not None:
-                    handle.remove()
+            kw = self._language_model_inputs(ids[idx], inputs)
             out[idx] = kw["inputs_embeds"]
             if self.pruner is not None:  # the tower's attention just captured belongs to this group
                 keep[idx] = self._kept(out, ids, idx)
@@ -290,6 +293,7 @@ class LoadedModel:
             raise _Captured(kwargs)
 
         handle = self.language_model.register_forward_pre_hook(stop, with_kwargs=True)
+        tower = self._tower()
         try:
             self.model.model(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs)
         except _Captured as c:
@@ -299,7 +303,28 @@ class LoadedModel:
             return c.kwargs
         finally:
             handle.remove()
+            tower.remove()
         raise ValueError(f"{self.family} never called its language model; {HF_BACKEND}")
+
+
+    def _tower(self):
+        """For one forward of the model: the engine's own tower in the HF tower's place where it has one (with
+        in-tower pruning passed to it), else the pruner's hooks on HF's tower; returns what undoes it."""
+        pruning = self.pruner.in_tower if self.pruner is not None else None
+        if self.lean_tower is None or (self.pruner is not None and pruning is None):  # attention ranking: HF's
+            return (self.pruner.hook() if self.pruner is not None else None) or Handles([])
+        visual, lean = self.model.model.visual, self.lean_tower
+
+        def forward(pixel_values, grid_thw=None, **_):
+            return BaseModelOutputWithPooling(pooler_output=lean(pixel_values, grid_thw, pruning))
+
+        visual.forward = forward
+        return _Restore(lambda: delattr(visual, "forward"))
+
+
+class _Restore:
+    def __init__(self, undo):
+        self.remove = undo
 
 
 def prompt_positions(position_ids: torch.Tensor | None, n: int, width: int, device) -> torch.Tensor:

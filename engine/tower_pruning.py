@@ -17,7 +17,7 @@ a model trained with it (training/token_dropout.py drops tokens the same way); a
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -47,7 +47,10 @@ class TowerPruning:
         return Handles(handles)
 
     def _start(self, _module, args, kwargs):
-        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self.start(kwargs.get("grid_thw", args[1] if len(args) > 1 else None))
+
+    def start(self, grid: torch.Tensor) -> None:
+        """A new forward of the tower over images of `grid` [images, 3]."""
         sizes = [int(t * h * w) // self.unit for t, h, w in grid.tolist()]  # tokens per image
         if hasattr(self.tower, "window_size"):
             from transformers.vision_utils import get_vision_window_index
@@ -73,8 +76,9 @@ class TowerPruning:
             start += size
         return places
 
-    def _select(self, hidden: torch.Tensor) -> None:
-        """Rank each image's tokens on `hidden` [patches, d] (window order) and work out what the blocks run on."""
+    def select(self, hidden: torch.Tensor) -> "Kept":
+        """Rank each image's tokens on `hidden` [patches, d] (window order) and work out what the blocks run on:
+        the kept patches (indices into `hidden`) and the whole-image and window segments (cu_seqlens) over them."""
         s = self._state
         tokens = hidden.detach().reshape(-1, self.unit * hidden.shape[-1])  # one row per token, its patches side by side
         starts = torch.tensor([0, *s["sizes"]]).cumsum(0).tolist()
@@ -102,6 +106,7 @@ class TowerPruning:
         # per image, the kept tokens in row-major order (what the merger's output is put back into)
         order = s["order"][kept_tokens]
         self.kept = [(o - starts[i]).sort().values for i, o in enumerate(order.split(counts))]
+        return Kept(s["patches"], s["full"][0], s["window"][0])
 
     def _segments(self, counts: list[int]) -> tuple[torch.Tensor, int]:
         lengths = torch.tensor(counts, dtype=torch.int32) * self.unit
@@ -113,7 +118,7 @@ class TowerPruning:
             s = self._state
             hidden = kwargs.pop("hidden_states", None) if not args else args[0]
             if index == self.layer:
-                self._select(hidden)
+                self.select(hidden)
                 hidden = hidden[s["patches"]]
                 s["rotary"] = tuple(x[s["patches"]] for x in kwargs["position_embeddings"])
             cu, longest = s["full"] if index in self.full_blocks else s["window"]
@@ -122,9 +127,19 @@ class TowerPruning:
         return pre
 
     def _scatter(self, _module, _args, out: torch.Tensor) -> torch.Tensor:
+        return self.scatter(out)
+
+    def scatter(self, out: torch.Tensor) -> torch.Tensor:
+        """The merger's output over the kept tokens -> every token's (window order), zeros where pruned."""
         tokens = self._state["tokens"]
         full = out.new_zeros(sum(self._state["sizes"]), out.shape[-1])
         return full.index_copy(0, tokens, out)
+
+
+class Kept(NamedTuple):
+    patches: torch.Tensor  # the kept patches, indices into the tower's sequence (window order)
+    full: torch.Tensor  # cu_seqlens of the whole-image segments over the kept patches
+    window: torch.Tensor  # cu_seqlens of the windows over them
 
 
 class Handles:
