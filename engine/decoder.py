@@ -262,15 +262,20 @@ class LeanDecoder:
         for i, p in enumerate(self.layers):
             cos, sin = ropes[self.backbone.ropes[i]]
             r = norm(h, p["in_norm"], eps)
-            q, k, v = _linear(r, p["qkv"], p["qkv_bias"]).split([nq, nkv, nkv], dim=-1)
-            k = k.view(n, t, self.num_kv_heads, hd)
-            if p["k_norm"] is not None:
-                k = norm(k, p["k_norm"], eps)
-            cache.k[i][rows, :, pos] = k * cos + _rotate_half(k) * sin
-            cache.v[i][rows, :, pos] = v.view(n, t, self.num_kv_heads, hd)
+            qkv = _linear(r, p["qkv"], p["qkv_bias"])
+            joint = p["q_norm"] is None and not (i == final and (last is not None or kv_only))
+            if joint:  # no q/k norm between the projection and the rotation: q and k rotated in one pass
+                qk = qkv[..., :nq + nkv].view(n, t, self.num_heads + self.num_kv_heads, hd)
+                q, k = (qk * cos + _rotate_half(qk) * sin).split([self.num_heads, self.num_kv_heads], dim=2)
+            else:
+                q, k = qkv[..., :nq].view(n, t, self.num_heads, hd), qkv[..., nq:nq + nkv].view(n, t, -1, hd)
+                if p["k_norm"] is not None:
+                    k = norm(k, p["k_norm"], eps)
+                k = k * cos + _rotate_half(k) * sin
+            cache.k[i][rows, :, pos] = k
+            cache.v[i][rows, :, pos] = qkv[..., nq + nkv:].view(n, t, self.num_kv_heads, hd)
             if i == final and kv_only:
                 return None
-            q = q.view(n, t, self.num_heads, hd)
             if i == final and last is not None:  # from here on only one position per row is needed
                 pick = torch.arange(n, device=self.device)
                 q, h = q[pick, last][:, None], h[pick, last][:, None]
@@ -279,10 +284,11 @@ class LeanDecoder:
                 masks, t = self._masks(pos[pick, last][:, None], length, qb, blocks), 1
                 if deepstack is not None:
                     deepstack = [d[pick, last][:, None] for d in deepstack]
-            if p["q_norm"] is not None:
-                q = norm(q, p["q_norm"], eps)
-            q = q * cos + _rotate_half(q) * sin
-            q = q.view(n, t, self.num_kv_heads, self.group, hd).permute(0, 2, 3, 1, 4)
+            if not joint:
+                if p["q_norm"] is not None:
+                    q = norm(q, p["q_norm"], eps)
+                q = q * cos + _rotate_half(q) * sin
+            q = q.reshape(n, t, self.num_kv_heads, self.group, hd).permute(0, 2, 3, 1, 4)
             q = q.reshape(n, self.num_kv_heads, self.group * t, hd)
             a = self._attend(q, cache.k[i][first:first + n, :, :length], cache.v[i][first:first + n, :, :length],
                              masks[self.windows[i]])

@@ -32,6 +32,22 @@ from engine.speculative import RoundRecord, request_drafts, speculative_round
 
 
 PROBE_ROUNDS = 8  # a call that probes a drafter which did not pay speculates at least this many rounds
+PREFILL_TOKENS = 4096  # prompt tokens per prefill forward: rows admitted together are prefilled in such chunks
+
+
+def prefill_chunks(rows: list[Sequence]) -> list[list[Sequence]]:
+    """Rows to admit, in chunks of at most PREFILL_TOKENS prompt tokens (a row longer than that alone): a prefill's
+    activations ([tokens, intermediate] per layer) then stay in a CPU's caches, so a group of many slots is filled
+    as fast per row as a small one (on the shipped pair, bf16, 256 rows in one forward prefilled 1.5x slower than
+    in chunks of 64)."""
+    chunks, tokens = [[]], 0
+    for s in rows:
+        if chunks[-1] and tokens + s.prompt_len > PREFILL_TOKENS:
+            chunks.append([])
+            tokens = 0
+        chunks[-1].append(s)
+        tokens += s.prompt_len
+    return chunks
 
 
 @dataclass
@@ -150,7 +166,8 @@ class SpecEngine:
                 # prefill in groups: a call per freed slot would pay the vision tower's and the decoder's fixed
                 # costs per row; waiting until a quarter of the slots are free costs a few rounds instead
                 if queue and free and (not g.active or free >= min(max(1, g.slots // 4), len(queue))):
-                    self._admit(g, [queue.pop() for _ in range(min(free, len(queue)))], params, policy)
+                    for chunk in prefill_chunks([queue.pop() for _ in range(min(free, len(queue)))]):
+                        self._admit(g, chunk, params, policy)
                     self._retire(g, results, params, policy)
                 if g.active:
                     request_drafts(g, policy.choose() if g.drafter is not None else 0, params)
