@@ -351,3 +351,20 @@ def test_orders_reach_the_engine_between_rounds_only(heldout):
     # one group: a chance to apply orders before each of its rounds (never two rounds without one)
     marks = [e[0] for e in events if e[0] in ("between", "round")]
     assert marks[0] == "between" and all(a != b for a, b in zip(marks, marks[1:]) if b == "round"), marks
+
+
+@pytest.mark.parametrize("drafter", [None, "vlm"])
+def test_prefill_in_chunks_is_identical(heldout, drafter, monkeypatch):
+    """Rows admitted together are prefilled in chunks of PREFILL_TOKENS prompt tokens: at about two rows a chunk
+    (each prompt has about 50 tokens) the output is still the oracle's, with and without a drafter."""
+    import engine.engine as engine_module
+
+    requests, oracle = heldout
+    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", 120)
+    chunks = engine_module.prefill_chunks([engine_module.Sequence(i, r, len(r.input_ids))
+                                           for i, r in enumerate(requests[:32])])
+    assert len(chunks) >= 12 and sum(map(len, chunks)) == 32
+    engine = SpecEngine(EngineConfig(TARGET, DRAFTERS.get(drafter), dtype="float32", max_batch_size=32,
+                                     num_draft_tokens=4 if drafter else "auto"))
+    bad, examples = _same(engine.generate(requests[:48], GREEDY), oracle[:48])
+    assert not bad, examples
