@@ -21,6 +21,7 @@ import torch
 
 from actors.generate_rows import read_input_ids, read_tensors, result_table
 from actors.metrics import record_batch
+from engine.agreement import token_agreement
 from engine.config import EngineConfig
 from engine.loading import make_engine
 from engine.request import Request, Result, SamplingParams, error_result, one_line, shape_key
@@ -61,7 +62,7 @@ class GenerateActor:
         refs = self.reference.generate(reqs, greedy)
         mine = [results[i] for i in picked] if self.params.temperature == 0 else self.engine.generate(reqs, greedy)
         ok = [j for j, r in enumerate(refs) if r.error is None and mine[j].error is None]
-        agreed = self.engine.agreement([reqs[j] for j in ok], [refs[j].token_ids for j in ok])
+        agreed = token_agreement(self.engine.target, [reqs[j] for j in ok], [refs[j].token_ids for j in ok])
         return {picked[j]: (len(refs[j].token_ids), a, mine[j].text == refs[j].text) for j, a in zip(ok, agreed)}
 
     def _generate(self, requests: list[Request]) -> list[Result]:

@@ -21,10 +21,11 @@ from actors.controller import explore_k
 from actors.drafter_channel import DrafterChannel
 from actors.generate_actor import GenerateActor
 from engine.config import EngineConfig
+from engine.draft_length import DraftPolicy
 from engine.request import Request, Result, SamplingParams
 
 
-class OrderedDraftLength:
+class OrderedDraftLength(DraftPolicy):
     """The draft-length policy under the pools: k is the manager's latest order (set between rounds), and the
     measurements are kept for the next report to the manager."""
 

@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engine.agreement import token_agreement  # noqa: E402
 from engine.model import resolve_dtype  # noqa: E402
 from training.evaluate_pruning import tower_layer_of  # noqa: E402
 
@@ -125,7 +126,7 @@ def child(args) -> None:
     }
     if args.reference:
         ref = json.loads(Path(args.reference).read_text())
-        agreed = engine.agreement(requests, ref["token_ids"])
+        agreed = token_agreement(engine.target, requests, ref["token_ids"])
         result["token_agreement"] = sum(agreed) / max(1, sum(len(t) for t in ref["token_ids"]))
         result["exact_agreement"] = sum(a == b for a, b in zip(result["texts"], ref["texts"])) / len(requests)
         if args.device == "cuda":

@@ -13,9 +13,9 @@ Engines, per dtype (`auto`: what a job gets here, bf16 on CPUs with native bf16 
     off (a repeat must not reuse an earlier pass's work); in its own process and venv (benchmarks/peer_vllm.py).
     Skipped, with a line saying so, where .venv-peers is missing or on a GPU (it does not fit the lent machine);
   - hf: HF `generate` at batch 64 (the `hf` backend);
-  - specray plain / vlm / text / compressed / compressed+vlm: the engine at batch 64, without a drafter, with the
-    VLM or text drafter (k auto), and with the shipped visual-token compression (configs/compressed.yaml's
-    visual_tokens: spread, keep 0.5, inside the tower), plain and with the VLM drafter.
+  - specray plain / vlm / text / compressed / compressed+vlm / compressed+text: the engine at batch 64, without a
+    drafter, with the VLM or text drafter (k auto), and with the shipped visual-token compression
+    (configs/compressed.yaml's visual_tokens: spread, keep 0.5, inside the tower), plain and with each drafter.
 Variants run interleaved (the order rotates each round), `--rounds` rounds after a warm-up pass each; figures are
 medians. Output tokens never count the EOS. Reported per variant: tokens/s and its ratio to vLLM's in the same
 run, start-up seconds, rows whose answer equals HF float32's (the reference, decoded once at the start), and
@@ -162,6 +162,7 @@ def engines(models: Path, dtype: str, device: str, threads: int, only: set[str] 
         "specray text": dict(drafter=text),
         "specray compressed": dict(drafter=None, compression=shipped),
         "specray compressed+vlm": dict(drafter=vlm, compression=shipped),
+        "specray compressed+text": dict(drafter=text, compression=shipped),
     }
     wanted = lambda name: only is None or name in only  # noqa: E731
     out: dict = {}

@@ -30,7 +30,39 @@ from engine.estimates import Acceptance, CostLine
 ROW_WINDOW = 4096  # finished rows the output-length estimate weighs fully
 
 
-class DraftLength:
+class DraftPolicy:
+    """What the engine asks of a draft-length policy: k for each round (`choose`) and each round's measurements
+    (`record`). The rest are the call-level hooks, no-ops here: DraftLength, which also decides per `generate` call
+    whether the engine's own drafter is used at all (`decides_drafter`), overrides them; a pool's target actor
+    follows its manager's orders instead (actors/target_actor.py)."""
+    max_k: int = 8
+    decides_drafter = False
+
+    def choose(self) -> int:
+        raise NotImplementedError
+
+    def record(self, k: int, verify_s: float, draft_s: float, accepted: list[int], num_drafts: list[int],
+               rows: int = 0) -> None:
+        raise NotImplementedError
+
+    def record_prefill(self, rows: int, seconds: float) -> None:
+        """The drafter's prefill of `rows` newly admitted rows took `seconds`."""
+
+    def record_finished(self, tokens: list[int], live_rows: int = 0, limit: int = 0) -> None:
+        """Output tokens of rows that just finished; `live_rows` rows still decode, each may reach `limit`."""
+
+    def use_drafter(self) -> bool:
+        """At the start of a `generate` call (with decides_drafter): speculate in it?"""
+        return True
+
+    def pays(self) -> bool:
+        """Whether new rows should be admitted to the drafter (with decides_drafter)."""
+        return True
+
+
+class DraftLength(DraftPolicy):
+    decides_drafter = True
+
     def __init__(self, fixed: int | None, max_k: int = 8, explore_every: int = 16, decay: float = 0.9,
                  probe_every: int = 8):
         self.fixed = fixed
@@ -56,13 +88,10 @@ class DraftLength:
         return new if old is None else self.decay * old + (1 - self.decay) * new
 
     def record_prefill(self, rows: int, seconds: float) -> None:
-        """The drafter's prefill of `rows` newly admitted rows took `seconds`."""
         if rows:
             self.prefill_row_s = self._avg(self.prefill_row_s, seconds / rows)
 
     def record_finished(self, tokens: list[int], live_rows: int = 0, limit: int = 0) -> None:
-        """Output tokens of rows that just finished; `live_rows` rows still decode, each of which may reach
-        `limit` tokens."""
         self.done_rows += len(tokens)
         self.done_tokens += sum(tokens)
         if self.done_rows > ROW_WINDOW:  # a long job's answers may change: older rows weigh half

@@ -1,6 +1,6 @@
 """The `specray` backend: a continuous-batching speculative decoding engine.
 
-    requests ──► queue ──admit (prefill: vision tower + projector + decoder)──► a group's slots 0..n-1
+    requests ──► queue ──admit (engine/scheduler.py; prefill: vision tower + projector + decoder)──► slots 0..n-1
                           each round, for all rows of a group at once (engine/speculative.py):
                             draft   k tokens per row              (a drafter: engine/drafter.py; k: draft_length.py)
                             verify  k+1 positions per row, ONE target forward (engine/decoder.py)
@@ -22,32 +22,18 @@ import numpy as np
 import torch
 
 from engine.config import SELF_DRAFTERS, EngineConfig
-from engine.draft_length import DraftLength
+from engine.draft_length import DraftLength, DraftPolicy
 from engine.drafter import make_drafter
 from engine.model import LoadedModel, resolve_device, resolve_dtype
-from engine.request import Request, Result, SamplingParams, error_result, finish_text
+from engine.model_drafter import ModelDrafter
+from engine.request import Request, Result, SamplingParams, finish_text
 from engine.sampling import warp
+from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceGroup
 from engine.speculative import RoundRecord, request_drafts, speculative_round
 
 
 PROBE_ROUNDS = 8  # a call that probes a drafter which did not pay speculates at least this many rounds
-PREFILL_TOKENS = 4096  # prompt tokens per prefill forward: rows admitted together are prefilled in such chunks
-
-
-def prefill_chunks(rows: list[Sequence]) -> list[list[Sequence]]:
-    """Rows to admit, in chunks of at most PREFILL_TOKENS prompt tokens (a row longer than that alone): a prefill's
-    activations ([tokens, intermediate] per layer) then stay in a CPU's caches, so a group of many slots is filled
-    as fast per row as a small one (on the shipped pair, bf16, 256 rows in one forward prefilled 1.5x slower than
-    in chunks of 64)."""
-    chunks, tokens = [[]], 0
-    for s in rows:
-        if chunks[-1] and tokens + s.prompt_len > PREFILL_TOKENS:
-            chunks.append([])
-            tokens = 0
-        chunks[-1].append(s)
-        tokens += s.prompt_len
-    return chunks
 
 
 @dataclass
@@ -108,7 +94,7 @@ class SpecEngine:
         """New weights for the engine's drafter (engine/drafter_learning.py), between generate calls: every cache
         is refilled by the next call's prefill, so no row drafts from a mix of old and new weights. Output is
         unchanged by construction (the target verifies every token); only acceptance moves."""
-        if self.drafter is None or not hasattr(self.drafter, "ck"):
+        if not isinstance(self.drafter, ModelDrafter):
             raise ValueError("update_drafter: the engine has no model drafter")
         self.drafter.ck.load_weights(state)
         self.drafter_version = version
@@ -122,7 +108,7 @@ class SpecEngine:
 
     @torch.inference_mode()
     def generate(self, requests: list[Request], params: SamplingParams, drafters: list | None = None,
-                 policy=None, between_rounds: Callable[[], None] | None = None) -> list[Result]:
+                 policy: DraftPolicy | None = None, between_rounds: Callable[[], None] | None = None) -> list[Result]:
         """Results in request order. By default one group of up to max_batch rows with the engine's own drafter.
 
         `drafters`: one drafter per group instead (None for a group without speculation); the slots are split
@@ -131,27 +117,26 @@ class SpecEngine:
         applies new orders (k, which drafters) to the policy and the drafters.
         """
         results: list[Result | None] = [None] * len(requests)
-        queue = self._queue(requests, params, results)
-        if not queue:
+        schedule = Scheduler(requests, params, self.target.max_positions, results)
+        if not schedule.waiting:
             return results  # type: ignore[return-value]
         policy = policy or self.policy
-        own = drafters is None and self.drafter is not None and hasattr(policy, "use_drafter")
+        own = drafters is None and self.drafter is not None and policy.decides_drafter
         probing = 0  # speculating although it did not pay, to measure it again: rounds kept before it may stop
         if own:
             if not policy.use_drafter():  # the drafter's prefill costs more than it saves (draft_length.py)
                 drafters = [None]
             elif not policy.pays():
                 probing = PROBE_ROUNDS
-        groups = self._groups(drafters, min(self.max_batch, len(queue)))
-        max_k = max(self.max_k, getattr(policy, "max_k", 0))
-        max_len = max(s.prompt_len for s in queue) + params.max_new_tokens + max_k + 2
+        groups = self._groups(drafters, min(self.max_batch, schedule.waiting))
+        max_len = schedule.longest_prompt() + params.max_new_tokens + max(self.max_k, policy.max_k) + 2
         self.rng.manual_seed(params.seed)
         for g in groups:
             g.cache.allocate(g.slots, max_len)
             if g.drafter is not None:
                 g.drafter.allocate(g.slots, max_len)
                 g.drafter.seed(params.seed + g.index)
-        while queue or any(g.active for g in groups):
+        while schedule.waiting or any(g.active for g in groups):
             if between_rounds is not None:
                 between_rounds()
             for g in groups:
@@ -162,29 +147,14 @@ class SpecEngine:
                     self._retire(g, results, params, policy)
                 if own and probing == 0 and g.drafter is not None and g.pending is None and not policy.pays():
                     g.drafter = None  # from here on this call decodes plainly; rows need no drafter prefill
-                free = g.slots - len(g.active)
-                # prefill in groups: a call per freed slot would pay the vision tower's and the decoder's fixed
-                # costs per row; waiting until a quarter of the slots are free costs a few rounds instead
-                if queue and free and (not g.active or free >= min(max(1, g.slots // 4), len(queue))):
-                    for chunk in prefill_chunks([queue.pop() for _ in range(min(free, len(queue)))]):
-                        self._admit(g, chunk, params, policy)
+                admitted = schedule.admissions(g)  # engine/scheduler.py: who enters the free slots
+                for chunk in admitted:
+                    self._admit(g, chunk, params, policy)
+                if admitted:
                     self._retire(g, results, params, policy)
                 if g.active:
                     request_drafts(g, policy.choose() if g.drafter is not None else 0, params)
         return results  # type: ignore[return-value]
-
-    def _queue(self, requests: list[Request], params: SamplingParams, results: list) -> list[Sequence]:
-        """The requests to decode, last first (pop() admits in request order); the others get error results."""
-        limit, queue = self.target.max_positions, []
-        for i, r in enumerate(requests):
-            if not r.input_ids:
-                results[i] = error_result("empty prompt")
-            elif limit and len(r.input_ids) + params.max_new_tokens > limit:
-                results[i] = error_result(f"prompt ({len(r.input_ids)} tokens) + max_new_tokens "
-                                          f"({params.max_new_tokens}) exceeds the model's {limit} positions")
-            else:
-                queue.append(Sequence(i, r, len(r.input_ids)))
-        return queue[::-1]
 
     def _groups(self, drafters: list | None, slots: int) -> list[SequenceGroup]:
         drafters = [self.drafter] if drafters is None else drafters
@@ -212,32 +182,7 @@ class SpecEngine:
         st.drafted += sum(r.num_drafts)
         st.accepted += sum(r.accepted)
 
-    @torch.inference_mode()
-    def agreement(self, requests: list[Request], references: list[list[int]], batch: int = 16) -> list[int]:
-        """Per row, how many of a reference output's tokens this engine's target picks greedily when fed the
-        reference's own prefix: teacher-forced token agreement, free of the cascade that one early difference
-        causes in free-running output (where the outputs end is left to exact-match agreement). Runs on a
-        cache of its own."""
-        dec, out = self.target.decoder, [0] * len(requests)
-        for j in range(0, len(requests), batch):
-            reqs, refs = requests[j:j + batch], [list(r) for r in references[j:j + batch]]
-            pe = self.target.embed_prompts([r.input_ids for r in reqs], [r.model_inputs for r in reqs])
-            n = len(reqs)
-            lengths = torch.tensor(pe.lengths, device=self.device)
-            cache = dec.new_cache()
-            cache.allocate(n, max(pe.lengths) + max(map(len, refs)) + 1)
-            first = dec.logits(self.target.prefill(cache, pe, last=lengths - 1)[:, 0]).argmax(-1)  # [n]
-            width = max(1, max(map(len, refs)) - 1)
-            feed = torch.zeros(n, width, dtype=torch.long, device=self.device)
-            for i, ref in enumerate(refs):  # the reference's own tokens, fed back (the last is never fed)
-                feed[i, :max(0, len(ref) - 1)] = torch.tensor(ref[:-1], dtype=torch.long)
-            picks = dec.logits(dec.forward(cache, dec.embed(feed), lengths)).argmax(-1)  # [n, width]
-            for i, ref in enumerate(refs):
-                got = torch.cat([first[i:i + 1], picks[i, :len(ref) - 1]])[:len(ref)]
-                out[j + i] = int((got == torch.tensor(ref, dtype=torch.long, device=self.device)).sum())
-        return out
-
-    def _admit(self, group: SequenceGroup, new: list[Sequence], params: SamplingParams, policy=None) -> None:
+    def _admit(self, group: SequenceGroup, new: list[Sequence], params: SamplingParams, policy: DraftPolicy) -> None:
         self.sync()
         t0 = time.perf_counter()
         first = len(group.active)
@@ -259,8 +204,7 @@ class SpecEngine:
             self.sync()
             dt = time.perf_counter() - t1
             self.stats.drafter_prefill_s += dt
-            if hasattr(policy, "record_prefill"):
-                policy.record_prefill(len(new), dt)
+            policy.record_prefill(len(new), dt)
         for s, t in zip(new, tokens):
             self.extend(s, [t], params)
         group.active.extend(new)
@@ -299,14 +243,13 @@ class SpecEngine:
         self.stats.tokens += len(s.generated) - before
 
     def _retire(self, group: SequenceGroup, results: list[Result | None], params: SamplingParams,
-                policy=None) -> None:
+                policy: DraftPolicy) -> None:
         """Finished rows leave; the last live rows move into their slots so live rows stay in 0..n-1."""
         active = group.active
         if all(s.finish is None for s in active):
             return
-        if hasattr(policy, "record_finished"):
-            policy.record_finished([len(s.generated) for s in active if s.finish is not None],
-                                   sum(s.finish is None for s in active), params.max_new_tokens)
+        policy.record_finished([len(s.generated) for s in active if s.finish is not None],
+                               sum(s.finish is None for s in active), params.max_new_tokens)
         for s in active:
             if s.finish is not None:
                 text, _ = finish_text(self.tokenizer, s.generated, params.stop)

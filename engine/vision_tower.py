@@ -25,8 +25,20 @@ import torch.nn.functional as F
 
 
 def supports(tower) -> bool:
-    """Whether this forward reproduces `tower`: Qwen2.5-VL's (RMSNorm, gated SiLU MLP, windowed blocks)."""
-    return type(tower).__name__ == "Qwen2_5_VisionTransformerPretrainedModel"
+    """Whether this forward reproduces `tower`: Qwen2.5-VL's (RMSNorm, gated SiLU MLP, windowed blocks), from a
+    transformers whose helpers it reads the tower's tables with (the window order, the segments, the rotary
+    positions: transformers.vision_utils, and a rotary embedding called with positions). Else the tower's own
+    forward runs, as on a transformers older than those helpers."""
+    import inspect
+
+    try:
+        from transformers import vision_utils
+    except ImportError:
+        return False
+    helpers = ("get_vision_attention_seqlens", "get_vision_position_ids", "get_vision_window_index")
+    return (type(tower).__name__ == "Qwen2_5_VisionTransformerPretrainedModel"
+            and all(hasattr(vision_utils, h) for h in helpers)
+            and list(inspect.signature(tower.rotary_pos_emb.forward).parameters) == ["x", "position_ids"])
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

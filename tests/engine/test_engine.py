@@ -15,7 +15,7 @@ import torch
 
 from engine.drafter import LocalDrafter
 from engine.ngram_drafter import NgramDrafter
-from engine.draft_length import DraftLength
+from engine.draft_length import DraftLength, DraftPolicy
 from engine.config import EngineConfig
 from engine.engine import SpecEngine
 from engine.hf_backend import HFBackend
@@ -326,7 +326,7 @@ def test_orders_reach_the_engine_between_rounds_only(heldout):
     requests, oracle = heldout
     events: list[tuple] = []
 
-    class Ordered:
+    class Ordered(DraftPolicy):
         max_k, k = 4, 2
 
         def choose(self):
@@ -357,12 +357,12 @@ def test_orders_reach_the_engine_between_rounds_only(heldout):
 def test_prefill_in_chunks_is_identical(heldout, drafter, monkeypatch):
     """Rows admitted together are prefilled in chunks of PREFILL_TOKENS prompt tokens: at about two rows a chunk
     (each prompt has about 50 tokens) the output is still the oracle's, with and without a drafter."""
-    import engine.engine as engine_module
+    from engine import scheduler
+    from engine.sequence import Sequence
 
     requests, oracle = heldout
-    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", 120)
-    chunks = engine_module.prefill_chunks([engine_module.Sequence(i, r, len(r.input_ids))
-                                           for i, r in enumerate(requests[:32])])
+    monkeypatch.setattr(scheduler, "PREFILL_TOKENS", 120)
+    chunks = scheduler.prefill_chunks([Sequence(i, r, len(r.input_ids)) for i, r in enumerate(requests[:32])])
     assert len(chunks) >= 12 and sum(map(len, chunks)) == 32
     engine = SpecEngine(EngineConfig(TARGET, DRAFTERS.get(drafter), dtype="float32", max_batch_size=32,
                                      num_draft_tokens=4 if drafter else "auto"))
