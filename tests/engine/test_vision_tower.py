@@ -8,13 +8,10 @@ import torch
 
 from engine.tower_pruning import TowerPruning
 from engine.vision_tower import LeanTower, supports
+from tests.engine.test_tower_pruning import SPEC, first_tokens
 from training import corpus
 from training.modelpair import build_qwen_processor, build_qwen_vlm
 from training.tokenizer import train_tokenizer
-
-SPEC = {"vision": {"depth": 3, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64},
-        "text": {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-                 "intermediate_size": 128}}
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +25,6 @@ def tower_and_pixels():
     pixels = torch.cat([e["pixel_values"] for e in encoded])
     grid = torch.cat([e["image_grid_thw"] for e in encoded])
     return model.model.visual, pixels, grid
-
-
-def first_tokens(feats: torch.Tensor, n: int, places: torch.Tensor) -> torch.Tensor:
-    """A ranking free of ties: each image's first n tokens in the tower's order."""
-    return torch.arange(n).expand(feats.shape[0], n)
 
 
 def hf(tower, pixels, grid, pruning: TowerPruning | None = None) -> torch.Tensor:
