@@ -18,7 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# On a CPU the Triton kernels run interpreted, and the variable must be set before anything imports triton
+# (transformers' masking utilities import torch._dynamo, which imports it): the device is read here, before torch
+# (without --device: a CPU where no NVIDIA device node exists, as torch.cuda.is_available() will then say).
+_device = (sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv[:-1]
+           else "cuda" if os.path.exists("/dev/nvidia0") else "cpu")
+if _device == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
