@@ -124,9 +124,9 @@ class LeanDecoder:
         where that is faster; elsewhere, and for quantized weights, nothing changes."""
         if not packs(self.device, self.dtype):
             return
-        tied = self.head_weight.data_ptr() == self.embed_weight.data_ptr()  # a packed copy would be a second one
-        if isinstance(self.head_weight, torch.Tensor) and not tied:
-            self.head_weight = PackedLinear(self.head_weight)
+        head = self.head_weight
+        if isinstance(head, torch.Tensor) and head.data_ptr() != self.embed_weight.data_ptr():  # tied: stays shared
+            self.head_weight = PackedLinear(head)
         for p in self.layers:
             for name in self.LINEARS:
                 if isinstance(p[name], torch.Tensor):
@@ -174,8 +174,8 @@ class LeanDecoder:
 
     def quant_bytes(self) -> int:
         """Bytes of the weights held other than as plain tensors (quantized, or packed)."""
-        held = [w for p in self.layers for w in p.values() if isinstance(w, (QuantLinear, PackedLinear))]
-        return sum(w.nbytes for w in held) + (0 if isinstance(self.head_weight, torch.Tensor) else self.head_weight.nbytes)
+        held = [w for p in self.layers for w in p.values()] + [self.head_weight]
+        return sum(w.nbytes for w in held if isinstance(w, (QuantLinear, PackedLinear)))
 
     def new_cache(self) -> KVCache:
         """An empty cache for a group of sequences (grown by its allocate)."""

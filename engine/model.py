@@ -12,6 +12,7 @@ Loading is safetensors-only; remote code runs only when the config asks for it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import NamedTuple
 
@@ -24,7 +25,6 @@ from engine.config import Compression
 from engine.decoder import LeanDecoder
 from engine.hf_decoder import HFDecoder
 from engine.parity import check
-from engine.tower_pruning import Handles
 from engine.request import shape_key, stack_arrays
 from engine.support import BLOCK_MASKS, HF_BACKEND, plan, refusal
 from engine.vision_tower import LeanTower, supports as lean_tower_supports
@@ -293,9 +293,9 @@ class LoadedModel:
             raise _Captured(kwargs)
 
         handle = self.language_model.register_forward_pre_hook(stop, with_kwargs=True)
-        tower = self._tower()
         try:
-            self.model.model(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs)
+            with self._tower():
+                self.model.model(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs)
         except _Captured as c:
             if c.kwargs.get("inputs_embeds") is None:
                 raise ValueError(f"{self.family} passes token ids, not embeddings, to its language model; "
@@ -303,28 +303,31 @@ class LoadedModel:
             return c.kwargs
         finally:
             handle.remove()
-            tower.remove()
         raise ValueError(f"{self.family} never called its language model; {HF_BACKEND}")
 
-
+    @contextlib.contextmanager
     def _tower(self):
         """For one forward of the model: the engine's own tower in the HF tower's place where it has one (with
-        in-tower pruning passed to it), else the pruner's hooks on HF's tower; returns what undoes it."""
+        in-tower pruning passed to it), else the pruner's hooks on HF's tower (attention ranking needs them)."""
         pruning = self.pruner.in_tower if self.pruner is not None else None
-        if self.lean_tower is None or (self.pruner is not None and pruning is None):  # attention ranking: HF's
-            return (self.pruner.hook() if self.pruner is not None else None) or Handles([])
+        if self.lean_tower is None or (self.pruner is not None and pruning is None):
+            handle = self.pruner.hook() if self.pruner is not None else None
+            try:
+                yield
+            finally:
+                if handle is not None:
+                    handle.remove()
+            return
         visual, lean = self.model.model.visual, self.lean_tower
 
         def forward(pixel_values, grid_thw=None, **_):
             return BaseModelOutputWithPooling(pooler_output=lean(pixel_values, grid_thw, pruning))
 
         visual.forward = forward
-        return _Restore(lambda: delattr(visual, "forward"))
-
-
-class _Restore:
-    def __init__(self, undo):
-        self.remove = undo
+        try:
+            yield
+        finally:
+            del visual.forward
 
 
 def prompt_positions(position_ids: torch.Tensor | None, n: int, width: int, device) -> torch.Tensor:
