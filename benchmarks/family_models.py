@@ -32,7 +32,8 @@ from PIL import Image, ImageDraw
 from benchmarks.family_tokenizers import family_tokenizer, vision_token_ids
 from engine.processor import image_only_processor_class
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "mllama", "florence2")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl", "aya_vision", "mistral3",
+            "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "mllama", "florence2")
 PAD_MULTIPLE = 64
 TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 1024}
@@ -44,6 +45,10 @@ SIGLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "n
           "patch_size": 14}
 GEMMA3_IMAGE, GEMMA3_TOKENS = 112, 16  # 8x8 patches pooled 2x2 into 16 image tokens
 PALIGEMMA_IMAGE = 56  # 4x4 patches: 16 image tokens
+CLIP_MEAN = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+PINPOINTS = [[48, 48], [48, 96], [96, 48], [96, 96]]  # LLaVA-NeXT/OneVision: 48-pixel tiles, up to 2x2
+TILE = 32  # Idefics3, SmolVLM, InternVL, Aya Vision: 32-pixel tiles of 8-pixel patches, 2x2 merged: 4 tokens each
 DRAFTERS = {"llava": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2_vl": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
             "qwen2_5_vl": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3_vl": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
             "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM), "paligemma": (tf.GemmaConfig, tf.GemmaForCausalLM)}
@@ -73,6 +78,16 @@ def _text(family: str, tok, vocab_size: int) -> dict:
                 "layer_types": ["sliding_attention", "full_attention"], **ids}
     if family == "paligemma":
         return {**TEXT, "vocab_size": vocab_size, "head_dim": 16, **ids}
+    if family in ("llava_onevision", "internvl"):  # Qwen2 text, <|endoftext|> the bos as Qwen's configs
+        ids["bos_token_id"] = tok.convert_tokens_to_ids("<|endoftext|>")
+        return {"model_type": "qwen2", **TEXT, "vocab_size": vocab_size, **ids}
+    if family == "aya_vision":  # Cohere2: sliding and global layers, parallel attention and MLP
+        return {"model_type": "cohere2", **TEXT, "vocab_size": vocab_size, "sliding_window": 8,
+                "layer_types": ["sliding_attention", "full_attention"], "logit_scale": 1.0, **ids}
+    if family == "mistral3":
+        return {"model_type": "mistral", **TEXT, "vocab_size": vocab_size, "head_dim": 16, **ids}
+    if family in ("idefics3", "smolvlm", "llava_next"):
+        return {"model_type": "llama", **TEXT, "vocab_size": vocab_size, **ids}
     return {**TEXT, "vocab_size": vocab_size, "tie_word_embeddings": True, **ids}  # llava, mllama (Llama text)
 
 
@@ -163,7 +178,91 @@ def _florence2(tok):
     return tf.Florence2ForConditionalGeneration(config), tf.Florence2Processor(image_processor, tok)
 
 
-BUILDERS = {"qwen2_vl": lambda t: _qwen("qwen2_vl", t), "qwen2_5_vl": lambda t: _qwen("qwen2_5_vl", t),
+def _llava_next(tok):
+    vision = {"model_type": "clip_vision_model", **TOWER, "image_size": 48, "patch_size": 12}
+    config = tf.LlavaNextConfig(vision_config=vision, text_config=_text("llava_next", tok, padded(len(tok))),
+                                image_token_index=tok.image_token_id, image_grid_pinpoints=PINPOINTS,
+                                vision_feature_select_strategy="default", vision_feature_layer=-1)
+    image_processor = tf.LlavaNextImageProcessorPil(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48},
+                                                    image_grid_pinpoints=PINPOINTS, **CLIP_MEAN)
+    processor = tf.LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=12,
+                                      vision_feature_select_strategy="default", chat_template=tok.chat_template,
+                                      num_additional_image_tokens=1)  # CLIP's class token
+    return tf.LlavaNextForConditionalGeneration(config), processor
+
+
+def _llava_onevision(tok):
+    vision = {"model_type": "siglip_vision_model", **TOWER, "image_size": 48, "patch_size": 12}
+    config = tf.LlavaOnevisionConfig(vision_config=vision, text_config=_text("llava_onevision", tok, padded(len(tok))),
+                                     image_token_index=tok.image_token_id, video_token_index=tok.video_token_id,
+                                     image_grid_pinpoints=PINPOINTS, vision_feature_select_strategy="full",
+                                     vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9")
+    image_processor = tf.LlavaOnevisionImageProcessorPil(size={"height": 48, "width": 48},
+                                                         image_grid_pinpoints=PINPOINTS, **HALF)
+    processor = image_only_processor_class(tf.LlavaOnevisionProcessor)(
+        image_processor=image_processor, tokenizer=tok, num_image_tokens=16, vision_feature_select_strategy="full",
+        chat_template=tok.chat_template, vision_aspect_ratio="anyres_max_9")
+    return tf.LlavaOnevisionForConditionalGeneration(config), processor
+
+
+def _idefics3(family: str, tok):
+    """Idefics3 or SmolVLM: each image split into TILE-pixel tiles plus a global view, 4 tokens per tile."""
+    vision = {**TOWER, "image_size": TILE, "patch_size": 8}
+    kwargs = dict(vision_config=vision, text_config=_text(family, tok, padded(len(tok))), scale_factor=2,
+                  image_token_id=tok.image_token_id)
+    sizes = dict(size={"longest_edge": 2 * TILE}, max_image_size={"longest_edge": TILE}, do_image_splitting=True,
+                 **HALF)
+    if family == "idefics3":
+        model = tf.Idefics3ForConditionalGeneration(tf.Idefics3Config(**kwargs))
+        processor = tf.Idefics3Processor(tf.Idefics3ImageProcessorPil(**sizes), tok, image_seq_len=4,
+                                         chat_template=tok.chat_template)
+    else:
+        model = tf.SmolVLMForConditionalGeneration(tf.SmolVLMConfig(**kwargs))
+        processor = image_only_processor_class(tf.SmolVLMProcessor)(
+            image_processor=tf.SmolVLMImageProcessorPil(**sizes), tokenizer=tok, video_processor=None, image_seq_len=4,
+            chat_template=tok.chat_template)
+    return model, processor
+
+
+def _internvl(tok):
+    vision = {**TOWER, "image_size": [TILE, TILE], "patch_size": [8, 8]}
+    config = tf.InternVLConfig(vision_config=vision, text_config=_text("internvl", tok, padded(len(tok))),
+                               image_token_id=tok.context_image_token_id, downsample_ratio=0.5)
+    image_processor = tf.GotOcr2ImageProcessorPil(size={"height": TILE, "width": TILE}, crop_to_patches=True,
+                                                  min_patches=1, max_patches=4, **HALF)
+    processor = image_only_processor_class(tf.InternVLProcessor)(
+        image_processor=image_processor, tokenizer=tok, image_seq_length=4, chat_template=tok.chat_template)
+    return tf.InternVLForConditionalGeneration(config), processor
+
+
+def _aya_vision(tok):
+    vision = {"model_type": "siglip_vision_model", **TOWER, "image_size": TILE, "patch_size": 8}
+    config = tf.AyaVisionConfig(vision_config=vision, text_config=_text("aya_vision", tok, padded(len(tok))),
+                                downsample_factor=2, image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"),
+                                vision_feature_select_strategy="full", vision_feature_layer=-1)
+    image_processor = tf.GotOcr2ImageProcessorPil(size={"height": TILE, "width": TILE}, crop_to_patches=True,
+                                                  min_patches=1, max_patches=4, **HALF)
+    processor = tf.AyaVisionProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8, img_size=TILE,
+                                      downsample_factor=2, chat_template=tok.chat_template)
+    return tf.AyaVisionForConditionalGeneration(config), processor
+
+
+def _mistral3(tok):
+    from engine.processor import pil_processor_class
+
+    vision = {"model_type": "pixtral", **TOWER, "head_dim": 16, "image_size": 64, "patch_size": 8}
+    config = tf.Mistral3Config(vision_config=vision, text_config=_text("mistral3", tok, padded(len(tok))),
+                               image_token_index=tok.image_token_id, spatial_merge_size=2, vision_feature_layer=-1)
+    image_processor = tf.PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size=8, **CLIP_MEAN)
+    processor = pil_processor_class("PixtralProcessor")(
+        image_processor=image_processor, tokenizer=tok, patch_size=8, spatial_merge_size=2,
+        chat_template=tok.chat_template)
+    return tf.Mistral3ForConditionalGeneration(config), processor
+
+
+BUILDERS = {"llava_next": _llava_next, "llava_onevision": _llava_onevision,
+            "idefics3": lambda t: _idefics3("idefics3", t), "smolvlm": lambda t: _idefics3("smolvlm", t),
+            "internvl": _internvl, "aya_vision": _aya_vision, "mistral3": _mistral3,"qwen2_vl": lambda t: _qwen("qwen2_vl", t), "qwen2_5_vl": lambda t: _qwen("qwen2_5_vl", t),
             "qwen3_vl": lambda t: _qwen("qwen3_vl", t), "gemma3": _gemma3, "paligemma": _paligemma, "llava": _llava,
             "mllama": _mllama, "florence2": _florence2}
 
@@ -205,7 +304,8 @@ def _save_model(model, tok, path: pathlib.Path, eos: list[int] | None = None) ->
 
 def _eos_ids(family: str, tok) -> list[int]:
     """The end-of-turn ids a chat model stops on, as the real generation_config.json lists them."""
-    extra = {"qwen": ["<|im_end|>", "<|endoftext|>"], "gemma3": ["<eos>", "<end_of_turn>"]}
+    extra = {"qwen": ["<|im_end|>", "<|endoftext|>"], "gemma3": ["<eos>", "<end_of_turn>"],
+             "llava_onevision": ["<|im_end|>", "<|endoftext|>"], "internvl": ["<|im_end|>", "<|endoftext|>"]}
     names = extra.get("qwen" if family.startswith("qwen") else family)
     return [tok.convert_tokens_to_ids(n) for n in names] if names else [tok.eos_token_id]
 
@@ -221,13 +321,18 @@ def build_family(family: str, path, seed: int = 0) -> pathlib.Path:
         _sharpen(model, len(tok), vision_token_ids(family, tok))
     _save_model(model, tok, path, _eos_ids(family, tok))
     processor.save_pretrained(path)
-    if family.startswith("qwen"):
-        _add_video_processor(path, "Qwen3VLVideoProcessor" if family == "qwen3_vl" else "Qwen2VLVideoProcessor")
+    if family in VIDEO_PROCESSORS:
+        _add_video_processor(path, VIDEO_PROCESSORS[family])
     return path
 
 
+VIDEO_PROCESSORS = {"qwen2_vl": "Qwen2VLVideoProcessor", "qwen2_5_vl": "Qwen2VLVideoProcessor",
+                    "qwen3_vl": "Qwen3VLVideoProcessor", "llava_onevision": "LlavaOnevisionVideoProcessor",
+                    "smolvlm": "SmolVLMVideoProcessor", "internvl": "InternVLVideoProcessor"}
+
+
 def _add_video_processor(path: pathlib.Path, video_processor_type: str) -> None:
-    """Write the video processor's entry a real Qwen checkpoint's processor_config.json has (the processor was
+    """Write the video processor's entry a real checkpoint's processor_config.json has (the processor was
     built without it: it needs torchvision), with the image processor's settings."""
     config_file = path / "processor_config.json"
     config = json.loads(config_file.read_text())

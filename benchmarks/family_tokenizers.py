@@ -21,6 +21,54 @@ from training.tokenizer import CHAT_TEMPLATE as LLAVA_TEMPLATE
 BPE_SIZE = 1000
 BPE_TEXTS = 300
 
+def _im_template(image: str, system: bool = True) -> str:
+    """A ChatML (<|im_start|>role ... <|im_end|>) template, each image written as `image`."""
+    return (
+        "{% for message in messages %}"
+        + ("{% if loop.first and message['role'] != 'system' %}"
+           "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}" if system else "")
+        + "<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}" + image +
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+ONEVISION_TEMPLATE = _im_template("<image>\n")
+INTERNVL_TEMPLATE = _im_template("<IMG_CONTEXT>\n")
+IDEFICS3_TEMPLATE = (  # Idefics3 / SmolVLM: "User:<image>prompt<end_of_utterance>\nAssistant:"
+    "<|im_start|>{% for message in messages %}"
+    "{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+AYA_TEMPLATE = (  # Cohere's turns
+    "{{ bos_token }}{% for message in messages %}"
+    "<|START_OF_TURN_TOKEN|>{{ '<|CHATBOT_TOKEN|>' if message['role'] == 'assistant' else '<|USER_TOKEN|>' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|END_OF_TURN_TOKEN|>"
+    "{% endfor %}{% if add_generation_prompt %}<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>{% endif %}"
+)
+MISTRAL3_TEMPLATE = (  # [INST]...[/INST], the image as one [IMG] the processor expands
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}[INST]{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}[IMG]{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %}[/INST]{% else %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+ROW_COL = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
 QWEN_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}"
@@ -114,8 +162,49 @@ SPECS = {
         roles={"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"},
         extra={"image_token": "<image>"},
     ),
+    "llava_onevision": Spec(
+        text=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        vision=["<image>", "<video>"],
+        roles={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+        extra={"image_token": "<image>", "video_token": "<video>"},
+        template=ONEVISION_TEMPLATE,
+    ),
+    "internvl": Spec(
+        text=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        vision=["<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
+        roles={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+        extra={"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+               "video_token": "<video>"},
+        template=INTERNVL_TEMPLATE,
+    ),
+    "idefics3": Spec(
+        text=["<|im_start|>", "<end_of_utterance>", "<|endoftext|>", "<unk>"],
+        vision=["<fake_token_around_image>", "<image>", "<global-img>", *ROW_COL],
+        roles={"bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>", "pad_token": "<|endoftext|>",
+               "unk_token": "<unk>"},
+        extra={"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+               "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"},
+        template=IDEFICS3_TEMPLATE,
+    ),
+    "aya_vision": Spec(
+        text=["<PAD>", "<UNK>", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<|START_OF_TURN_TOKEN|>", "<|USER_TOKEN|>",
+              "<|CHATBOT_TOKEN|>"],
+        vision=["<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>"],
+        roles={"bos_token": "<BOS_TOKEN>", "eos_token": "<|END_OF_TURN_TOKEN|>", "pad_token": "<PAD>",
+               "unk_token": "<UNK>"},
+        extra={"image_token": "<image>"},
+        template=AYA_TEMPLATE,
+    ),
+    "mistral3": Spec(
+        text=["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<pad>"],
+        vision=["[IMG]", "[IMG_BREAK]", "[IMG_END]"],
+        roles={"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"},
+        extra={"image_token": "[IMG]"},
+        template=MISTRAL3_TEMPLATE,
+    ),
 }
-FAMILY_SPEC = {"qwen2_vl": "qwen", "qwen2_5_vl": "qwen", "qwen3_vl": "qwen"}
+FAMILY_SPEC = {"qwen2_vl": "qwen", "qwen2_5_vl": "qwen", "qwen3_vl": "qwen", "llava_next": "llava",
+               "smolvlm": "idefics3"}
 
 
 @functools.lru_cache(maxsize=2)

@@ -21,9 +21,49 @@ def load_processor(model_path: str, trust_remote_code: bool = False):
 
     if not is_torchvision_available():
         cls = _saved_processor_class(model_path)
-        if cls is not None and image_only_processor_class(cls) is not cls:
+        if getattr(type(cls), "is_dummy", False) and cls.__name__ in PIL_PROCESSORS:
+            cls = pil_processor_class(cls.__name__)
+        if cls is not None and (image_only_processor_class(cls) is not cls or cls.__name__ in PIL_PROCESSORS):
             return image_only_processor_class(cls).from_pretrained(model_path, trust_remote_code=trust_remote_code)
     return AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+
+
+# processors whose module imports a torchvision image processor for one helper that the PIL image processor's
+# module defines too (the same function): {class: (its module, {torchvision module: PIL module})}
+PIL_PROCESSORS = {
+    "PixtralProcessor": ("transformers.models.pixtral.processing_pixtral",
+                         {"transformers.models.pixtral.image_processing_pixtral":
+                          "transformers.models.pixtral.image_processing_pil_pixtral"}),
+}
+
+
+@functools.cache
+def pil_processor_class(name: str):
+    """The processor class `name` (one of PIL_PROCESSORS) imported without torchvision: its module is imported with
+    the torchvision image processor's module standing for the PIL one's while it imports (Pixtral's processor
+    takes one size helper from it, defined identically in both). With torchvision, transformers' own class."""
+    import importlib
+    import sys
+
+    import transformers
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return getattr(transformers, name)
+    module_name, stand_ins = PIL_PROCESSORS[name]
+    if module_name not in sys.modules:
+        saved = {k: sys.modules.get(k) for k in stand_ins}
+        try:
+            for torchvision_module, pil_module in stand_ins.items():
+                sys.modules[torchvision_module] = importlib.import_module(pil_module)
+            importlib.import_module(module_name)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    sys.modules.pop(k, None)
+                else:
+                    sys.modules[k] = v
+    return getattr(sys.modules[module_name], name)
 
 
 def _saved_processor_class(model_path: str):
@@ -48,6 +88,11 @@ def _saved_processor_class(model_path: str):
         return PROCESSOR_MAPPING.get(type(AutoConfig.from_pretrained(model_path)))
     except (OSError, ValueError):  # no such model, no config, a model type transformers does not know...
         return None
+
+
+# processors whose own apply_chat_template only adds the video processor's frame sampling defaults (num_frames,
+# fps) before the common one: without a video processor, the common one renders the same image prompt
+TEMPLATE_READS_VIDEO_PROCESSOR = {"SmolVLMProcessor"}
 
 
 @functools.cache
@@ -78,6 +123,10 @@ def image_only_processor_class(cls):
             loaded = dict(zip(kept, super()._get_arguments_from_pretrained(*args, **kwargs)))
             return [loaded.get(a) for a in every]  # None in the video processor's place, as cls(...) takes it
 
+    if cls.__name__ in TEMPLATE_READS_VIDEO_PROCESSOR:
+        from transformers.processing_utils import ProcessorMixin
+
+        ImageOnly.apply_chat_template = ProcessorMixin.apply_chat_template
     ImageOnly.__name__ = ImageOnly.__qualname__ = cls.__name__
     ImageOnly.__module__ = cls.__module__
     ImageOnly.__doc__ = f"{cls.__name__} without its video processor (images only; no torchvision)."
