@@ -20,19 +20,10 @@ TOLERANCE = {torch.float32: 2e-3, torch.float16: 3e-2, torch.bfloat16: 8e-2}
 PROMPT = "Describe the picture in one sentence."
 
 
-def synthetic_image(width: int = 96, height: int = 80):
-    """A fixed image with structure in both axes (so an image-blind forward would show)."""
-    from PIL import Image
-
-    y, x = np.mgrid[0:height, 0:width]
-    rgb = np.stack([(x * 255) // width, (y * 255) // height, ((x // 8 + y // 8) % 2) * 255], axis=-1)
-    return Image.fromarray(rgb.astype(np.uint8), "RGB")
-
-
 def sample_inputs(model) -> tuple[list[int], dict[str, np.ndarray], str]:
     """(prompt ids, the processor's image tensors, what the prompt is) for the model at model.path."""
     if model.is_vlm:
-        from engine.processor import encode, load_processor
+        from engine.processor import encode, load_processor, synthetic_image
 
         try:
             processor = load_processor(model.path)

@@ -152,6 +152,31 @@ def chat_text(processor, prompt: str) -> str:
     return f"{getattr(processor, 'image_token', '<image>')}\n{prompt}"
 
 
+def synthetic_image(width: int = 96, height: int = 80):
+    """A fixed image with structure in both axes (so an image-blind forward would show)."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([(x * 255) // width, (y * 255) // height, ((x // 8 + y // 8) % 2) * 255], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def check_processor(model_path: str, trust_remote_code: bool = False) -> None:
+    """Refuse (ValueError, one line) a model whose processor cannot be loaded here, or fails on a one-image
+    prompt: every row of a job would fail the same way."""
+    from engine.request import one_line
+
+    try:
+        processor = load_processor(model_path, trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - whatever stops it would stop every row
+        raise ValueError(f"its processor cannot be loaded: {one_line(e)}") from None
+    try:
+        encode(processor, "Describe the picture in one sentence.", synthetic_image())
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"its processor fails on a one-image prompt, as it would on every row: {one_line(e)}"
+                         ) from None
+
+
 def encode(processor, prompt: str, image) -> tuple[list[int], dict[str, np.ndarray]]:
     """A one-image prompt's token ids and the processor's other outputs (image tensors, token types)."""
     enc = processor(text=[chat_text(processor, prompt)], images=[image], return_tensors="np")

@@ -223,9 +223,9 @@ def run_job(config: str | Path | dict | JobConfig, overrides: list[str] | None =
 def decoder_plan(cfg: JobConfig) -> dict:
     """Which decoder the job's target runs on and why (from its config alone: engine/support.py). A model that
     no specray decoder runs exactly, or whose processor cannot be loaded here, is a config error naming
-    model.target: otherwise every row would fail the same way."""
-    from engine.processor import load_processor
-    from engine.request import one_line
+    model.target: otherwise every row would fail the same way. So is one whose processor fails on a one-image
+    prompt."""
+    from engine.processor import check_processor
     from engine.support import check_model
 
     engine = cfg.engine()
@@ -240,9 +240,9 @@ def decoder_plan(cfg: JobConfig) -> dict:
             plan = {"kind": "unknown", "reason": "the target's config could not be read here", "parity_check": False}
     if Path(engine.target).is_dir():  # a hub id is left to the actors (the driver may not reach the hub)
         try:
-            load_processor(engine.target, engine.trust_remote_code)
-        except Exception as e:  # noqa: BLE001 - whatever stops it would stop every row
-            raise ConfigError(f"model.target: its processor cannot be loaded: {one_line(e)}") from None
+            check_processor(engine.target, engine.trust_remote_code)
+        except ValueError as e:  # whatever stops it would stop every row
+            raise ConfigError(f"model.target: {e}") from None
     return plan
 
 

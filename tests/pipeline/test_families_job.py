@@ -1,4 +1,4 @@
-"""The families through the CLI: a job over a tiny Qwen2.5-VL and a tiny Gemma 3, each with its own saved
+"""The families through the CLI: a job over a tiny Qwen2.5-VL, Gemma 3, SmolVLM and Mistral3, each with its own saved
 processor, on this machine without torchvision, gives the `hf` backend's output row for row (the backend run on
 the same images and questions); Mllama and Florence-2 are refused at start with one line (exit 2), before any
 work. The other families run through the job on both backends in benchmarks/families.py --job."""
@@ -17,7 +17,7 @@ from benchmarks.family_models import build_family, sample_images
 from engine.config import EngineConfig
 from engine.hf_backend import HFBackend
 from engine.processor import encode, load_processor
-from engine.request import Request, SamplingParams
+from engine.request import Request, SamplingParams, shape_key
 from tests.conftest import run_cli
 
 QUESTIONS = ["What is shown?", "Describe the colours.", "Count the shapes."]
@@ -38,13 +38,19 @@ def write_rows(tmp_path, n: int = 12) -> list:
 
 
 def hf_backend_texts(model, rows) -> dict:
-    """The hf backend (model.generate, left-padded batches, float32) on the same images and questions."""
+    """The hf backend (model.generate, left-padded batches of same-shaped image tensors, as the job's actors group
+    them, float32) on the same images and questions."""
     processor = load_processor(str(model))
     requests = [Request(key=f"r{i}", input_ids=ids, model_inputs=arrays)
                 for i, (ids, arrays) in enumerate(encode(processor, q, image) for image, q in rows)]
-    results = HFBackend(EngineConfig(str(model), backend="hf", dtype="float32")).generate(
-        requests, SamplingParams(max_new_tokens=12))
-    return {r.key: res.text for r, res in zip(requests, results)}
+    backend = HFBackend(EngineConfig(str(model), backend="hf", dtype="float32"))
+    groups: dict[tuple, list[Request]] = {}
+    for r in requests:
+        groups.setdefault(shape_key(r.model_inputs), []).append(r)
+    out = {}
+    for group in groups.values():
+        out |= {r.key: res.text for r, res in zip(group, backend.generate(group, SamplingParams(max_new_tokens=12)))}
+    return out
 
 
 def config(tmp_path, model, backend: str, out: str):
@@ -67,7 +73,7 @@ def texts(out) -> dict:
     return {r["key"]: r["text"] for r in rows}
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3", "smolvlm", "mistral3"])
 def test_a_family_job_with_its_own_processor_equals_the_hf_backend(name, tmp_path, ray_address):
     assert importlib.util.find_spec("torchvision") is None
     model = build_family(name, tmp_path / "model")
@@ -106,3 +112,18 @@ def test_a_model_whose_processor_cannot_load_here_is_refused_at_start(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("config error: model.target: its processor cannot be loaded")
+
+
+def test_a_model_whose_processor_fails_on_every_row_is_refused_at_start(tmp_path):
+    """A processor that loads but fails on any one-image prompt (here its chat template raises) would turn the job
+    into error rows, on either backend: one line, exit 2, no work."""
+    model = build_family("qwen2_5_vl", tmp_path / "model")
+    (model / "chat_template.jinja").write_text("{{ raise_exception('this template takes no images') }}")
+    write_rows(tmp_path, 2)
+    for backend in ("hf", "specray"):
+        done = run_cli("run", str(config(tmp_path, model, backend, f"out-{backend}")))
+        assert done.returncode == 2, done.stderr[-2000:]
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            "config error: model.target: its processor fails on a one-image prompt"), lines
+        assert not (tmp_path / f"out-{backend}").exists() or not list((tmp_path / f"out-{backend}").glob("part-*"))

@@ -14,15 +14,19 @@ from PIL import Image
 
 from actors.generate_rows import read_tensors
 from benchmarks.family_models import build_family, sample_images
-from engine.processor import chat_text, load_processor
+from engine.processor import chat_text, check_processor, load_processor
 from pipeline.preprocess import preprocess_row
 
-GENERATING = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma")
+GENERATING = ("llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl", "aya_vision", "mistral3",
+              "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma")
 LOAD_ONLY = ("mllama", "florence2")  # the engine refuses them; their processors still have to load
 # image tokens in input_ids for a 96x96 image: 4x4 CLIP patches of 12; Qwen resized to 112 (patch 14) or 128
 # (patch 16), 8x8 patches merged 2x2; Gemma3 8x8 SigLIP patches pooled 2x2; PaliGemma 4x4 patches; Mllama one
-# <|image|> (its image goes in by cross-attention); Florence-2 4x4 + 1.
-IMAGE_TOKENS = {"llava": 16, "qwen2_vl": 16, "qwen2_5_vl": 16, "qwen3_vl": 16, "gemma3": 16, "paligemma": 16,
+# <|image|> (its image goes in by cross-attention); Florence-2 4x4 + 1. LLaVA-NeXT and OneVision: 4x4 for the
+# base image, 2x2 tiles of 4x4 and a newline per row of 8; Idefics3, SmolVLM, InternVL, Aya Vision: 2x2 tiles and
+# the global view, 4 tokens each; Mistral3 (Pixtral): 96 resized to 64, 8x8 patches merged 2x2.
+IMAGE_TOKENS = {"llava_next": 88, "llava_onevision": 88, "idefics3": 20, "smolvlm": 20, "internvl": 20,
+                "aya_vision": 20, "mistral3": 16, "llava": 16, "qwen2_vl": 16, "qwen2_5_vl": 16, "qwen3_vl": 16, "gemma3": 16, "paligemma": 16,
                 "mllama": 1, "florence2": 17}
 PROMPT = "What color is the circle?"
 
@@ -122,3 +126,26 @@ def test_qwen_checkpoint_in_the_older_layout_loads(families, tmp_path):
     ids, inputs = preprocess(str(path), sample_images(1)[0].resize((96, 96)))
     assert ids == preprocess(families["qwen2_vl"], sample_images(1)[0].resize((96, 96)))[0]
     assert type(load_processor(str(path))).__name__ == "Qwen2VLProcessor"
+
+
+def test_a_processor_that_fails_on_every_row_is_refused_with_one_line(families, tmp_path):
+    """A processor that loads but fails on a one-image prompt (here: a chat template that raises) would make
+    every row an error row: check_processor (called at a job's start) refuses it with one line."""
+    path = tmp_path / "qwen"
+    shutil.copytree(families["qwen2_5_vl"], path)
+    (path / "chat_template.jinja").write_text("{{ raise_exception('this template takes no images') }}")
+    load_processor.cache_clear()
+    with pytest.raises(ValueError) as e:
+        check_processor(str(path))
+    assert "\n" not in str(e.value) and str(e.value).startswith("its processor fails on a one-image prompt")
+    assert "this template takes no images" in str(e.value)
+    check_processor(families["qwen2_5_vl"])  # the family's own passes
+
+
+@pytest.mark.parametrize("family", ["smolvlm", "mistral3"])
+def test_smolvlm_and_mistral3_processors_run_without_torchvision(families, family):
+    """SmolVLM's chat template read its (missing) video processor's defaults; Pixtral's processor module imports
+    the torchvision image processor. Both now run on their PIL image processors."""
+    check_processor(families[family])
+    processor = load_processor(families[family])
+    assert type(processor.image_processor).__name__.endswith("Pil")
