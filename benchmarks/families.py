@@ -30,7 +30,7 @@ from engine.config import EngineConfig
 from engine.engine import SpecEngine
 from engine.hf_backend import HFBackend
 from engine.processor import encode, load_processor
-from engine.request import Request, SamplingParams
+from engine.request import Request, SamplingParams, shape_key
 from engine.support import check_model
 
 QUESTIONS = ["What is shown?", "Describe the colours.", "Count the shapes.", "Where is the light?"]
@@ -62,8 +62,12 @@ def speed(path: str, requests, params, device, repeats: int, batch: int) -> dict
     engine = SpecEngine(EngineConfig(path, None, dtype="bfloat16", max_batch_size=batch), device=device)
     runs = {"hf": [], "specray": []}
 
+    groups: dict[tuple, list[Request]] = {}  # one generate per shape of image tensors, as the job's actors group
+    for r in requests:
+        groups.setdefault(shape_key(r.model_inputs), []).append(r)
+
     def hf_call():
-        return [r for i in range(0, len(requests), batch) for r in hf.generate(requests[i:i + batch], params)]
+        return [r for g in groups.values() for i in range(0, len(g), batch) for r in hf.generate(g[i:i + batch], params)]
 
     calls = {"hf": hf_call, "specray": lambda: engine.generate(requests, params)}
     for name in calls:  # warm-up
@@ -119,6 +123,7 @@ def main() -> None:
     header = "| family | decoder | exact fp32 (none / n-gram) | HF bf16 tok/s | specray bf16 tok/s | ratio |"
     print(header + (" job specray = hf |" if args.job else ""))
     print("|---" * (header.count("|") - 1 + args.job) + "|")
+    exact_families, refused = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
             path = str(build_family(family, Path(tmp) / family))
@@ -126,6 +131,7 @@ def main() -> None:
                 plan = check_model(path)
             except ValueError as e:
                 print(f"| {family} | refused: {str(e).split(': ', 1)[1][:110]} | | | | |" + (" |" if args.job else ""))
+                refused.append(family)
                 continue
             requests = requests_for(path, args.rows)
             ref = hf_rows(path, requests, params, args.device)
@@ -135,12 +141,16 @@ def main() -> None:
                                     device=args.device)
                 got = [r.text for r in engine.generate(requests, params)]
                 exact.append(f"{sum(a == b for a, b in zip(got, ref))}/{len(ref)}")
+            if all(e == f"{len(ref)}/{len(ref)}" for e in exact):
+                exact_families.append(family)
             s = speed(path, requests, params, args.device, args.repeats, args.batch)
             line = (f"| {family} | {plan.kind} ({plan.reason}) | {' / '.join(exact)} | {s['hf_tps']:.1f} | "
                     f"{s['specray_tps']:.1f} | **{s['ratio']:.2f}x** |")
             if args.job:
                 line += f" {job(path, Path(tmp) / f'{family}-job', args.rows, args.new_tokens)} |"
             print(line, flush=True)
+    print(f"\n{len(exact_families)} exact ({', '.join(exact_families)}); {len(refused)} refused "
+          f"({', '.join(refused)}); {len(args.families) - len(exact_families) - len(refused)} neither")
 
 
 if __name__ == "__main__":
