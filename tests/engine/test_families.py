@@ -9,11 +9,19 @@ batch 1 and 32 for every drafter.
 """
 from __future__ import annotations
 
+import collections
+import hashlib
+import json
+import random
+import shutil
+
+import numpy as np
 import pytest
 import torch
 
 from benchmarks.family_models import build_family, build_text_drafter, sample_images
 from engine.config import Compression, EngineConfig
+from engine.drafter import LocalDrafter
 from engine.engine import SpecEngine
 from engine.processor import encode, load_processor
 from engine.request import Request, SamplingParams
@@ -36,8 +44,9 @@ def requests_for(path, images, questions) -> list[Request]:
 
 
 @torch.inference_mode()
-def hf_greedy(path, requests: list[Request]) -> list[list[int]]:
-    """HF generate, one row at a time, float32: the reference (EOS stripped, as the engine reports tokens)."""
+def hf_greedy(path, requests: list[Request], with_eos: bool = False) -> list[list[int]]:
+    """HF generate, one row at a time, float32: the reference (EOS stripped, as the engine reports tokens; kept
+    with `with_eos`)."""
     from transformers import AutoModelForImageTextToText
 
     from engine.model import eos_ids
@@ -54,7 +63,8 @@ def hf_greedy(path, requests: list[Request]) -> list[list[int]]:
         out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=sorted(eos),
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)[0, ids.shape[1]:]
         tokens = out.tolist()
-        refs.append(tokens[:next((i for i, t in enumerate(tokens) if t in eos), len(tokens))])
+        stop = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))
+        refs.append(tokens[:stop + 1] if with_eos else tokens[:stop])
     return refs
 
 
@@ -216,3 +226,169 @@ def test_the_parity_check_refuses_a_decoder_that_drops_the_models_attention_rule
         monkeypatch.setattr(model, "BLOCK_MASKS", {})
     with pytest.raises(ValueError, match=rf"disagrees with {name}'s own forward at generated position \d"):
         SpecEngine(EngineConfig(f["path"], None, dtype="float32"))
+
+
+def row_key(ids: list[int], arrays: dict) -> str:
+    """A row's identity as a drafter sees it at admission: its prompt ids and image tensors."""
+    h = hashlib.sha1(np.asarray(ids, dtype=np.int64).tobytes())
+    for k in sorted(arrays):
+        h.update(k.encode() + np.ascontiguousarray(arrays[k]).tobytes())
+    return h.hexdigest()
+
+
+class OracleDrafter(LocalDrafter):
+    """Proposes the target's own continuation of each row (HF's greedy tokens, the EOS included where the row
+    stops on it), with a seeded fraction `corrupt` of the proposed tokens replaced by another token the target
+    emits: about half the drafted tokens are accepted, and many rounds end in a partial acceptance that the
+    engine must roll back. It counts the rounds by outcome."""
+
+    def __init__(self, continuations: dict[str, list[int]], corrupt: float = 0.25, seed: int = 0):
+        self.continuations, self.corrupt, self.salt = continuations, corrupt, seed
+        self.pool = sorted({t for c in continuations.values() for t in c})
+        self.rows: list[str | None] = []
+        self.last: list[int] = []
+        self.rounds = collections.Counter()  # "all accepted" | "partial" | "none accepted"
+
+    def allocate(self, slots, max_len):
+        self.rows = [None] * slots
+
+    def seed(self, seed):
+        pass
+
+    def admit(self, first, prompts, arrays):
+        for i, (ids, a) in enumerate(zip(prompts, arrays)):
+            self.rows[first + i] = row_key(ids, a or {})
+
+    def propose(self, histories, k, params):
+        drafts = torch.zeros(len(histories), k, dtype=torch.long)
+        num = torch.zeros(len(histories), dtype=torch.long)
+        for i, h in enumerate(histories):
+            key = self.rows[i]
+            for j, t in enumerate(self.continuations[key][len(h):len(h) + k]):
+                rng = random.Random(f"{self.salt}:{key}:{len(h) + j}")
+                drafts[i, j] = rng.choice([u for u in self.pool if u != t]) if rng.random() < self.corrupt else t
+                num[i] = j + 1
+        self.last = num.tolist()
+        return drafts, num, None
+
+    def commit(self, accepted):
+        for a, m in zip(accepted, self.last):
+            if m:
+                self.rounds["all accepted" if a == m else "partial" if a else "none accepted"] += 1
+
+    def move(self, src, dst):
+        for s_, d in zip(src, dst):
+            self.rows[d] = self.rows[s_]
+
+    def fork(self):
+        return self
+
+
+EOS_ROWS = 16
+
+
+def extra_eos(refs: list[list[int]], lo: int = 4, most: int = 6) -> list[int]:
+    """Tokens to end rows on: ones the rows emit, never before position `lo` of any row, taken most frequent
+    first while they end at most `most` rows early."""
+    first: dict[int, int] = {}  # token -> its earliest position in any row
+    for r in refs:
+        for i, t in enumerate(r):
+            first[t] = min(first.get(t, i), i)
+    counts = collections.Counter(t for r in refs for t in set(r) if first[t] >= lo)
+    chosen: list[int] = []
+    for t, _ in counts.most_common():
+        if sum(any(u in chosen + [t] for u in r) for r in refs) <= most:
+            chosen.append(t)
+    return chosen
+
+
+def with_eos(name: str, tmp_path_factory) -> dict:
+    """The family's checkpoint, copied with more EOS ids in its generation config (tokens its rows emit, from
+    their fifth token on): HF's outputs for EOS_ROWS rows then stop on them in some rows."""
+    f = family(name, tmp_path_factory)
+    if "eos" not in f:
+        path = tmp_path_factory.mktemp(f"{name}-eos") / "model"
+        shutil.copytree(f["path"], path)
+        config = json.loads((path / "generation_config.json").read_text())
+        eos = config["eos_token_id"]
+        config["eos_token_id"] = (eos if isinstance(eos, list) else [eos]) + extra_eos(f["refs"][:EOS_ROWS])
+        (path / "generation_config.json").write_text(json.dumps(config))
+        requests = f["requests"][:EOS_ROWS]
+        full = hf_greedy(path, requests, with_eos=True)
+        eos = set(config["eos_token_id"])
+        f["eos"] = {"path": str(path), "requests": requests, "refs": [c[:-1] if c and c[-1] in eos else c for c in full],
+                    "continuations": {row_key(r.input_ids, r.model_inputs): c for r, c in zip(requests, full)}}
+    return f["eos"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_oracle_drafts_are_half_accepted_and_partial_rollbacks_stay_exact(name, tmp_path_factory):
+    """Drafts the target mostly accepts: the engine's output is still HF's token for token, at batch 8 over 16
+    rows (slots refilled), with rows ending on EOS, about half the drafted tokens accepted, and many rounds
+    rolled back after a partial acceptance."""
+    e = with_eos(name, tmp_path_factory)
+    stopped = sum(len(r) < NEW_TOKENS for r in e["refs"])
+    assert 3 <= stopped <= EOS_ROWS - 3, stopped  # rows that end on EOS, and rows that run to max_new_tokens
+    engine = SpecEngine(EngineConfig(e["path"], None, dtype="float32", max_batch_size=8, num_draft_tokens=4))
+    engine.drafter = oracle = OracleDrafter(e["continuations"])
+    results = engine.generate(e["requests"], PARAMS)
+    assert [r.token_ids for r in results] == e["refs"]
+    assert [r.finish_reason for r in results] == ["stop" if len(r) < NEW_TOKENS else "length" for r in e["refs"]]
+    st = engine.stats
+    assert st.accepted >= 0.3 * st.drafted and st.drafted >= 100, (st.accepted, st.drafted)
+    assert oracle.rounds["partial"] >= 10 and oracle.rounds["all accepted"] >= 5, oracle.rounds
+    assert oracle.rounds["none accepted"] >= 3, oracle.rounds
+    print(name, f"accepted {st.accepted}/{st.drafted}", dict(oracle.rounds), f"{stopped} rows end on EOS")
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sampled_with_oracle_drafts(name, tmp_path_factory):
+    """Sampling through speculation (rejection sampling, residual resampling, rollback). With top_k=1 the target's
+    distribution is one point, so the sampled output must be HF's greedy token for token, whatever the drafts.
+    With temperature 1 and top_k=3: the same seed gives the same rows, another seed other rows, and every sampled
+    token is one of the target's 3 most likely at its position by HF's own forward over the sampled row."""
+    from transformers import AutoModelForImageTextToText
+
+    from engine.request import stack_arrays
+
+    e = with_eos(name, tmp_path_factory)
+    requests = e["requests"][:8]
+
+    def sample(params):
+        engine = SpecEngine(EngineConfig(e["path"], None, dtype="float32", max_batch_size=8, num_draft_tokens=4))
+        engine.drafter = oracle = OracleDrafter(e["continuations"])
+        return [r.token_ids for r in engine.generate(requests, params)], engine.stats, oracle
+
+    point, st, oracle = sample(SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=1, seed=3))
+    assert point == e["refs"][:8]
+    assert st.accepted >= 0.3 * st.drafted and oracle.rounds["partial"] >= 3, (st.accepted, st.drafted)
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=3, seed=5)
+    first, st, _ = sample(params)
+    assert first == sample(params)[0]
+    assert first != sample(SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=3, seed=6))[0]
+    assert first != e["refs"][:8] and st.accepted > 0
+    model = AutoModelForImageTextToText.from_pretrained(e["path"], dtype=torch.float32).eval()
+    for r, out in zip(requests, first):  # HF's own generate, forced to the sampled tokens, its logits at each
+        if not out:
+            continue  # the row's first token was an EOS
+        ids = torch.tensor([r.input_ids])
+        inputs = stack_arrays([r.model_inputs], torch.float32, "cpu", ids.shape[1])
+        forced = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs, do_sample=False,
+                                max_new_tokens=len(out), logits_processor=[Forced(out, ids.shape[1])],
+                                output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        assert forced.sequences[0, ids.shape[1]:].tolist() == out
+        top3 = torch.cat(forced.logits).topk(3, -1).indices
+        assert all(t in top3[i].tolist() for i, t in enumerate(out)), (name, out, top3.tolist())
+
+
+class Forced:
+    """A logits processor that makes generate emit `tokens` (the raw logits are still returned)."""
+
+    def __init__(self, tokens: list[int], prompt_len: int):
+        self.tokens, self.prompt_len = tokens, prompt_len
+
+    def __call__(self, input_ids, scores):
+        out = torch.full_like(scores, -float("inf"))
+        out[:, self.tokens[input_ids.shape[1] - self.prompt_len]] = 0
+        return out
