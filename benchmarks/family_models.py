@@ -49,7 +49,10 @@ CLIP_MEAN = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.
 TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 PINPOINTS = [[48, 48], [48, 96], [96, 48], [96, 96]]  # LLaVA-NeXT/OneVision: 48-pixel tiles, up to 2x2
 TILE = 32  # Idefics3, SmolVLM, InternVL, Aya Vision: 32-pixel tiles of 8-pixel patches, 2x2 merged: 4 tokens each
-DRAFTERS = {"llava": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2_vl": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+LLAMA, QWEN2 = (tf.LlamaConfig, tf.LlamaForCausalLM), (tf.Qwen2Config, tf.Qwen2ForCausalLM)
+DRAFTERS = {"llava": LLAMA, "llava_next": LLAMA, "idefics3": LLAMA, "smolvlm": LLAMA, "llava_onevision": QWEN2,
+            "internvl": QWEN2, "mistral3": (tf.MistralConfig, tf.MistralForCausalLM),
+            "aya_vision": (tf.Cohere2Config, tf.Cohere2ForCausalLM), "qwen2_vl": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
             "qwen2_5_vl": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3_vl": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
             "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM), "paligemma": (tf.GemmaConfig, tf.GemmaForCausalLM)}
 
@@ -364,7 +367,7 @@ def build_text_drafter(family: str, target_path, path, seed: int = 1, vocab: str
     else:
         raise ValueError(f"vocab must be 'same', 'prefix' or 'different', not {vocab!r}")
     config_class, model_class = DRAFTERS[family]
-    fields = _text(family, tok, vocab_size)
+    fields = {k: v for k, v in _text(family, tok, vocab_size).items() if k != "model_type"}
     if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         fields["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
         fields["tie_word_embeddings"] = True
