@@ -50,7 +50,8 @@ class GenerateActor:
         if trainer is not None:
             from actors.drafter_trainer import DrafterUpdates
             self.updates = DrafterUpdates(trainer, self.engine)
-        self.startup.loaded()
+        parity = getattr(getattr(self.engine, "target", None), "parity", None)  # the hf backend has none
+        self.startup.loaded(parity["seconds"] if parity else None)
 
     def _evaluate(self, requests: dict[int, Request], results: list[Result | None]) -> dict[int, tuple[int, int, bool]]:
         """Greedy agreement with the uncompressed target on the sampled rows: {row: (tokens, agreed, exact)}."""

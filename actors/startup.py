@@ -23,8 +23,9 @@ class StartupLog:
         self.run_id = run_id
         self.times = {"import_start": IMPORT_START, "imports_done": imports_done, "load_start": time.time()}
 
-    def loaded(self) -> None:
-        self.times["load_done"] = time.time()
+    def loaded(self, parity_s: float | None = None) -> None:
+        """The engine is loaded; `parity_s`: what its parity check at load (engine/parity.py) cost of that."""
+        self.times.update(load_done=time.time(), parity_s=parity_s)
 
     def batch(self, started: float) -> None:
         """A batch that began at `started` just ended: the first one is published."""
@@ -68,6 +69,7 @@ def phases(job_start: float, ray_called: float | None, ray_ready: float | None, 
             actor_start_s=max(0.0, a["import_start"] - ray_ready),  # worker process, Ray's set-up, scheduling
             imports_s=a["imports_done"] - a["import_start"],
             model_load_s=a["load_done"] - a["load_start"],
+            parity_check_s=a.get("parity_s"),  # part of model_load_s (None: no check ran)
             wait_first_batch_s=max(0.0, a["first_batch_start"] - a["load_done"]),  # read + preprocess not yet there
             first_batch_s=a["first_batch_done"] - a["first_batch_start"],
             model_load_spread_s=[min(x["load_done"] - x["load_start"] for x in done),

@@ -396,3 +396,46 @@ class Forced:
         out = torch.full_like(scores, -float("inf"))
         out[:, self.tokens[input_ids.shape[1] - self.prompt_len]] = 0
         return out
+
+
+def planted(kind: str):
+    """LeanDecoder.forward with a bug in the rotary positions of the tokens after the prompt: "batch max" (every
+    row at the batch's largest position: right at batch 1, wrong in every shorter row of a batch) or "rope +1"."""
+    from engine.decoder import LeanDecoder
+
+    forward = LeanDecoder.forward
+
+    def wrong(self, cache, x, starts, first=0, last=None, kv_only=False, positions=None, blocks=None,
+              deepstack=None):
+        if positions is None:
+            n, t, _ = x.shape
+            rp = starts[:, None] + torch.arange(t)[None] + cache.rope_offset[first:first + n, None]
+            positions = rp.amax(0, keepdim=True).expand_as(rp) if kind == "batch max" else rp + 1
+        return forward(self, cache, x, starts, first, last, kv_only, positions, blocks, deepstack)
+
+    return wrong
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl", "gemma3", "llava_next"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_parity_check_catches_a_batch_only_bug_and_a_rope_offset(name, dtype, tmp_path_factory, monkeypatch):
+    """The check runs two rows of different prompt lengths and image sizes as one batch, 8 tokens each: the
+    correct decoder passes in float32 and bfloat16 (its cost and figures reported), a decoder putting every row
+    at the batch's largest position (invisible at batch 1) is refused, and so is a rope offset of +1."""
+    import engine.parity as parity
+    from engine.decoder import LeanDecoder
+    from engine.model import LoadedModel
+
+    f = family(name, tmp_path_factory)
+    ok = SpecEngine(EngineConfig(f["path"], None, dtype=dtype)).target.parity
+    assert ok["rows"] == 2 and ok["positions"] == 8 and ok["prompt_tokens"][0] != ok["prompt_tokens"][1]
+    assert ok["seconds"] > 0 and ok["max_rel_rms"] < (parity.REL_RMS.get(getattr(torch, dtype)) or 1e-3)
+    monkeypatch.setattr(LeanDecoder, "forward", planted("batch max"))
+    m = LoadedModel(f["path"], "cpu", getattr(torch, dtype), learning=True)
+    rows, _ = parity.sample_inputs(m)
+    ref, tokens = parity.reference_logits(m, *rows[1])  # the longer row alone, at batch 1, passes
+    assert not parity.compare(ref[None], parity.engine_logits(m, rows[1:], [tokens]), m.dtype)[0].any()
+    for kind in ("batch max", "rope +1"):
+        monkeypatch.setattr(LeanDecoder, "forward", planted(kind))
+        with pytest.raises(ValueError, match=rf"disagrees with {name}'s own forward at generated position \d of row"):
+            SpecEngine(EngineConfig(f["path"], None, dtype=dtype))

@@ -85,6 +85,8 @@ def test_a_family_job_with_its_own_processor_equals_the_hf_backend(name, tmp_pat
     assert len(set(spec.values())) > 6  # the rows' answers differ
     metrics = json.loads((tmp_path / "specray" / "metrics.json").read_text())
     assert metrics["decoder"]["kind"] == "lean" and metrics["decoder"]["parity_check"]
+    # what the check at load cost (two rows, 8 tokens: HF's generate and the engine's forward), within the load
+    assert 0 < metrics["startup"]["parity_check_s"] < metrics["startup"]["model_load_s"]
     assert metrics["drafted_tokens"] > 0
 
 
