@@ -4,7 +4,9 @@
 config.json, generation_config.json, the tokenizer, and the processor (the family's own processor class with its
 PIL image processor, and its chat template). Every model is a real transformers architecture at toy size:
 hidden 64, 2 text layers, 1-2 vision layers, 16 image tokens for a 96x96 image (Qwen: 16 to 48 by image size;
-Mllama: one, as its image goes in by cross-attention), a vocabulary of ~530 tokens (PaliGemma: ~1,700 with its
+LLaVA-NeXT and OneVision: 48-pixel tiles, 88 tokens; Idefics3, SmolVLM, InternVL, Aya Vision: 32-pixel tiles of 4
+tokens plus a global view; Mistral3: Pixtral at the image's own size; Mllama: one, as its image goes in by
+cross-attention), a vocabulary of ~530 tokens (PaliGemma: ~1,700 with its
 location and segmentation tokens). The text vocabulary is padded to a multiple of 64 rows, as
 real checkpoints pad theirs; the padding rows' output weights are zero, so greedy decoding never picks them.
 
@@ -16,8 +18,10 @@ text architecture with the target's tokenizer ("same"), the target's tokenizer m
 fewer embedding rows ("prefix"), or a tokenizer that numbers the same tokens differently ("different").
 
 mllama and florence2 only have to load (the engine refuses them); their models are not tuned to discriminate.
-Qwen processors are built and saved without their video processor (it needs torchvision; the pipeline is
-image-only), through engine.processor.image_only_processor_class.
+Processors with a video processor (Qwen, LLaVA-OneVision, SmolVLM, InternVL) are built and saved without it (it needs
+torchvision; the pipeline is image-only), through engine.processor.image_only_processor_class, and its entry is
+written into processor_config.json as a real checkpoint has it; Mistral3's Pixtral processor through
+engine.processor.pil_processor_class.
 """
 from __future__ import annotations
 
