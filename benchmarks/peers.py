@@ -199,7 +199,7 @@ def main() -> None:
     models = Path(args.models)
     only = set(args.only.split(",")) if args.only else None
     processor = load_processor(str(models / "target"))
-    print(f"# peers: {args.rows} held-out rows, greedy, max {PARAMS.max_new_tokens} new tokens, batch {BATCH}; "
+    print(f"# peers: {args.rows} held-out rows, greedy, max {PARAMS.max_new_tokens} new tokens, specray batch {EngineConfig.max_batch_size}, HF batch {HF_BATCH}; "
           f"{args.device}, CPU flags: {cpu_flags()}; {args.threads} threads; torch {torch.__version__}")
     figures: dict = {"rows": args.rows, "cpu_flags": cpu_flags(), "device": args.device, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:

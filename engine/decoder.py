@@ -258,7 +258,7 @@ class LeanDecoder:
     def forward(self, cache: KVCache, x: torch.Tensor, starts: torch.Tensor, first: int = 0,
                 last: torch.Tensor | None = None, kv_only: bool = False,
                 positions: torch.Tensor | None = None, blocks: torch.Tensor | None = None,
-                deepstack: list[torch.Tensor] | None = None) -> torch.Tensor | None:
+                deepstack: list[torch.Tensor] | None = None, length: int | None = None) -> torch.Tensor | None:
         """x [n, T, hidden] (input embeddings, as the model's own embedding makes them) for the cache's slots
         first..first+n-1, starts [n] -> final-normed hidden states [n, T, hidden].
 
@@ -268,11 +268,13 @@ class LeanDecoder:
         or [n, T, 3]: the tokens' rotary positions, when they are not their cache indices plus the slot's
         rope_offset (a prefill: the model's own positions; the caller sets rope_offset for the tokens that
         follow). `blocks` [n, T] and `deepstack` (a list of [n, T, hidden], one per early layer): a prefill's
-        bidirectional spans and DeepStack features; both need starts == 0.
+        bidirectional spans and DeepStack features; both need starts == 0. `length`: max(starts) + T, from the
+        caller's own bookkeeping; only when it is not given is it read from `starts` (a wait for the device).
         """
         n, t, _ = x.shape
         pos = starts[:, None] + torch.arange(t, device=self.device)[None, :]  # [n, T]
-        length = int(pos.max()) + 1
+        if length is None:
+            length = int(pos.max()) + 1
         if blocks is not None and length != t:
             raise ValueError("blocks need a prefill (every start 0)")
         masks = self._masks(pos, length, blocks, blocks)
