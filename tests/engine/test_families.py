@@ -405,13 +405,12 @@ def planted(kind: str):
 
     forward = LeanDecoder.forward
 
-    def wrong(self, cache, x, starts, first=0, last=None, kv_only=False, positions=None, blocks=None,
-              deepstack=None):
+    def wrong(self, cache, x, starts, first=0, *args, positions=None, **kwargs):
         if positions is None:
             n, t, _ = x.shape
             rp = starts[:, None] + torch.arange(t)[None] + cache.rope_offset[first:first + n, None]
             positions = rp.amax(0, keepdim=True).expand_as(rp) if kind == "batch max" else rp + 1
-        return forward(self, cache, x, starts, first, last, kv_only, positions, blocks, deepstack)
+        return forward(self, cache, x, starts, first, *args, positions=positions, **kwargs)
 
     return wrong
 
