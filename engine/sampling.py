@@ -25,18 +25,19 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.top_k > 0:
         kth = torch.topk(scores, min(params.top_k, width), dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
-    if params.top_p < 1.0:
-        scores = _top_p(scores, params.top_p, min(width, params.top_k if params.top_k > 0 else TOP_P_CANDIDATES))
+    if params.top_p < 1.0:  # after top-k, its k are the only tokens left: they settle every row
+        candidates = min(width, params.top_k if params.top_k > 0 else TOP_P_CANDIDATES)
+        scores = _top_p(scores, params.top_p, candidates, settled=params.top_k > 0 or candidates == width)
     return scores.softmax(-1)
 
 
-def _top_p(scores: torch.Tensor, top_p: float, candidates: int) -> torch.Tensor:
+def _top_p(scores: torch.Tensor, top_p: float, candidates: int, settled: bool) -> torch.Tensor:
     probs = scores.softmax(-1)
     values, order = torch.topk(probs, candidates, dim=-1)  # likeliest first
     held = values.cumsum(-1)
     drop = held - values >= top_p  # what is likelier than the token already holds top_p
     drop[..., 0] = False
-    if candidates < scores.shape[-1] and bool((held[..., -1] < top_p).any()):
+    if not settled and bool((held[..., -1] < top_p).any()):
         return _top_p_sorted(scores, top_p)
     keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, ~drop)
     return scores.masked_fill(~keep, float("-inf"))
