@@ -14,13 +14,14 @@ import pytest
 import yaml
 
 from actors.generate_rows import RESULT
-from pipeline.config import InputConfig
+from pipeline.config_sections import InputConfig
 from pipeline.preprocess import build_prompt, preprocess_row
-from pipeline.read import _webdataset_row, list_shards, read_shards, table_row
+from pipeline.read import _webdataset_row, read_shards, table_row
+from pipeline.shards import list_shards
 from pipeline.rows import output_table
 from pipeline.write import OutputDir
 from tests.conftest import ROOT, run_cli
-from training import corpus
+from scenes import corpus
 from tests.pipeline.hostile_inputs import (
     encode, scene, png_16_bit_gray, palette_with_transparency, animated, exif_rotated, solid, bomb, PNG, SEED,
     NO_MODEL)

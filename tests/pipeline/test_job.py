@@ -163,7 +163,7 @@ def test_hf_dataset_input(tmp_path, tiny_model, ray_address):
     import datasets
 
     import pipeline
-    from training import corpus
+    from scenes import corpus
 
     samples = [corpus.sample(corpus.SPLIT_SEEDS["test"], i) for i in range(5)]
     features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
@@ -246,7 +246,7 @@ def test_carried_columns_and_tensors_survive_ray_blocks(tmp_path, ray_address):
     from actors.generate_actor import GenerateActor
     from actors.generate_rows import tensor_entries
     from engine.request import Result, SamplingParams
-    from pipeline.job import _shard_runs
+    from pipeline.commit import shard_runs
     from pipeline.rows import output_table
     from pipeline.write import OutputDir
 
@@ -284,7 +284,7 @@ def test_carried_columns_and_tensors_survive_ray_blocks(tmp_path, ray_address):
             Actor, batch_size=5, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1))
         parts: dict[str, list] = {}
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for shard, rows in _shard_runs(batch):
+            for shard, rows in shard_runs(batch):
                 parts.setdefault(shard, []).append(rows)
     finally:
         ctx.enable_fallback_to_arrow_object_ext_type, ctx.execution_options.preserve_order = saved
