@@ -35,14 +35,14 @@ speculative round zero-pads (or truncates banned columns) to the target's width 
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from engine.config import SELF_DRAFTERS, WEIGHT_BITS, Compression
 from engine.model import LoadedModel, eos_ids
-from engine.request import SamplingParams
+from engine.model_drafter import ModelDrafter
+from engine.ngram_drafter import NgramDrafter
 
 # config keys that name an image/video placeholder or a vision boundary token (LLaVA, Qwen-VL, Gemma3, ...)
 PLACEHOLDER_KEYS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index",
@@ -149,9 +149,6 @@ def make_drafter(spec: str, tokenizer, image_token_id: int | None, device: str, 
     LoadedModel (built with self_draft_bits), the drafter shares its tower, embedding and head and adds only
     the quantized linears; given the target's path (a drafter server), it loads the target quantized.
     `learning`: a model drafter whose weights the job replaces as it learns (LoadedModel.load_weights)."""
-    from engine.model_drafter import ModelDrafter
-    from engine.ngram_drafter import NgramDrafter
-
     vocab = target_vocab(tokenizer, image_token_id, target, trust_remote_code)
     if learning and (spec == "ngram" or spec in SELF_DRAFTERS):
         raise ValueError(f"model.drafter_training: the drafter must be a model to learn, not {spec}")
@@ -182,18 +179,3 @@ def make_drafter(spec: str, tokenizer, image_token_id: int | None, device: str, 
     if ck.is_vlm and ck.image_token_id != image_token_id:
         raise ValueError(f"model.drafter: {spec} uses a different image token than the target {vocab.name}")
     return ModelDrafter(ck, draft_mask(ck, vocab), image_token_id)
-
-
-class LocalDrafter:
-    """submit/collect for a drafter in the engine's own process: it drafts at once (nothing overlaps)."""
-    remote = False
-
-    def submit(self, histories: list[list[int]], k: int, params: SamplingParams):
-        t0 = time.perf_counter()
-        drafts, num, probs = self.propose(histories, k, params)
-        if drafts.device.type == "cuda":
-            torch.cuda.synchronize()
-        return drafts, num, probs, time.perf_counter() - t0
-
-    def collect(self, handle):
-        return handle

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.drafter import LocalDrafter
+from engine.local_drafter import LocalDrafter
 from engine.model import LoadedModel
 from engine.request import SamplingParams
 from engine.sampling import warp

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.drafter import LocalDrafter
+from engine.local_drafter import LocalDrafter
 from engine.ngram_drafter import NgramDrafter
 from engine.draft_length import DraftLength, DraftPolicy
 from engine.config import EngineConfig
@@ -22,7 +22,7 @@ from engine.hf_backend import HFBackend
 from engine.request import SamplingParams
 from tests.conftest import ROOT, chi_square, hf_forward_inputs
 from engine.processor import load_processor
-from training.evaluate import heldout_requests
+from training.heldout import heldout_requests
 
 TARGET = str(ROOT / "models/target")
 DRAFTERS = {"vlm": str(ROOT / "models/drafter-vlm"), "text": str(ROOT / "models/drafter-text"), "ngram": "ngram"}
