@@ -1,5 +1,5 @@
 """The generate stage's actor (colocated mode): a Ray Data UDF holding one engine (engine/loading.py), turning
-a batch of preprocessed rows into result rows (both: actors/generate_rows.py), column by column in Arrow.
+a batch of preprocessed rows into result rows (both: actors/row_schemas.py), column by column in Arrow.
 
 With model.drafter_training, the actor sends its finished rows to the drafter trainer and swaps in each new
 drafter version between batches (actors/drafter_trainer.py); every row records the version it was drafted with.
@@ -105,7 +105,7 @@ class GenerateActor:
                 why = "the row has none" if tensors[i] is None else one_line(tensors[i])
                 results[i] = error_result(f"bad model inputs: {why}")
                 continue
-            requests[i] = Request(key=str(keys[i]), input_ids=ids[i].tolist(), model_inputs=tensors[i])
+            requests[i] = Request(key=str(keys[i]), input_ids=ids[i], model_inputs=tensors[i])
             groups.setdefault(() if self.mixed_shapes else shape_key(tensors[i]), []).append(i)
         t0 = time.perf_counter()
         for idx in groups.values():

@@ -37,7 +37,7 @@ class Scheduler:
         go into `results`."""
         self.queue: list[Sequence] = []
         for i, r in enumerate(requests):
-            if not r.input_ids:
+            if len(r.input_ids) == 0:
                 results[i] = error_result("empty prompt")
             elif max_positions and len(r.input_ids) + params.max_new_tokens > max_positions:
                 results[i] = error_result(f"prompt ({len(r.input_ids)} tokens) + max_new_tokens "

@@ -166,8 +166,9 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float, checked: Future) -
         any_order = (cfg.output.commit_order == "any" and fmt == "webdataset" and cfg.input.id_column is None
                      and None not in counts.values())
         ctx.execution_options.preserve_order = not any_order
-        # a block of carried values that share no Arrow type travels pickled (actors/generate_rows.py)
-        ctx.enable_fallback_to_arrow_object_ext_type = True
+        # every stage builds its Arrow blocks to the row contract (actors/row_schemas.py): a value that fits no
+        # Arrow type fails loudly, never travels pickled
+        ctx.enable_fallback_to_arrow_object_ext_type = False
         needed = prompt_columns(cfg.task.prompt) | set(check_columns(cfg))
         ds, normalise = read_shards(cfg.input, pending, needed)
         pools = start_pools(cfg) if cfg.resources.mode == "disaggregated" else None

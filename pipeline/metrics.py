@@ -58,7 +58,7 @@ class Tally:
         return out
 
     def add(self, batch: pa.Table) -> None:
-        """Count a batch of result rows (actors/generate_rows.py's RESULT)."""
+        """Count a batch of result rows (actors/row_schemas.py's RESULT)."""
         if self.first_row is None and batch.num_rows:
             self.first_row = time.time()
         self.rows += batch.num_rows

@@ -1,6 +1,6 @@
 """Reading shards with Ray Data: WebDataset tars, parquet files, or a Hugging Face dataset.
 
-Every source is turned into the same row shape before preprocessing, pipeline/rows.py's SOURCE:
+Every source is turned into the same row shape before preprocessing, actors/row_schemas.py's SOURCE:
     shard (str), key (str or None: assigned at commit time as "<shard>:<row index>"),
     image (bytes or None), image_path (str or None), fields (a dict of the row's other values: those the job
     needs, or all of them), error (str or None: why the input row itself is broken; preprocessing makes it the

@@ -6,7 +6,7 @@
                     disaggregated: routers handing batches to the target pool,  [actors.router]
                     whose groups draft on the drafter pool (both sized by the controller)  [actors.pool_manager]
       -> result rows (shard, key, text, finish_reason, token counts, error, carried)
-    Each step's rows and their Arrow types: pipeline/rows.py.
+    Each step's rows and their Arrow types: actors/row_schemas.py.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Callable
 import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
+from ray.data.block import BlockAccessor
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.controller import Budget
@@ -27,17 +28,17 @@ from actors.router import Router
 from pipeline.config import JobConfig, load_config
 from pipeline.preprocess import preprocess_row
 from pipeline.read import table_row
-from pipeline.rows import RESULT, carried_columns, check_columns
+from actors.row_schemas import RESULT
+from pipeline.rows import carried_columns, check_columns, check_source_row, preprocessed_table
 
 
-def _normalise_and_preprocess(row: dict, normalise: Callable[[dict], dict], **kwargs) -> dict:
-    # one fused task: normalise never fails on bad input (it only moves values), preprocess turns
-    # every failure into the row's error
-    return preprocess_row(normalise(row), **kwargs)
-
-
-def _unchanged(batch: pa.Table) -> pa.Table:
-    return batch
+def _preprocess_batch(block, normalise: Callable[[dict], dict], carry: list[str] | None, **kwargs) -> pa.Table:
+    """The preprocess stage on a block of input rows (as Ray Data hands a row-wise map its rows): normalise each
+    (it never fails on bad input, it only moves values) and preprocess it (every failure becomes the row's
+    error), then one Arrow table of PREPROCESSED's types: a row that drifts from the contract fails loudly."""
+    rows = BlockAccessor.for_block(block).iter_rows(public_row_format=True)
+    return preprocessed_table([preprocess_row(check_source_row(normalise(row)), carry=carry, **kwargs)
+                               for row in rows], carry)
 
 
 def _evaluate(cfg: JobConfig) -> float | None:
@@ -80,15 +81,17 @@ def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[d
     # cores, four such processes starting together cost the first row 14 s) and the actors cannot use the rows
     # faster; GPU actors get as many as the free CPUs allow (resources.preprocess_tasks sets it).
     tasks = r.preprocess_tasks or (r.num_actors if r.gpus_per_actor == 0 and r.mode == "colocated" else None)
-    ds = ds.map(_normalise_and_preprocess, num_cpus=r.preprocess_cpus, concurrency=tasks, fn_kwargs={
-        "normalise": normalise, "model_path": model, "prompt_template": cfg.task.prompt,
-        "max_pixels": cfg.preprocess.max_image_pixels, "trust_remote_code": cfg.model.trust_remote_code,
-        "carry": None if all_columns else check_columns(cfg)})
-    # Blocks of one batch each, cut in the preprocess task itself (Ray fuses map -> map_batches -> this
-    # repartition into one operator): a generate task then takes one batch, and its rows reach the driver when
-    # that batch is done, not when the rest of its shard is (Ray Data releases a task's output when it ends).
-    ds = ds.map_batches(_unchanged, batch_size=r.batch_size, batch_format="pyarrow", num_cpus=r.preprocess_cpus,
-                        concurrency=tasks).repartition(target_num_rows_per_block=r.batch_size)
+    # Blocks of one batch each, cut in the preprocess task itself (Ray fuses map_batches -> this repartition
+    # into one operator): a generate task then takes one batch, and its rows reach the driver when that batch
+    # is done, not when the rest of its shard is (Ray Data releases a task's output when it ends).
+    # batch_format None: the block as read (pandas for WebDataset), its rows as a row-wise map would see them.
+    ds = ds.map_batches(_preprocess_batch, batch_size=r.batch_size, batch_format=None, num_cpus=r.preprocess_cpus,
+                        concurrency=tasks, fn_kwargs={
+                            "normalise": normalise, "model_path": model, "prompt_template": cfg.task.prompt,
+                            "max_pixels": cfg.preprocess.max_image_pixels,
+                            "trust_remote_code": cfg.model.trust_remote_code,
+                            "carry": None if all_columns else check_columns(cfg)}
+                        ).repartition(target_num_rows_per_block=r.batch_size)
     if r.mode == "disaggregated":
         routers = max(2, 2 * int(cfg.autoscaler.devices))  # two batches per target: the next one is waiting
         return ds.map_batches(Router, fn_constructor_kwargs={"manager": pools},

@@ -33,7 +33,7 @@ def test_missing_input_and_unknown_format_are_config_errors(tmp_path):
 
 def test_a_source_row_holds_only_the_columns_the_job_needs():
     from pipeline.read import _webdataset_row, table_row
-    from pipeline.rows import SOURCE
+    from actors.row_schemas import SOURCE
 
     cfg = InputConfig(id_column="id")
     row = table_row({"id": 7, "image": b"png", "question": b"q?", "answer": b"\xff", "big": "x" * 10, "text": "t"},
