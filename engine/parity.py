@@ -29,7 +29,7 @@ def synthetic_image(width: int = 96, height: int = 80):
     return Image.fromarray(rgb.astype(np.uint8), "RGB")
 
 
-def sample_inputs(model) -> tuple[list[int], dict[str, np.ndarray], str]:
+def sample_inputs(model) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
     """(prompt ids, the processor's image tensors, what the prompt is) for the model at model.path."""
     if model.is_vlm:
         from engine.processor import encode, load_processor
@@ -42,15 +42,15 @@ def sample_inputs(model) -> tuple[list[int], dict[str, np.ndarray], str]:
             ids, arrays = encode(processor, PROMPT, synthetic_image())
             return ids, arrays, "image prompt"
     ids = model.tokenizer(PROMPT)["input_ids"]
-    return list(ids), {}, "text prompt"
+    return np.asarray(ids, np.int64), {}, "text prompt"
 
 
 @torch.inference_mode()
-def reference_logits(model, ids: list[int], arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, list[int]]:
+def reference_logits(model, ids: np.ndarray, arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, list[int]]:
     """HF's greedy generation from the prompt: its logits [STEPS, vocab] and the tokens it chose."""
     from engine.request import stack_arrays
 
-    inputs = {"input_ids": torch.tensor([ids], device=model.device)}
+    inputs = {"input_ids": torch.from_numpy(np.asarray(ids, np.int64))[None].to(model.device)}
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     inputs |= stack_arrays([arrays], model.dtype, model.device, len(ids)) if arrays else {}
     pad = model.pad_id
@@ -61,7 +61,7 @@ def reference_logits(model, ids: list[int], arrays: dict[str, np.ndarray]) -> tu
 
 
 @torch.inference_mode()
-def engine_logits(model, ids: list[int], arrays: dict[str, np.ndarray], tokens: list[int]) -> torch.Tensor:
+def engine_logits(model, ids: np.ndarray, arrays: dict[str, np.ndarray], tokens: list[int]) -> torch.Tensor:
     """The engine's logits at the same positions: a prefill, then the tokens fed back in one forward."""
     dec = model.decoder
     pe = model.embed_prompts([ids], [arrays])

@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.config import TOWER_RANKINGS, Compression, DrafterTraining, EngineConfig
+from engine.config import (TOWER_RANKINGS, ApplyTo, Backend, Compression, Decoder, DrafterTraining, Dtype, EngineConfig,
+                           LearnFrom, VisualMethod, Weights)
 
 ENGINE = EngineConfig(target="")  # the engine's defaults, stated once in engine/config.py
 COMPRESSION = Compression()
@@ -60,7 +61,7 @@ class DrafterTrainingConfig(Section):
     # each finished row is trained on about this many times; then the trainer waits for new rows (and frees its
     # CPU or GPU for the job) instead of fitting the same rows again
     passes: float = Field(DRAFTER_TRAINING.passes, gt=0)
-    learn_from: Literal["tokens", "topk"] = DRAFTER_TRAINING.learn_from  # topk: the target's top-k logits too
+    learn_from: LearnFrom = DRAFTER_TRAINING.learn_from  # topk: the target's top-k logits too
     top_k: int = Field(DRAFTER_TRAINING.top_k, ge=1, le=1024)
     save_to: str | None = None  # where the learned drafter is saved (default: <output.path>/drafter)
     cpus: float = Field(DRAFTER_TRAINING.cpus, gt=0)  # the trainer actor's CPUs (its torch threads)
@@ -75,11 +76,11 @@ class ModelConfig(Section):
 
 
 class DecodingConfig(Section):
-    backend: Literal["specray", "hf"] = "specray"  # hf: plain model.generate, the reference
+    backend: Backend = "specray"  # hf: plain model.generate, the reference
     num_draft_tokens: int | Literal["auto"] = ENGINE.num_draft_tokens
     max_batch_size: int = Field(ENGINE.max_batch_size, ge=1)  # the engine's slots: sequences decoded together
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32
-    decoder: Literal["lean", "hf"] = ENGINE.decoder  # hf: the generic HF forward (any architecture; slower)
+    dtype: Dtype = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32
+    decoder: Decoder = ENGINE.decoder  # hf: the generic HF forward (any architecture; slower)
     parity_check: bool = ENGINE.parity_check  # at load: refuse a model the decoder would run wrong (engine/parity.py)
     max_new_tokens: int = Field(64, ge=1, le=8192)
     temperature: float = Field(0.0, ge=0.0)
@@ -140,7 +141,7 @@ class AutoscalerConfig(Section):
 class VisualTokensConfig(Section):
     keep: float = Field(COMPRESSION.visual_keep, gt=0, le=1)  # fraction of each image's tokens the decoder sees
     # [CLS] attention (FasterVLM) | ToDRE's diversity | spread: diversity that also covers the image (tower only)
-    method: Literal["attention", "diversity", "spread"] = COMPRESSION.visual_method
+    method: VisualMethod = COMPRESSION.visual_method
     merge: bool = COMPRESSION.visual_merge  # fold each pruned token into its nearest kept token, not drop it
     # prune inside a patch-merging vision tower (Qwen2-VL, Qwen2.5-VL) before this block, so the tower's later
     # blocks run on the kept tokens only (diversity or spread; a model trained with it); null: after the tower
@@ -148,9 +149,9 @@ class VisualTokensConfig(Section):
 
 
 class CompressionConfig(Section):
-    weights: Literal["none", "int8", "int4"] = COMPRESSION.weights  # weight-only quantization of decoder linears
+    weights: Weights = COMPRESSION.weights  # weight-only quantization of decoder linears
     group_size: int = Field(COMPRESSION.group_size, ge=8, le=1024)  # int4: input channels per scale and zero
-    apply_to: Literal["target", "drafter", "both"] = COMPRESSION.apply_to  # which model's weights, visual tokens
+    apply_to: ApplyTo = COMPRESSION.apply_to  # which model's weights, visual tokens
     visual_tokens: VisualTokensConfig = VisualTokensConfig()
     evaluate: bool = False  # measure agreement with the uncompressed target on a sample of the job's rows
     evaluate_fraction: float = Field(0.05, gt=0, le=1)  # the sample: rows whose key hashes into this fraction

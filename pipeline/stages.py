@@ -21,7 +21,7 @@ from ray.data import ActorPoolStrategy
 from ray.data.block import BlockAccessor
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.controller import Budget
+from actors.controller import Budget, Plan
 from actors.generate_actor import GenerateActor
 from actors.pool_manager import PoolManager, PoolSpec
 from actors.router import Router
@@ -57,7 +57,7 @@ def start_pools(cfg: JobConfig):
         drafter_options={"num_cpus": a.drafter_cpus, "num_gpus": a.drafter_gpus,
                          "resources": dict(a.drafter_resources)},
         budget=Budget(devices=a.devices, drafter_cost=a.drafter_cost, max_drafters=a.max_drafters, max_k=a.max_k),
-        policy=a.policy, fixed={"targets": a.targets, "drafters": a.drafters, "k": a.k}, groups=a.groups,
+        policy=a.policy, fixed=Plan("disaggregated", a.targets, a.drafters if a.k else 0, a.k), groups=a.groups,
         group_rows=-(-cfg.decoding.max_batch_size // a.groups), interval_s=a.interval_s,
         drain_timeout_s=a.drain_timeout_s)
     name = f"specray-pools-{uuid.uuid4().hex[:8]}"
