@@ -17,6 +17,13 @@ from actors.row_schemas import CARRIED, OUTPUT_SCHEMA, PREPROCESSED, RESERVED, S
 from pipeline.config import ConfigError, JobConfig
 
 
+def shadowing(name: str) -> ConfigError:
+    """The one-line refusal of an input column that would shadow a column of the output (the CLI's and the
+    Python API's alike)."""
+    return ConfigError(f"output.columns: {name!r} is a column of the output itself; rename it in the input, "
+                       f"or do not carry it")
+
+
 def check_columns(cfg: JobConfig) -> list[str]:
     """The input columns a job carries to its output: output.columns, less the id column where it is named like
     an output column (it is the key). Any other output.columns entry named like an output column would shadow
@@ -24,18 +31,25 @@ def check_columns(cfg: JobConfig) -> list[str]:
     out = []
     for name in dict.fromkeys(cfg.output.columns):
         if name in RESERVED and name != cfg.input.id_column:
-            raise ConfigError(f"output.columns: {name!r} is a column of the output itself "
-                              f"({', '.join(OUTPUT_SCHEMA.names)}); rename it in the input or drop it here")
+            raise shadowing(name)
         if name not in RESERVED:
             out.append(name)
     return out
 
 
+def check_input_columns(columns: list[str], own: list[str], id_column: str | None) -> None:
+    """pipeline.generate carries every input column: one named like a column of its own output (`own`) would
+    shadow it, so it is refused as the CLI refuses it in output.columns; the id column is the key itself."""
+    for name in columns:
+        if name in own and name != id_column:
+            raise shadowing(name)
+
+
 def carried_values(fields: dict, names: list[str] | None) -> dict:
-    """A preprocessed row's carried struct: the named fields (null where absent); all of them, less those named
-    like an output column, where names is None (pipeline.generate's rows keep every input column)."""
+    """A preprocessed row's carried values: the named fields (null where absent), or all of them where names is
+    None (pipeline.generate's rows keep every input column; it refuses up front one that would shadow its own)."""
     if names is None:
-        return {k: v for k, v in fields.items() if k not in RESERVED}
+        return dict(fields)
     return {name: fields.get(name) for name in names}
 
 

@@ -28,8 +28,9 @@ from actors.router import Router
 from pipeline.config import JobConfig, load_config
 from pipeline.preprocess import preprocess_row
 from pipeline.read import table_row
-from actors.row_schemas import RESULT
-from pipeline.rows import carried_columns, check_columns, check_source_row, preprocessed_table
+from actors.row_schemas import CARRIED, RESULT
+from pipeline.rows import (carried_columns, check_columns, check_input_columns, check_source_row,
+                           preprocessed_table)
 
 
 def _preprocess_batch(block, normalise: Callable[[dict], dict], carry: list[str] | None, **kwargs) -> pa.Table:
@@ -109,13 +110,20 @@ def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[d
     )
 
 
-def _to_user(batch: pa.Table, keyed: bool) -> pa.Table:
-    """Result rows as pipeline.generate's rows: the input columns (less the image), then the result's own (no
-    shard or generate_s; a key where input.id_column names one). An input column named like one of those is
-    left behind, never shadowing it."""
-    own = [name for name in RESULT.names if name not in ("shard", "generate_s", "drafter_version")
-           and (keyed or name != "key")]
-    columns = {k: v for k, v in carried_columns([batch]).items() if k not in own}
+def _own_columns(keyed: bool) -> list[str]:
+    """pipeline.generate's own output columns: the result's, less shard, generate_s, drafter_version and the
+    carried values (they become columns of their own); key only where input.id_column names one."""
+    return [name for name in RESULT.names if name not in ("shard", "generate_s", "drafter_version", CARRIED)
+            and (keyed or name != "key")]
+
+
+def _to_user(batch: pa.Table, id_column: str | None) -> pa.Table:
+    """Result rows as pipeline.generate's rows: the input columns (less the image; the id column where it is
+    named like an output column is the key itself), then the result's own. generate refused any other input
+    column named like one of those; one that comes anyway (a schema Ray could not tell up front) fails loudly."""
+    own = _own_columns(id_column is not None)
+    columns = {k: v for k, v in carried_columns([batch]).items() if not (k == id_column and k in own)}
+    check_input_columns(list(columns), own, id_column)
     columns.update((name, batch.column(name)) for name in own)
     return pa.table(list(columns.values()), names=list(columns))
 
@@ -127,7 +135,9 @@ def generate(ds: ray.data.Dataset, config) -> ray.data.Dataset:
     are used (input.image_column / image_path_column / id_column name the row's columns).
     """
     cfg = load_config(config)
+    # every input column is carried: one named like an output column is refused, as the CLI refuses it
+    check_input_columns(ds.columns() or [], _own_columns(cfg.input.id_column is not None), cfg.input.id_column)
     pools = start_pools(cfg) if cfg.resources.mode == "disaggregated" else None  # lives as long as the driver
     normalise = functools.partial(table_row, cfg=cfg.input, shard="")
     return generate_stages(ds, cfg, normalise, pools, all_columns=True).map_batches(
-        _to_user, batch_format="pyarrow", fn_kwargs={"keyed": cfg.input.id_column is not None})
+        _to_user, batch_format="pyarrow", fn_kwargs={"id_column": cfg.input.id_column})

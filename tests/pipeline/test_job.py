@@ -312,3 +312,28 @@ def test_carried_columns_and_tensors_survive_ray_blocks(tmp_path, ray_address):
     assert a.schema.field("score").type == pa.int64() and a.column("score").to_pylist() == list(range(7))
     assert b.column("score").to_pylist() == ["7", "high", "9", "10", "11"]  # no one type: text
     assert a.column("note").null_count == 7 and b.column("note").to_pylist() == [f"n{i}" for i in range(7, 12)]
+
+
+@pytest.mark.parametrize("column", ["text", "error"])
+def test_the_python_api_refuses_an_input_column_the_cli_refuses(tmp_path, tiny_model, ray_address, column):
+    """An input column named like an output column: the command line exits 2 with one line naming it (it is in
+    output.columns), and pipeline.generate (which carries every input column) raises the same line, before any
+    work, instead of dropping the column."""
+    import ray
+
+    import pipeline
+
+    write_demo_data(str(tmp_path / "shards"), num_samples=2, fmt="parquet")
+    cfg = job_config(tmp_path, tiny_model, str(tmp_path / "shards/*.parquet"), "parquet",
+                     output={"path": str(tmp_path / "out"), "columns": ["answer", column]})
+    cli = run_cli("validate", str(cfg))
+    lines = [line for line in cli.stderr.splitlines() if line.strip()]
+    assert cli.returncode == 2 and len(lines) == 1 and f"output.columns: {column!r}" in lines[0], cli.stderr
+
+    ds = ray.data.from_items([{"image": b"", "question": "q", column: "an input value"}])
+    with pytest.raises(pipeline.ConfigError) as refused:
+        pipeline.generate(ds, {"model": {"target": str(tiny_model)}})
+    assert lines[0].endswith(str(refused.value)) and "\n" not in str(refused.value)
+    # the id column named like an output column is the key itself, not a shadowing column
+    keyed = ray.data.from_items([{"image": b"", "question": "q", "key": "k0"}])
+    pipeline.generate(keyed, {"model": {"target": str(tiny_model)}, "input": {"id_column": "key"}})
