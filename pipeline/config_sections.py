@@ -117,6 +117,12 @@ class ResourcesConfig(Section):
     # the processor (imports torch and transformers: seconds of CPU). null: one per actor with CPU-only colocated
     # actors, else as many as the free CPUs allow (pipeline/stages.py)
     preprocess_tasks: int | None = Field(None, ge=1)
+    # bytes of resident memory a generate actor may use (colocated mode); past it the process is killed, as a
+    # container's limit kills it (actors/memory_limit.py). null: no limit of specray's own
+    memory_per_actor: int | None = Field(None, ge=1)
+    # a batch whose actor process died is re-run whole this many times, then split to find the row that kills
+    # it, which becomes an error row (actors/worker_deaths.py)
+    worker_death_retries: int = Field(1, ge=0)
 
 
 class AutoscalerConfig(Section):

@@ -25,6 +25,7 @@ from actors.controller import Budget, Plan
 from actors.generate_actor import GenerateActor
 from actors.pool_manager import PoolManager, PoolSpec
 from actors.router import Router
+from actors.worker_deaths import WorkerDeaths
 from pipeline.config import JobConfig, load_config
 from pipeline.preprocess import preprocess_row
 from pipeline.read import table_row
@@ -40,6 +41,12 @@ def _preprocess_batch(block, normalise: Callable[[dict], dict], carry: list[str]
     rows = BlockAccessor.for_block(block).iter_rows(public_row_format=True)
     return preprocessed_table([preprocess_row(check_source_row(normalise(row)), carry=carry, **kwargs)
                                for row in rows], carry)
+
+
+def _worker_deaths():
+    """The job's notes of rows that killed a generate actor's process (actors/worker_deaths.py): an actor of its
+    own, which outlives the generate actors, alive as long as the stage refers to it."""
+    return ray.remote(WorkerDeaths).options(num_cpus=0).remote()
 
 
 def _evaluate(cfg: JobConfig) -> float | None:
@@ -98,10 +105,12 @@ def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[d
         return ds.map_batches(Router, fn_constructor_kwargs={"manager": pools},
                               compute=ActorPoolStrategy(size=routers), batch_size=r.batch_size,
                               batch_format="pyarrow", num_cpus=0.01)
+    deaths = _worker_deaths()
     return ds.map_batches(
         GenerateActor,
         fn_constructor_kwargs={"engine": cfg.engine(), "params": cfg.sampling(), "evaluate": _evaluate(cfg),
-                               "run_id": run_id, "trainer": trainer},
+                               "run_id": run_id, "trainer": trainer, "memory_limit": r.memory_per_actor,
+                               "deaths": deaths, "death_retries": r.worker_death_retries},
         compute=ActorPoolStrategy(size=r.num_actors),
         batch_size=r.batch_size,
         batch_format="pyarrow",

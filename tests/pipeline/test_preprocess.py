@@ -81,9 +81,9 @@ def test_preprocess_row_builds_model_inputs(tiny_model):
                          return_tensors="np")["pixel_values"]
     assert pixels.shape == (1, 3, 96, 96) and pixels.dtype == expected.dtype and np.array_equal(pixels, expected)
     assert not pixels.flags.owndata  # a view of the Arrow buffer, not a copy
-    # every field (pipeline.generate), less those named like an output column
+    # every field (pipeline.generate, which refuses up front a column named like one of its own output columns)
     assert preprocess_row(row, str(tiny_model), "{question}", 10**7)["carried"] == {
-        "question": "What color?", "answer": "blue"}
+        "question": "What color?", "answer": "blue", "text": "an input column named text"}
 
 
 @pytest.mark.parametrize("image, fields, reason", [
@@ -127,9 +127,12 @@ def test_a_worker_loads_the_processor_once_not_per_row(tiny_model, monkeypatch):
     ({"gpus_per_actor": 1}, None),  # GPU actors: as many as the free CPUs allow
     ({"preprocess_tasks": 4}, 4),
 ])
-def test_preprocess_tasks_at_once(resources, tasks):
+def test_preprocess_tasks_at_once(resources, tasks, monkeypatch):
+    from pipeline import stages
     from pipeline.config import load_config
     from pipeline.stages import generate_stages
+
+    monkeypatch.setattr(stages, "_worker_deaths", lambda: None)  # no Ray here
 
     class Dataset:  # records what the job asks of Ray Data
         def map_batches(self, fn, **kwargs):
