@@ -128,3 +128,21 @@ def test_orders_and_measurements_cross_as_typed_messages():
                        log=log)
     loop.observe(m)
     assert loop.stats["verify_s"] == 0.2 and loop.rounds_since_plan == 1
+
+
+def test_the_simulator_plot_is_drawn_with_matplotlib(tmp_path):
+    """benchmarks/disaggregation_sim.py's chart: a bar per split with its value, the chosen one red, and the
+    co-located rate as a dashed line (red when co-location was chosen)."""
+    import re
+
+    from benchmarks.disaggregation_sim import svg_plot
+    from pipeline.charts import COLORS
+
+    path = tmp_path / "sim.svg"
+    svg_plot([("1:0", 100.0), ("1:2", 150.0), ("2:1", 180.0)], "1:2", 160.0, str(path))
+    svg = path.read_text()
+    bars = [re.search(rf'<g id="bar-{i}">.*?</g>', svg, re.S).group() for i in range(3)]
+    assert [COLORS["red"] in b for b in bars] == [False, True, False]
+    assert '<g id="colocated">' in svg and "Matplotlib" in svg
+    svg_plot([("1:0", 100.0)], "colocated", 160.0, str(path))
+    assert COLORS["red"] in re.search(r'<g id="colocated">.*?</g>', path.read_text(), re.S).group()
