@@ -13,7 +13,7 @@ Engines, per dtype (`auto`: what a job gets here, bf16 on CPUs with native bf16 
     off (a repeat must not reuse an earlier pass's work); in its own process and venv (benchmarks/peer_vllm.py).
     Skipped, with a line saying so, where .venv-peers is missing or on a GPU (it does not fit the lent machine);
   - hf: HF `generate` at batch 64 (the `hf` backend);
-  - specray plain / vlm / text / compressed / compressed+vlm / compressed+text: the engine at batch 64, without a
+  - specray plain / vlm / text / compressed / compressed+vlm / compressed+text: the engine at its default batch (128), without a
     drafter, with the VLM or text drafter (k auto), and with the shipped visual-token compression
     (configs/compressed.yaml's visual_tokens: spread, keep 0.5, inside the tower), plain and with each drafter.
 Variants run interleaved (the order rotates each round), `--rounds` rounds after a warm-up pass each; tokens/s
@@ -53,7 +53,7 @@ from scenes import corpus  # noqa: E402
 from training.heldout import TEST_SEED  # noqa: E402
 
 PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
-BATCH = 64
+HF_BATCH = 64  # HF generate's batch (it pads every row of a batch to the longest)
 PARAMS = SamplingParams(max_new_tokens=64)
 
 
@@ -147,8 +147,8 @@ def generate(engine, processor, rows: Rows) -> tuple[float, list[str], list[int]
     requests = rows.requests(processor)
     if isinstance(engine, HFBackend):
         results = []
-        for i in range(0, len(requests), BATCH):
-            results += engine.generate(requests[i:i + BATCH], PARAMS)
+        for i in range(0, len(requests), HF_BATCH):
+            results += engine.generate(requests[i:i + HF_BATCH], PARAMS)
     else:
         results = engine.generate(requests, PARAMS)
     wall = time.perf_counter() - t
@@ -179,8 +179,8 @@ def engines(models: Path, dtype: str, device: str, threads: int, only: set[str] 
         out["hf"] = Local(lambda: HFBackend(EngineConfig(target, backend="hf", dtype=dtype), device=device))
     for name, kw in specray.items():
         if wanted(name):
-            out[name] = Local(lambda kw=kw: SpecEngine(EngineConfig(target, dtype=dtype, max_batch_size=BATCH,
-                                                                    num_draft_tokens="auto", **kw), device=device))
+            out[name] = Local(lambda kw=kw: SpecEngine(EngineConfig(target, dtype=dtype, num_draft_tokens="auto", **kw),
+                                                       device=device))
     return out
 
 
@@ -199,7 +199,7 @@ def main() -> None:
     models = Path(args.models)
     only = set(args.only.split(",")) if args.only else None
     processor = load_processor(str(models / "target"))
-    print(f"# peers: {args.rows} held-out rows, greedy, max {PARAMS.max_new_tokens} new tokens, batch {BATCH}; "
+    print(f"# peers: {args.rows} held-out rows, greedy, max {PARAMS.max_new_tokens} new tokens, specray batch {EngineConfig.max_batch_size}, HF batch {HF_BATCH}; "
           f"{args.device}, CPU flags: {cpu_flags()}; {args.threads} threads; torch {torch.__version__}")
     figures: dict = {"rows": args.rows, "cpu_flags": cpu_flags(), "device": args.device, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:

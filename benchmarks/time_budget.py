@@ -2,7 +2,7 @@
 
     python benchmarks/time_budget.py [--rows 256] [--dtype auto] [--drafter PATH] [--compressed] [--repeats 2]
 
-The engine runs the held-out rows (batch 64, greedy, max 64 new tokens) with timers around its phases:
+The engine runs the held-out rows (at the engine's default batch, greedy, max 64 new tokens) with timers around its phases:
   preprocessing    the processor on each row (decoding the image included), as the pipeline's preprocess does
   vision tower     the tower's forward (engine/vision_tower.py), merger included
   prompt prefill   the decoder over the prompts (the rest of the prompt embedding: HF's glue around the tower)
@@ -114,10 +114,10 @@ def main() -> None:
     samples = [corpus.sample(TEST_SEED, i) for i in range(args.rows)]
     png = [corpus.encode_png(s.image) for s in samples]
     compression = shipped_compression() if args.compressed else Compression()
-    engine = SpecEngine(EngineConfig(target, drafter=args.drafter, dtype=args.dtype, max_batch_size=64,
+    engine = SpecEngine(EngineConfig(target, drafter=args.drafter, dtype=args.dtype, max_batch_size=EngineConfig.max_batch_size,
                                      compression=compression))
     peak = matmul_peak(engine.dtype)
-    print(f"# time budget: {args.rows} held-out rows, batch 64, {engine.dtype}, drafter {args.drafter}; CPU flags "
+    print(f"# time budget: {args.rows} held-out rows, batch {engine.max_batch}, {engine.dtype}, drafter {args.drafter}; CPU flags "
           f"{cpu_flags()} ({platform.machine()}), compression {'shipped' if args.compressed else 'none'}, {args.threads} threads; matmul peak {peak / 1e9:.0f} GFLOP/s")
 
     def requests():

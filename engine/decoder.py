@@ -31,10 +31,16 @@ from kernels.packed import PackedLinear, packs
 from kernels.quant import QuantLinear, quantize
 
 
+# Longest context whose attention is computed as float32 matmuls on a CPU (LeanDecoder._in_float32): for a decode
+# or verify step (at most 16 queries per row), and for a prefill
+MATH_DECODE_KEYS, MATH_PREFILL_KEYS = 96, 64
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # x * rsqrt(mean(x^2) + eps) in float32, as transformers' LlamaRMSNorm computes it (F.rms_norm: the same
-    # values bit for bit, in one kernel instead of five), then its cast order
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    # x * rsqrt(mean(x^2) + eps) in float32, cast back, then times the weight: transformers' LlamaRMSNorm. F.rms_norm
+    # computes it in float32 whatever x's dtype and rounds once: the same values bit for bit (checked in bf16 on a
+    # CPU: tests/engine/test_decoder.py), in one kernel instead of five, and without the two casts around it
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 def _gemma_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -207,21 +213,41 @@ class LeanDecoder:
                kblocks: torch.Tensor | None = None) -> dict:
         """Attention masks for queries at positions qpos [n, T] over keys 0..length-1, per sliding window.
         With blocks (a prefill: query and key blocks [n, T] and [n, length]), a query also sees every key of its
-        own block, later ones included; the sliding window still applies (Gemma 3: AND(window, OR(causal, block)))."""
+        own block, later ones included; the sliding window still applies (Gemma 3: AND(window, OR(causal, block))).
+        Boolean (True: attended) for SDPA; additive (0 or -inf, float32) where _attend computes it itself."""
         n, t = qpos.shape
         keys = torch.arange(length, device=self.device)
         allowed = keys[None, None, :] <= qpos[:, :, None]  # [n, T, L]
         if qblocks is not None:
             allowed = allowed | ((qblocks[:, :, None] == kblocks[:, None, :]) & (qblocks[:, :, None] >= 0))
+        additive = self._in_float32(t, length)
         masks = {}
         for window in set(self.windows):
             m = allowed if window is None else allowed & (qpos[:, :, None] - keys[None, None, :] < window)
+            if additive:
+                m = torch.zeros(m.shape, device=self.device).masked_fill_(~m, float("-inf"))
             # query heads sharing a kv head are stacked along the query axis: [n, 1, group*T, L]
             masks[window] = m[:, None, None].expand(n, 1, self.group, t, length).reshape(n, 1, self.group * t, length)
         return masks
 
+    def _in_float32(self, t: int, length: int) -> bool:
+        """Whether attention over `length` keys for T queries per row is computed here, as float32 matmuls and a
+        softmax, rather than by SDPA. On a CPU SDPA's flash kernel pays a fixed cost per (row, head) that
+        dominates at a short context. Measured on a 2-core Zen 4 (benchmarks/attention_paths.py), float32 matmuls
+        over SDPA's time: 128 rows of 1 query over 40 keys 0.4x (float32) and 0.6x (bf16); 5 queries over 100
+        keys 0.75x and 0.95x; a prefill of 33 tokens 0.55-0.7x, of 60 tokens 0.6x. Longer contexts go to SDPA:
+        bf16 pays for casting K and V to float32 (at 128 rows, 5 queries over 128 keys: 2x SDPA's time). Float32
+        is at least as accurate as SDPA's bf16 kernel. CUDA keeps SDPA (flash / efficient kernels), and Gemma 2's
+        soft-capped scores their own eager form."""
+        if self.device != "cpu" or self.backbone.attn_softcap is not None:
+            return False
+        return length <= (MATH_DECODE_KEYS if t <= 16 else MATH_PREFILL_KEYS)
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         bb = self.backbone
+        if mask.dtype == torch.float32:  # additive: the float32 path of _in_float32
+            scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(bb.scale).add_(mask)
+            return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
         if bb.attn_softcap is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=bb.scale)
         # Gemma 2: soft-capped scores, which SDPA cannot do (as transformers' eager attention computes them)
@@ -233,7 +259,7 @@ class LeanDecoder:
     def forward(self, cache: KVCache, x: torch.Tensor, starts: torch.Tensor, first: int = 0,
                 last: torch.Tensor | None = None, kv_only: bool = False,
                 positions: torch.Tensor | None = None, blocks: torch.Tensor | None = None,
-                deepstack: list[torch.Tensor] | None = None) -> torch.Tensor | None:
+                deepstack: list[torch.Tensor] | None = None, length: int | None = None) -> torch.Tensor | None:
         """x [n, T, hidden] (input embeddings, as the model's own embedding makes them) for the cache's slots
         first..first+n-1, starts [n] -> final-normed hidden states [n, T, hidden].
 
@@ -243,11 +269,13 @@ class LeanDecoder:
         or [n, T, 3]: the tokens' rotary positions, when they are not their cache indices plus the slot's
         rope_offset (a prefill: the model's own positions; the caller sets rope_offset for the tokens that
         follow). `blocks` [n, T] and `deepstack` (a list of [n, T, hidden], one per early layer): a prefill's
-        bidirectional spans and DeepStack features; both need starts == 0.
+        bidirectional spans and DeepStack features; both need starts == 0. `length`: max(starts) + T, from the
+        caller's own bookkeeping; only when it is not given is it read from `starts` (a wait for the device).
         """
         n, t, _ = x.shape
         pos = starts[:, None] + torch.arange(t, device=self.device)[None, :]  # [n, T]
-        length = int(pos.max()) + 1
+        if length is None:
+            length = int(pos.max()) + 1
         if blocks is not None and length != t:
             raise ValueError("blocks need a prefill (every start 0)")
         masks = self._masks(pos, length, blocks, blocks)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from engine.config import SELF_DRAFTERS, EngineConfig
+from engine.device_io import Clock
 from engine.draft_length import DraftLength, DraftPolicy
 from engine.drafter import make_drafter
 from engine.model import LoadedModel, resolve_device, resolve_dtype
@@ -79,6 +80,7 @@ class SpecEngine:
         self.policy = DraftLength(fixed, max_k=self.max_k)
         self.stats = EngineStats()
         self.rng = torch.Generator(device=self.device)
+        self.clock = Clock(self.device)  # times a round's phases without waiting for the device
         self._caches: dict[int, object] = {}  # a target cache per group index, kept across calls (they only grow)
 
     def load_drafter(self, spec: str | None):

@@ -61,7 +61,7 @@ class HFDecoder:
     def forward(self, cache: HiddenStore, x: torch.Tensor, starts: torch.Tensor, first: int = 0,
                 last: torch.Tensor | None = None, kv_only: bool = False,
                 positions: torch.Tensor | None = None, blocks: torch.Tensor | None = None,
-                deepstack: list[torch.Tensor] | None = None) -> torch.Tensor | None:
+                deepstack: list[torch.Tensor] | None = None, length: int | None = None) -> torch.Tensor | None:
         if blocks is not None and bool((blocks >= 0).any()):
             raise ValueError("the generic decoder cannot apply the model's bidirectional attention over its prompt")
         if deepstack is not None:
@@ -74,7 +74,8 @@ class HFDecoder:
         cache.pos[rows, pos] = rpos if rpos.dim() == 3 else rpos[..., None]
         if kv_only:
             return None
-        length = int(pos.max()) + 1
+        if length is None:
+            length = int(pos.max()) + 1
         # right padding: every row's own positions are 0..len-1, so plain causal attention is exact for them
         mask = (torch.arange(length, device=self.device)[None, :] < (starts + t)[:, None]).long()
         stored = cache.pos[first:first + n, :length]

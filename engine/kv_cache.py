@@ -25,10 +25,13 @@ class KVCache:
         self.rope_offset = torch.zeros(0, dtype=torch.long, device=device)
 
     def allocate(self, slots: int, max_len: int) -> None:
-        """Grow to at least `slots` x `max_len` (contents are dropped when it grows; never shrinks)."""
+        """Grow to at least `slots` x `max_len` (contents are dropped when it grows; never shrinks). The old
+        tensors are released before the new ones are made, so growing never holds both (at 7B on a GPU, the old
+        cache beside the new one is what runs out of memory)."""
         if slots <= self.slots and max_len <= self.max_len:
             return
         self.slots, self.max_len = max(slots, self.slots), max(max_len, self.max_len)
+        self.k, self.v = [], []
         shape = (self.slots, self.num_kv_heads, self.max_len, self.head_dim)
         self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.num_layers)]
         self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.num_layers)]

@@ -281,7 +281,7 @@ class LoadedModel:
         extra = {k: v for k, v in (("blocks", pe.blocks), ("deepstack", pe.deepstack)) if v is not None}
         starts = torch.zeros(len(pe.lengths), dtype=torch.long, device=self.device)
         return self.decoder.forward(cache, pe.embeds, starts, first=first, last=last, kv_only=kv_only,
-                                    positions=pe.positions, **extra)
+                                    positions=pe.positions, length=pe.embeds.shape[1], **extra)
 
     def _language_model_inputs(self, ids: torch.Tensor, inputs: dict[str, torch.Tensor]) -> dict:
         """What the model's own forward passes its language model (vision tower, projector, placeholder scatter,

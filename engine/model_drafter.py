@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from engine.device_io import upload
 from engine.local_drafter import LocalDrafter
 from engine.model import LoadedModel
 from engine.request import SamplingParams
@@ -72,15 +73,18 @@ class ModelDrafter(LocalDrafter):
     @torch.inference_mode()
     def propose(self, histories: list[list[int]], k: int, params: SamplingParams):
         n = len(histories)
-        pending = [h[c:] for h, c in zip(histories, self.cached[:n])]
+        size, stand_in = self.vocab  # the target's tokens the drafter lacks are fed as its stand-in
+        pending = [[t if t < size else stand_in for t in h[c:]] for h, c in zip(histories, self.cached[:n])]
         width = max(map(len, pending))
-        ids = torch.zeros(n, width, dtype=torch.long)
-        for i, p in enumerate(pending):
-            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-        counts = torch.tensor([len(p) for p in pending], device=self.device)
-        starts = torch.tensor([pl + c for pl, c in zip(self.prompt_len, self.cached[:n])], device=self.device)
-        ids = torch.where(ids < self.vocab[0], ids, self.vocab[1])  # the target's tokens the drafter lacks
-        hidden = self.dec.forward(self.cache, self.dec.embed(ids.to(self.device)), starts, last=counts - 1)
+        counts = [len(p) for p in pending]
+        starts = [pl + c for pl, c in zip(self.prompt_len, self.cached[:n])]
+        # one upload (engine/device_io.py): the rows' new tokens (right-padded), counts and starts; every
+        # forward's length comes from these host lists, so drafting never waits for the device
+        up = upload([p + [0] * (width - len(p)) + [c, s] for p, c, s in zip(pending, counts, starts)], self.device)
+        hidden = self.dec.forward(self.cache, self.dec.embed(up[:, :width]), up[:, width + 1],
+                                  last=up[:, width] - 1, length=max(starts) + width)
+        ends = [s + c for s, c in zip(starts, counts)]  # where each row's first draft is written
+        pos, end = up[:, width + 1] + up[:, width], max(ends)
         drafts, probs = [], []
         tok, q = self._next(self.dec.logits(hidden[:, 0]), params)
         for step in range(k):
@@ -88,8 +92,7 @@ class ModelDrafter(LocalDrafter):
             probs.append(q)
             if step == k - 1:
                 break
-            starts = starts + (counts if step == 0 else 1)
-            hidden = self.dec.forward(self.cache, self.dec.embed(tok[:, None]), starts)
+            hidden = self.dec.forward(self.cache, self.dec.embed(tok[:, None]), pos + step, length=end + step + 1)
             tok, q = self._next(self.dec.logits(hidden[:, 0]), params)
         self._round = [len(h) for h in histories], k
         draft_ids = torch.stack(drafts, 1)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.device_io import Span, readback, upload
 from engine.request import SamplingParams
 from engine.sampling import warp
 from engine.sequence import SequenceGroup
@@ -55,8 +56,9 @@ def request_drafts(group: SequenceGroup, k: int, params: SamplingParams) -> None
 
 
 def speculative_round(engine, group: SequenceGroup, params: SamplingParams) -> RoundRecord:
-    """Draft, verify, accept and commit one round of `group` on `engine`'s target (engine/engine.py)."""
-    seqs, n, device = group.active, len(group.active), engine.device
+    """Draft, verify, accept and commit one round of `group` on `engine`'s target (engine/engine.py). The host
+    waits for the device once: the packed readback of what each row accepted (engine/device_io.py)."""
+    seqs, n, device, clock = group.active, len(group.active), engine.device, engine.clock
     dec = engine.target.decoder
 
     # 1. draft: collect the k drafts per row requested at the end of the last round
@@ -66,22 +68,19 @@ def speculative_round(engine, group: SequenceGroup, params: SamplingParams) -> R
     if handle is not None:
         drafts, num, q, draft_s = group.drafter.collect(handle)
         k = drafts.shape[1]  # 0 when a drafter server was lost and none could take over
-        if not group.drafter.remote:
-            t0 -= draft_s  # a local drafter drafted when asked: none of it was hidden
     if handle is None or k == 0:
         drafts = torch.zeros(n, 0, dtype=torch.long, device=device)
         num, q = torch.zeros(n, dtype=torch.long, device=device), None
-    wait_s = time.perf_counter() - t0
+    wait_s = time.perf_counter() - t0  # a remote drafter's time not hidden (a local one's: its Span, below)
 
-    # 2. verify: every row's last token and its drafts, k+1 positions per row, in one target forward
-    engine.sync()
-    t1 = time.perf_counter()
-    last = torch.tensor([s.generated[-1] for s in seqs], device=device)
-    tokens = torch.cat([last[:, None], drafts], 1)
-    starts = torch.tensor([s.prompt_len + len(s.generated) - 1 for s in seqs], device=device)
-    logits = dec.logits(dec.forward(group.cache, dec.embed(tokens), starts))  # [n, k+1, V]
-    engine.sync()
-    t2 = time.perf_counter()
+    # 2. verify: every row's last token and its drafts, k+1 positions per row, in one target forward; the
+    # lengths come from the rows' own bookkeeping, so nothing is read from the device to size it
+    v0 = clock.mark()
+    starts = [s.prompt_len + len(s.generated) - 1 for s in seqs]
+    up = upload([[s.generated[-1] for s in seqs], starts], device)
+    tokens = torch.cat([up[0][:, None], drafts], 1)
+    logits = dec.logits(dec.forward(group.cache, dec.embed(tokens), up[1], length=max(starts) + k + 1))
+    v1 = clock.mark()
 
     # 3. accept: how many drafts each row keeps, and the target's own next token
     if params.temperature == 0:
@@ -99,14 +98,20 @@ def speculative_round(engine, group: SequenceGroup, params: SamplingParams) -> R
                 from kernels.acceptance_triton import rejection_sample as reject
             accepted, nxt = reject(drafts, fit_width(q, p.shape[-1]), p, num, u, ru)
 
-    # 4. commit: rows gain their accepted drafts plus the target's token; the drafter rolls back to match
-    accepted_l, nxt_l, num_l, drafts_l = accepted.tolist(), nxt.tolist(), num.tolist(), drafts.tolist()
+    # 4. commit: the round's one wait for the device; rows gain their accepted drafts plus the target's token;
+    # the drafter rolls back to match
+    accepted_l, nxt_l, num_l, flat = readback(accepted, nxt, num, drafts)
+    a1, h1 = clock.mark(), time.perf_counter()
+    if isinstance(draft_s, Span):  # a local drafter drafted when asked: none of it was hidden
+        draft_s = draft_s.seconds
+        wait_s += draft_s
     if engine.capture_topk:  # the target's distribution at every position whose token the row keeps
         engine.keep_topk(seqs, logits, [a + 1 for a in accepted_l])
-    for s, a, t, d, m in zip(seqs, accepted_l, nxt_l, drafts_l, num_l):
+    for i, (s, a, t, m) in enumerate(zip(seqs, accepted_l, nxt_l, num_l)):
         s.drafted += m
         s.accepted += a
-        engine.extend(s, d[:a] + [t], params)
+        engine.extend(s, flat[i * k:i * k + a] + [t], params)
     if k > 0:
         group.drafter.commit(accepted_l)
-    return RoundRecord(k, draft_s, wait_s, t2 - t1, time.perf_counter() - t2, accepted_l, num_l)
+    commit_s = time.perf_counter() - h1  # the host's own work after the readback
+    return RoundRecord(k, draft_s, wait_s, clock.seconds(v0, v1), clock.seconds(v1, a1) + commit_s, accepted_l, num_l)

@@ -11,15 +11,15 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def _rejection_kernel(target_ptr, draft_ptr, ids_ptr, num_ptr, u_ptr, ru_ptr, accepted_ptr, next_ptr, B, V,
-                      K: tl.constexpr, HAS_Q: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr):
+@triton.jit(do_not_specialize=["K"])  # one compiled kernel for every k the draft-length policy picks
+def _rejection_kernel(target_ptr, draft_ptr, ids_ptr, num_ptr, u_ptr, ru_ptr, accepted_ptr, next_ptr, B, V, K,
+                      HAS_Q: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     live = rows < B
     num = tl.load(num_ptr + rows, mask=live, other=0)
     accepted = tl.zeros([BLOCK_B], dtype=tl.int32)
     going = live
-    for i in tl.static_range(K):
+    for i in range(K):
         d = tl.load(ids_ptr + rows * K + i, mask=live, other=0)
         p = tl.load(target_ptr + (rows * (K + 1) + i) * V + d, mask=live, other=0.0)
         if HAS_Q:
@@ -94,5 +94,5 @@ def rejection_sample(draft_ids: torch.Tensor, draft_probs: torch.Tensor | None, 
     grid = (triton.cdiv(b, block_b),)
     _rejection_kernel[grid](target_probs, draft_probs, draft_ids.contiguous(), num_drafts.to(torch.int32).contiguous(),
                             uniforms.float().contiguous(), resample_uniforms.float().contiguous(), accepted, nxt, b, v,
-                            K=k, HAS_Q=has_q, BLOCK_B=block_b, BLOCK_V=block_v)
+                            k, HAS_Q=has_q, BLOCK_B=block_b, BLOCK_V=block_v)
     return accepted, nxt

@@ -102,6 +102,9 @@ def _cpu_int4_pack(q: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     return None
 
 
+_CUDA_CHOICE: dict[tuple, str] = {}  # (bits, group size, shape, rows bucket) -> the faster CUDA kernel
+
+
 class QuantLinear:
     """y = x @ W.T (+ bias) with W held quantized; call it like F.linear's weight."""
 
@@ -144,15 +147,48 @@ class QuantLinear:
             return ((q - 8) * sz[..., 0:1] + sz[..., 1:2]).view(n, k)
         return dequantize(self.qw, dtype)
 
+    def kernel_for(self, rows: int) -> str:
+        """The kernel that serves `rows` rows. On CUDA, the faster of the Triton kernel and dequantize + cuBLAS
+        (which wins at a prefill's rows, where the matmul, not reading the weight, is the cost): raced once per
+        power-of-two bucket of rows, for every linear of this shape (a sync then, at warm-up, never after). On a
+        CPU, the kernel chosen at load."""
+        if self.kernel != "triton":
+            return self.kernel
+        bucket = 1 << max(0, rows - 1).bit_length()
+        key = (self.bits, self.group_size, self.shape, bucket)
+        if key not in _CUDA_CHOICE:
+            _CUDA_CHOICE[key] = self._race(bucket)
+        return _CUDA_CHOICE[key]
+
+    def _race(self, rows: int, reps: int = 10) -> str:
+        from kernels.quant_triton import quant_linear
+
+        x = torch.randn(rows, self.shape[1], device=self.device, dtype=torch.bfloat16)
+        times = {}
+        for name, f in (("triton", lambda: quant_linear(x, self.qw)),
+                        ("cuda-dequant", lambda: F.linear(x, dequantize(self.qw, torch.bfloat16)))):
+            f()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                f()
+            end.record()
+            torch.cuda.synchronize()
+            times[name] = start.elapsed_time(end)
+        return min(times, key=times.get)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, shape[-1])
-        if self.kernel == "triton":
+        kernel = self.kernel_for(x2.shape[0])
+        if kernel == "triton":
             from kernels.quant_triton import quant_linear
             out = quant_linear(x2, self.qw)
-        elif self.kernel == "cpu-dequant" or x2.shape[0] > CPU_PACKED_MAX_ROWS[self.bits]:
+        elif kernel == "cuda-dequant":
+            out = F.linear(x2, dequantize(self.qw, x2.dtype))
+        elif kernel == "cpu-dequant" or x2.shape[0] > CPU_PACKED_MAX_ROWS[self.bits]:
             out = F.linear(x2.to(torch.bfloat16), self.dense(torch.bfloat16))
-        elif self.kernel == "cpu-int8":
+        elif kernel == "cpu-int8":
             out = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.q, self.scale)
         else:
             out = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.packed,

@@ -131,3 +131,18 @@ def test_cross_attention_and_encoder_decoder_models_are_refused_before_loading(t
     message = str(e.value)
     assert "\n" not in message and "decoding.backend: hf" in message
     assert ("cross-attention" if family == "mllama" else "encoder-decoder") in message
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 384), (64, 1, 384), (82, 33, 384), (128, 5, 64), (3, 7, 3584)])
+def test_rms_norm_in_one_kernel_is_transformers_norm_bit_for_bit(shape):
+    """engine/decoder.py's _rms_norm on bf16 input (F.rms_norm without casts around it) against LlamaRMSNorm."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from engine.decoder import _rms_norm
+
+    torch.manual_seed(shape[-1])
+    norm = LlamaRMSNorm(shape[-1], eps=1e-6).to(torch.bfloat16)
+    norm.weight.data = torch.randn(shape[-1]).to(torch.bfloat16)
+    for scale in (1e-3, 1.0, 30.0):
+        x = (torch.randn(*shape) * scale).to(torch.bfloat16)
+        assert torch.equal(_rms_norm(x, norm.weight.data, 1e-6), norm(x))
