@@ -61,11 +61,19 @@ def check_source_row(row: dict) -> dict:
     return row
 
 
+def _token_ids(ids) -> np.ndarray:
+    """A row's input_ids as int64, refused (ValueError) where they are not one row of integers."""
+    a = np.asarray(ids)
+    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+        raise ValueError(f"token ids must be one row of integers, not {a.dtype} of shape {a.shape}")
+    return a.astype(np.int64, copy=False)
+
+
 _SOURCE_NAMES = frozenset(SOURCE.names)
 _PREPROCESSED_NAMES = frozenset(PREPROCESSED.names)
 
 
-def preprocessed_table(rows: list[dict], carry: list[str] | None) -> pa.Table:
+def preprocessed_table(rows: list[dict]) -> pa.Table:
     """Preprocessed rows (pipeline/preprocess.py's preprocess_row) as one Arrow table of exactly PREPROCESSED's
     types; `carried` as each row's JSON object. input_ids go from the rows' numpy arrays into Arrow in one copy,
     never as Python ints. A row whose columns or values do not fit the contract fails the batch, naming them."""
@@ -77,7 +85,7 @@ def preprocessed_table(rows: list[dict], carry: list[str] | None) -> pa.Table:
     for field in PREPROCESSED:
         try:
             if field.name == "input_ids":
-                ids = [np.asarray(r["input_ids"], np.int64) for r in rows]
+                ids = [_token_ids(r["input_ids"]) for r in rows]
                 offsets = np.zeros(len(ids) + 1, np.int32)
                 np.cumsum([len(a) for a in ids], out=offsets[1:])
                 values = np.concatenate(ids) if ids else np.zeros(0, np.int64)

@@ -40,7 +40,7 @@ def _preprocess_batch(block, normalise: Callable[[dict], dict], carry: list[str]
     error), then one Arrow table of PREPROCESSED's types: a row that drifts from the contract fails loudly."""
     rows = BlockAccessor.for_block(block).iter_rows(public_row_format=True)
     return preprocessed_table([preprocess_row(check_source_row(normalise(row)), carry=carry, **kwargs)
-                               for row in rows], carry)
+                               for row in rows])
 
 
 def _worker_deaths():

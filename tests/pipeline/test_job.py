@@ -278,7 +278,7 @@ def test_carried_columns_and_tensors_survive_ray_blocks(tmp_path, ray_address):
             self.evaluate = self.reference = None
 
     def stage(block):  # as pipeline/stages.py's preprocess stage builds its blocks
-        return preprocessed_table([preprocessed(r) for r in block.to_pylist()], ["score", "meta", "note"])
+        return preprocessed_table([preprocessed(r) for r in block.to_pylist()])
 
     ctx = ray.data.DataContext.get_current()
     saved = ctx.enable_fallback_to_arrow_object_ext_type, ctx.execution_options.preserve_order

@@ -72,7 +72,7 @@ def test_preprocess_row_builds_model_inputs(tiny_model):
     # the preprocessed row as Arrow, as the stage builds it: the contract's types, token ids from numpy, and the
     # tensors read back as they were made
     assert isinstance(out["input_ids"], np.ndarray) and out["input_ids"].dtype == np.int64
-    table = preprocessed_table([out], ["answer"])
+    table = preprocessed_table([out])
     assert table.schema == PREPROCESSED and table.num_rows == 1
     assert np.array_equal(read_input_ids(table.column("input_ids"))[0], out["input_ids"])
     pixels = read_tensors(table.column("model_inputs"))[0]["pixel_values"]
@@ -159,16 +159,17 @@ def _preprocessed(**change) -> dict:
 
 
 def test_a_preprocessed_row_that_drifts_from_the_contract_fails_its_batch_loudly():
-    assert preprocessed_table([_preprocessed(), _preprocessed(carried={"score": "high"})], ["score"]).schema \
+    assert preprocessed_table([_preprocessed(), _preprocessed(carried={"score": "high"})]).schema \
         == PREPROCESSED  # values of no one type travel in carried's JSON, never pickled
     with pytest.raises(ValueError, match="drifted from PREPROCESSED.*'extra'"):
-        preprocessed_table([_preprocessed(extra=1)], None)
+        preprocessed_table([_preprocessed(extra=1)])
     with pytest.raises(ValueError, match="drifted from PREPROCESSED"):
-        preprocessed_table([{k: v for k, v in _preprocessed().items() if k != "error"}], None)
+        preprocessed_table([{k: v for k, v in _preprocessed().items() if k != "error"}])
     with pytest.raises(ValueError, match="column 'num_prompt_tokens' does not fit PREPROCESSED's int32"):
-        preprocessed_table([_preprocessed(num_prompt_tokens="3")], None)
-    with pytest.raises(ValueError, match="column 'input_ids' does not fit"):
-        preprocessed_table([_preprocessed(input_ids=np.array(["a"]))], None)
+        preprocessed_table([_preprocessed(num_prompt_tokens="3")])
+    for ids in (np.array(["a"]), np.array([1.5]), np.ones((2, 2), np.int64)):  # never cast quietly
+        with pytest.raises(ValueError, match="column 'input_ids' does not fit.*one row of integers"):
+            preprocessed_table([_preprocessed(input_ids=ids)])
 
 
 def test_a_source_row_that_drifts_from_the_contract_is_refused():
