@@ -69,6 +69,9 @@ class EngineConfig:
     dtype: Dtype = "auto"
     decoder: Decoder = "lean"
     max_batch_size: int = 128  # a job call's rows (resources.batch_size) at once: 1.08-1.10x batches of 64 (bf16, Zen 4)
+    # The target's KV caches, in GB in all: > 0, sized once to that (every slot the same number of positions); 0, on
+    # CUDA 85% of the memory free after loading, on a CPU sized by each call's rows (grown between calls)
+    kv_cache_gb: float = 0.0
     num_draft_tokens: int | Literal["auto"] = "auto"
     trust_remote_code: bool = False
     compression: Compression = field(default_factory=Compression)

@@ -82,6 +82,7 @@ class SpecEngine:
         self.rng = torch.Generator(device=self.device)
         self.clock = Clock(self.device)  # times a round's phases without waiting for the device
         self._caches: dict[int, object] = {}  # a target cache per group index, kept across calls (they only grow)
+        self._cache_len: int | None = None  # positions a row of a cache sized once (0: sized by each call)
 
     def load_drafter(self, spec: str | None):
         """The drafter `spec` names for this engine's target (None: no drafter)."""
@@ -119,10 +120,12 @@ class SpecEngine:
         applies new orders (k, which drafters) to the policy and the drafters.
         """
         results: list[Result | None] = [None] * len(requests)
-        schedule = Scheduler(requests, params, self.target.max_positions, results)
+        policy = policy or self.policy
+        headroom = max(self.max_k, policy.max_k) + 2
+        cache_len = self._cache_positions()
+        schedule = Scheduler(requests, params, self.target.max_positions, results, cache_len, headroom)
         if not schedule.waiting:
             return results  # type: ignore[return-value]
-        policy = policy or self.policy
         own = drafters is None and self.drafter is not None and policy.decides_drafter
         probing = 0  # speculating although it did not pay, to measure it again: rounds kept before it may stop
         if own:
@@ -131,10 +134,13 @@ class SpecEngine:
             elif not policy.pays():
                 probing = PROBE_ROUNDS
         groups = self._groups(drafters, min(self.max_batch, schedule.waiting))
-        max_len = schedule.longest_prompt() + params.max_new_tokens + max(self.max_k, policy.max_k) + 2
+        max_len = schedule.longest_prompt() + params.max_new_tokens + headroom
         self.rng.manual_seed(params.seed)
         for g in groups:
-            g.cache.allocate(g.slots, max_len)
+            if cache_len:  # sized once: every group's share of max_batch_size slots, cache_len positions each
+                g.cache.allocate(-(-self.max_batch // len(groups)), cache_len)
+            else:
+                g.cache.allocate(g.slots, max_len)
             if g.drafter is not None:
                 g.drafter.allocate(g.slots, max_len)
                 g.drafter.seed(params.seed + g.index)
@@ -157,6 +163,25 @@ class SpecEngine:
                 if g.active:
                     request_drafts(g, policy.choose() if g.drafter is not None else 0, params)
         return results  # type: ignore[return-value]
+
+    def _cache_positions(self) -> int | None:
+        """Positions a row of a KV cache sized once (EngineConfig.kv_cache_gb; by default on CUDA, 85% of the
+        memory free after the weights), the same for every slot of every group: computed at the first call, then
+        kept, so a cache is allocated once and never grown. None: each call sizes its caches by its rows."""
+        if self._cache_len is None:
+            budget = self.config.kv_cache_gb * 1e9
+            if budget <= 0 and self.device == "cuda":
+                budget = 0.85 * torch.cuda.mem_get_info()[0]
+            if budget <= 0:
+                self._cache_len = 0
+            else:
+                per_token = self.target.decoder.new_cache().bytes_per_token
+                positions = int(budget // (self.max_batch * per_token))
+                self._cache_len = min(positions, self.target.max_positions or positions)
+                if self._cache_len < 64:
+                    raise ValueError(f"decoding.kv_cache_gb: {budget / 1e9:.2f} GB holds {positions} positions a row "
+                                     f"for {self.max_batch} rows; give it more, or lower max_batch_size")
+        return self._cache_len or None
 
     def _groups(self, drafters: list | None, slots: int) -> list[SequenceGroup]:
         drafters = [self.drafter] if drafters is None else drafters

@@ -20,10 +20,15 @@ class HiddenStore:
         self.pos = torch.zeros(0, 0, 3, dtype=torch.long, device=device)
         self.rope_offset = torch.zeros(0, dtype=torch.long, device=device)
 
+    @property
+    def bytes_per_token(self) -> int:
+        return self.hidden_size * torch.empty(0, dtype=self.dtype).element_size() + 3 * 8
+
     def allocate(self, slots: int, max_len: int) -> None:
         if slots <= self.slots and max_len <= self.max_len:
             return
         self.slots, self.max_len = max(slots, self.slots), max(max_len, self.max_len)
+        self.store = self.pos = None  # released before the new ones are made: never both at once
         self.store = torch.zeros(self.slots, self.max_len, self.hidden_size, device=self.device, dtype=self.dtype)
         self.pos = torch.zeros(self.slots, self.max_len, 3, dtype=torch.long, device=self.device)
         self.rope_offset = torch.zeros(self.slots, dtype=torch.long, device=self.device)

@@ -37,6 +37,11 @@ class KVCache:
         self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.num_layers)]
         self.rope_offset = torch.zeros(self.slots, dtype=torch.long, device=self.device)
 
+    @property
+    def bytes_per_token(self) -> int:
+        """A token's keys and values over every layer."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+
     def move(self, src: list[int], dst: list[int]) -> None:
         """Copy the rows of slots `src` into slots `dst` (compaction when sequences finish)."""
         if not src:

@@ -32,16 +32,23 @@ def prefill_chunks(rows: list[Sequence]) -> list[list[Sequence]]:
 
 
 class Scheduler:
-    def __init__(self, requests: list[Request], params: SamplingParams, max_positions: int | None, results: list):
+    def __init__(self, requests: list[Request], params: SamplingParams, max_positions: int | None, results: list,
+                 cache_positions: int | None = None, headroom: int = 0):
         """The requests to decode, queued last first (pop() admits in request order); the others' error results
-        go into `results`."""
+        go into `results`. `cache_positions`: a KV cache sized once holds that many positions a row, of which a
+        row needs its prompt, max_new_tokens and `headroom` (a round's drafts)."""
         self.queue: list[Sequence] = []
         for i, r in enumerate(requests):
+            need = len(r.input_ids) + params.max_new_tokens
             if len(r.input_ids) == 0:
                 results[i] = error_result("empty prompt")
-            elif max_positions and len(r.input_ids) + params.max_new_tokens > max_positions:
+            elif max_positions and need > max_positions:
                 results[i] = error_result(f"prompt ({len(r.input_ids)} tokens) + max_new_tokens "
                                           f"({params.max_new_tokens}) exceeds the model's {max_positions} positions")
+            elif cache_positions and need + headroom > cache_positions:
+                results[i] = error_result(f"prompt ({len(r.input_ids)} tokens) + max_new_tokens "
+                                          f"({params.max_new_tokens}) + {headroom} for drafts exceeds the KV cache's "
+                                          f"{cache_positions} positions a row (decoding.kv_cache_gb)")
             else:
                 self.queue.append(Sequence(i, r, len(r.input_ids)))
         self.queue.reverse()

@@ -368,3 +368,21 @@ def test_prefill_in_chunks_is_identical(heldout, drafter, monkeypatch):
                                      num_draft_tokens=4 if drafter else "auto"))
     bad, examples = _same(engine.generate(requests[:48], GREEDY), oracle[:48])
     assert not bad, examples
+
+
+def test_a_kv_cache_sized_once_from_its_budget(heldout):
+    """decoding.kv_cache_gb: the target's cache is allocated once (never grown by later calls), every slot gets the
+    positions the budget allows, the output is the same, and a row that does not fit gets an error naming it."""
+    requests, oracle = heldout
+    engine = SpecEngine(EngineConfig(TARGET, DRAFTERS["vlm"], dtype="float32", max_batch_size=16, kv_cache_gb=0.02))
+    per_token = engine.target.decoder.new_cache().bytes_per_token
+    positions = int(0.02e9 // (16 * per_token))
+    out = engine.generate(requests[:24], GREEDY)
+    cache = engine._caches[0]
+    assert (cache.slots, cache.max_len) == (16, positions)
+    tensors = [t.data_ptr() for t in cache.k]
+    assert _same(out, oracle[:24])[0] == []
+    engine.generate(requests[24:40], dataclasses.replace(GREEDY, max_new_tokens=positions // 2))
+    assert [t.data_ptr() for t in cache.k] == tensors  # a longer call: the same tensors
+    too_long = engine.generate(requests[:1], dataclasses.replace(GREEDY, max_new_tokens=positions))
+    assert too_long[0].finish_reason == "error" and "kv_cache_gb" in too_long[0].error
