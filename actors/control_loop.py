@@ -21,16 +21,18 @@ import ray
 from actors.actor_pool import Pools
 from actors.controller import Budget, Controller, Plan
 from actors.event_log import EventLog
+from actors.messages import Measurements
 from actors.metrics import record_pools
 from actors.routing import Routing
 
 
-def first_plan(budget: Budget, policy: str, fixed: dict) -> tuple[Plan, str]:
+def first_plan(budget: Budget, policy: str, fixed: Plan | None) -> tuple[Plan, str]:
     """The plan the pools start with, and why: the fixed policy's, or a probe plan to measure from (half the
     budget on targets, the rest on drafters, k = 4)."""
     if policy == "fixed":
-        return Plan("disaggregated", fixed["targets"], fixed["drafters"] if fixed["k"] else 0, fixed["k"]), \
-            "fixed policy"
+        if fixed is None:
+            raise ValueError("autoscaler.policy: fixed needs its plan (targets, drafters, k)")
+        return fixed, "fixed policy"
     targets = max(1, int(budget.devices // 2))
     left = budget.devices - targets
     drafters = max(1, min(budget.max_drafters, int(left / budget.drafter_cost) if budget.drafter_cost else targets))
@@ -60,20 +62,20 @@ class ControlLoop:
 
     # ---- measurements and plans from outside the loop (the caller holds the lock) -------------------
 
-    def observe(self, m: dict) -> None:
+    def observe(self, m: Measurements) -> None:
         """A target's measurements since its last report."""
         c = self.controller
-        for rows, k, seconds in m.get("verify", []):
+        for rows, k, seconds in m.verify:
             c.observe_verify(rows, k, seconds)
-        for rows, seconds in m.get("draft_step", []):
+        for rows, seconds in m.draft_step:
             c.observe_draft_step(rows, seconds)
-        if m.get("drafted"):
-            c.observe_acceptance(m["accepted"], m["drafted"])
+        if m.drafted:
+            c.observe_acceptance(m.accepted, m.drafted)
         for key in ("verify_s", "draft_s", "wait_s", "rounds", "failovers"):
-            self.stats[key] += m.get(key, 0)
+            self.stats[key] += getattr(m, key)
         if self.window["since"] is not None:
-            self.window["tokens"] += m.get("tokens", 0)
-        self.rounds_since_plan += m.get("rounds", 0)
+            self.window["tokens"] += m.tokens
+        self.rounds_since_plan += m.rounds
 
     def impose(self, plan: Plan) -> None:
         """A plan set by the user: the policy becomes fixed."""

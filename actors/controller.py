@@ -26,6 +26,7 @@ would thrash actors); every decision, with its reason, goes on the timeline.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 from engine.estimates import Acceptance, CostLine
 
@@ -39,7 +40,7 @@ def explore_k(k: int, draw: float, max_k: int) -> int:
 
 @dataclass(frozen=True)
 class Plan:
-    mode: str  # disaggregated | colocated
+    mode: Literal["disaggregated", "colocated"]
     targets: int
     drafters: int
     k: int

@@ -1,11 +1,13 @@
 """The generate stage's actor (colocated mode): a Ray Data UDF holding one engine (engine/loading.py), turning
-a batch of preprocessed rows into result rows (both: actors/generate_rows.py), column by column in Arrow.
+a batch of preprocessed rows into result rows (both: actors/row_schemas.py), column by column in Arrow.
 
 With model.drafter_training, the actor sends its finished rows to the drafter trainer and swaps in each new
 drafter version between batches (actors/drafter_trainer.py); every row records the version it was drafted with.
 
 Rows that already carry an error pass straight through. A batch that fails as a whole (say, out of
 memory) is split in halves and retried, down to single rows, so one bad row cannot sink its neighbours.
+A row that kills the process instead (a native crash, resources.memory_per_actor) is isolated across the
+restarts Ray makes: actors/worker_deaths.py.
 """
 from __future__ import annotations
 
@@ -17,10 +19,13 @@ import zlib
 from dataclasses import replace
 
 import pyarrow as pa
+import ray
 import torch
 
 from actors.generate_rows import read_input_ids, read_tensors, result_table
+from actors.memory_limit import enforce_memory_limit
 from actors.metrics import record_batch
+from actors.worker_deaths import batch_id
 from engine.agreement import token_agreement
 from engine.config import EngineConfig
 from engine.loading import make_engine
@@ -36,7 +41,14 @@ def evaluated(key: str, fraction: float) -> bool:
 
 class GenerateActor:
     def __init__(self, engine: EngineConfig, params: SamplingParams, evaluate: float | None = None,
-                 run_id: str | None = None, trainer=None):
+                 run_id: str | None = None, trainer=None, memory_limit: int | None = None, deaths=None,
+                 death_retries: int = 1):
+        """`memory_limit`: resources.memory_per_actor (bytes), enforced on this process; `deaths`: the job's
+        WorkerDeaths actor, and `death_retries` (resources.worker_death_retries), which isolate a row that kills
+        the process (actors/worker_deaths.py)."""
+        if memory_limit:
+            enforce_memory_limit(memory_limit)  # first: loading the model counts too
+        self.deaths, self.death_retries = deaths, death_retries
         self.startup = StartupLog(run_id, IMPORTS_DONE)  # run_id: the job's, whose driver reports start-up phases
         torch.set_num_threads(max(1, engine.threads))
         self.engine = make_engine(engine)
@@ -87,10 +99,28 @@ class GenerateActor:
         """The result rows of a batch of preprocessed rows, in order."""
         started = time.time()
         try:
-            return self._call(batch)
+            if getattr(self, "deaths", None) is None:
+                return self._call(batch)
+            return self._isolating(batch, batch_id(batch), 0, batch.num_rows, self.death_retries + 1)
         finally:
             if getattr(self, "startup", None) is not None:
                 self.startup.batch(started)
+
+    def _isolating(self, batch: pa.Table, bid: str, a: int, b: int, limit: int) -> pa.Table:
+        """The result rows of rows [a, b) of a batch, noted as begun and finished with the job's WorkerDeaths;
+        a range that killed the worker `limit` times is split, and a row that did is an error row."""
+        deaths = ray.get(self.deaths.begin.remote(bid, a, b, limit))
+        if deaths < limit:
+            out = self._call(batch.slice(a, b - a))
+            ray.get(self.deaths.finish.remote(bid, a, b))
+            return out
+        if b - a == 1:
+            n = ray.get(self.deaths.row_deaths.remote(bid, a))
+            row = batch.slice(a, 1)
+            return self._call(row.set_column(row.schema.get_field_index("error"), "error",
+                                             pa.array([f"worker died {n} times on this row"], pa.string())))
+        mid = (a + b) // 2
+        return pa.concat_tables([self._isolating(batch, bid, a, mid, 1), self._isolating(batch, bid, mid, b, 1)])
 
     def _call(self, batch: pa.Table) -> pa.Table:
         errors = batch.column("error").to_pylist()
@@ -106,7 +136,7 @@ class GenerateActor:
                 why = "the row has none" if tensors[i] is None else one_line(tensors[i])
                 results[i] = error_result(f"bad model inputs: {why}")
                 continue
-            requests[i] = Request(key=str(keys[i]), input_ids=ids[i].tolist(), model_inputs=tensors[i])
+            requests[i] = Request(key=str(keys[i]), input_ids=ids[i], model_inputs=tensors[i])
             groups.setdefault(() if self.mixed_shapes else shape_key(tensors[i]), []).append(i)
         t0 = time.perf_counter()
         for idx in groups.values():

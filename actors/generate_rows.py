@@ -1,20 +1,6 @@
-"""The generate stage's rows, as Arrow: what it reads (the preprocessed row) and what it writes (the result row).
-
-They live here, not in pipeline/, because the generate actor reads and writes them and imports run
-pipeline -> actors -> engine, never back; pipeline/rows.py re-exports them beside the read and output rows.
-
-Preprocessed row (pipeline/preprocess.py, one per input row):
-    shard, key, input_ids, num_prompt_tokens, model_inputs (the processor's image tensors, TENSOR entries;
-    null on an error row), error, carried
-Result row (the generate actor, one per preprocessed row, in order):
-    shard, key, text, finish_reason, num_*_tokens, error, generate_s, eval_* (compression.evaluate),
-    drafter_version (model.drafter_training), carried
-
-`carried` is a struct of the input columns the output keeps (output.columns), each with its values' own Arrow
-type. Ray Data infers it block by block; where one column's values share no type (1 in one row, "high" in
-another) Ray keeps that block's struct as pickled Python objects (DataContext
-enable_fallback_to_arrow_object_ext_type, which the job turns on), which loses nothing. Stages pass it through
-untouched; the driver settles each column's type per shard when it commits (pipeline/rows.py).
+"""The generate stage's rows as Arrow, read and written (their schemas: actors/row_schemas.py): a preprocessed row's
+tensors made TENSOR entries (tensor_entries), its input_ids and tensors read back as numpy views of the batch's
+Arrow buffers (read_input_ids, read_tensors), and the result rows built (result_table).
 """
 from __future__ import annotations
 
@@ -23,25 +9,7 @@ import warnings
 import numpy as np
 import pyarrow as pa
 
-CARRIED = "carried"
-# one tensor: Arrow's own bytes, read back as a numpy view with np.frombuffer (no copy, no .npz)
-TENSOR = pa.struct([("name", pa.string()), ("dtype", pa.string()), ("shape", pa.list_(pa.int64())),
-                    ("data", pa.binary())])
-PREPROCESSED = pa.schema([
-    ("shard", pa.string()), ("key", pa.string()),  # key: null until the driver names it <shard>:<row index>
-    ("input_ids", pa.list_(pa.int64())), ("num_prompt_tokens", pa.int32()),
-    ("model_inputs", pa.list_(TENSOR)), ("error", pa.string()),
-])  # + carried
-RESULT = pa.schema([
-    ("shard", pa.string()), ("key", pa.string()), ("text", pa.string()), ("finish_reason", pa.string()),
-    ("num_prompt_tokens", pa.int32()), ("num_output_tokens", pa.int32()), ("num_drafted_tokens", pa.int32()),
-    ("num_accepted_tokens", pa.int32()), ("error", pa.string()), ("generate_s", pa.float64()),
-    # compression.evaluate, sampled rows only: reference tokens, how many the job's model agreed with
-    # (teacher-forced), and whether the two greedy outputs are the same text
-    ("eval_tokens", pa.int32()), ("eval_agreed", pa.int32()), ("eval_exact", pa.bool_()),
-    ("drafter_version", pa.int32()),  # model.drafter_training: the drafter version that drafted the row
-])  # + carried
-PASSED = ("shard", "key", "num_prompt_tokens")  # result columns taken from the preprocessed row as they are
+from actors.row_schemas import PASSED, RESULT
 
 # the tensors are views of Arrow's immutable buffers; the engine only copies them (stack_arrays' torch.cat)
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
@@ -123,12 +91,11 @@ def read_tensors(column: pa.Array | pa.ChunkedArray) -> list[dict[str, np.ndarra
 
 def result_table(batch: pa.Table, columns: dict[str, list]) -> pa.Table:
     """The result rows of a preprocessed batch: RESULT's own columns from `columns` (one value per row), the
-    preprocessed row's shard, key and prompt token count, and its carried struct, untouched."""
+    preprocessed row's shard, key, prompt token count and carried columns, untouched."""
     arrays = []
     for field in RESULT:
         if field.name in PASSED:
             arrays.append(batch.column(field.name).cast(field.type))
         else:
             arrays.append(pa.array(columns[field.name], field.type))
-    schema = RESULT.append(batch.schema.field(CARRIED))
-    return pa.Table.from_arrays([*arrays, batch.column(CARRIED)], schema=schema)
+    return pa.Table.from_arrays(arrays, schema=RESULT)

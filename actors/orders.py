@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from actors.actor_pool import Member
 from actors.controller import Plan
+from actors.messages import Orders
 
 
 def orders(plan: Plan, target_id: str, targets: list[str], drafters: list[Member], groups: int,
-           max_k: int) -> dict:
+           max_k: int) -> Orders:
     """`targets`: the target ids, `drafters`: the ready drafters, `groups`: a target's groups when it drafts on
     drafter actors."""
     ready = sorted(drafters, key=lambda m: m.id)
@@ -22,6 +23,6 @@ def orders(plan: Plan, target_id: str, targets: list[str], drafters: list[Member
     per_group = []
     for g in range(groups):
         first = (order * groups + g) % len(ready) if ready else 0
-        per_group.append([(m.id, m.handle) for m in ready[first:] + ready[:first]])
-    return {"mode": plan.mode if speculate else "plain", "k": plan.k if speculate else 0, "groups": groups,
-            "drafters": per_group, "max_k": max_k}
+        per_group.append(tuple((m.id, m.handle) for m in ready[first:] + ready[:first]))
+    return Orders(mode=plan.mode if speculate else "plain", k=plan.k if speculate else 0, groups=groups,
+                  drafters=tuple(per_group), max_k=max_k)

@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import itertools
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 from actors.actor_pool import DrafterPool, Pools, TargetPool
 from actors.control_loop import ControlLoop, first_plan
 from actors.controller import Budget, Controller, Plan
 from actors.event_log import EventLog
+from actors.messages import Measurements, Orders
 from actors.orders import orders
 from actors.routing import Routing
 from engine.config import EngineConfig
@@ -56,8 +58,8 @@ class PoolSpec:
     target_options: dict  # ray actor options: num_cpus, num_gpus, resources
     drafter_options: dict
     budget: Budget
-    policy: str = "auto"  # auto | fixed
-    fixed: dict = field(default_factory=dict)  # targets, drafters, k (policy fixed)
+    policy: Literal["auto", "fixed"] = "auto"
+    fixed: Plan | None = None  # the plan of policy fixed
     groups: int = 2
     group_rows: int = 16
     interval_s: float = 5.0
@@ -96,7 +98,7 @@ class PoolManager:
 
     # ---- targets -----------------------------------------------------------------------------------
 
-    def assignment(self, target_id: str, measured: dict | None = None) -> dict:
+    def assignment(self, target_id: str, measured: Measurements | None = None) -> Orders:
         """A target's orders (actors/orders.py); `measured`: what it measured since its last call."""
         with self.lock:
             if measured:

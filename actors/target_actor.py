@@ -20,6 +20,7 @@ import ray
 from actors.controller import explore_k
 from actors.drafter_channel import DrafterChannel
 from actors.generate_actor import GenerateActor
+from actors.messages import Measurements, Orders
 from engine.config import EngineConfig
 from engine.draft_length import DraftPolicy
 from engine.request import Request, Result, SamplingParams
@@ -29,31 +30,26 @@ class OrderedDraftLength(DraftPolicy):
     """The draft-length policy under the pools: k is the manager's latest order (set between rounds), and the
     measurements are kept for the next report to the manager."""
 
-    def __init__(self, orders: dict, seed: int):
+    def __init__(self, orders: Orders, seed: int):
         self.orders = orders
-        self.max_k = orders["max_k"]
+        self.max_k = orders.max_k
         self.rng = random.Random(seed)
-        self.measured = self.fresh()
-
-    @staticmethod
-    def fresh() -> dict:
-        return {"verify": [], "draft_step": [], "accepted": [], "drafted": [], "verify_s": 0.0, "draft_s": 0.0,
-                "wait_s": 0.0, "rounds": 0, "failovers": 0}
+        self.measured = Measurements()
 
     def choose(self) -> int:
         o = self.orders
-        return explore_k(o["k"], self.rng.random(), o["max_k"]) if o["k"] else 0
+        return explore_k(o.k, self.rng.random(), o.max_k) if o.k else 0
 
     def record(self, k: int, verify_s: float, draft_s: float, accepted: list[int], num_drafts: list[int],
                rows: int = 0) -> None:
         m = self.measured
-        m["verify"].append((rows, k, verify_s))
-        m["verify_s"] += verify_s
-        m["rounds"] += 1
+        m.verify.append((rows, k, verify_s))
+        m.verify_s += verify_s
+        m.rounds += 1
         if k > 0 and draft_s > 0:
-            m["draft_step"].append((rows, draft_s / k))
-            m["accepted"].extend(accepted)
-            m["drafted"].extend(num_drafts)
+            m.draft_step.append((rows, draft_s / k))
+            m.accepted.extend(accepted)
+            m.drafted.extend(num_drafts)
 
 
 class TargetActor(GenerateActor):
@@ -82,9 +78,9 @@ class TargetActor(GenerateActor):
                 self.pending = None
         if self.pending is None and (wait or now or time.time() - self.last_sync > 1.0):
             e = self.engine.stats
-            m, self.policy.measured = self.policy.measured, self.policy.fresh()
-            m["draft_s"], m["wait_s"] = e.draft_s - self._seen[0], e.wait_s - self._seen[1]
-            m["tokens"] = e.tokens - self._seen[2]
+            m, self.policy.measured = self.policy.measured, Measurements()
+            m.draft_s, m.wait_s = e.draft_s - self._seen[0], e.wait_s - self._seen[1]
+            m.tokens = e.tokens - self._seen[2]
             self._seen = (e.draft_s, e.wait_s, e.tokens)
             self.pending = self.manager.assignment.remote(self.target_id, m)
             self.last_sync = time.time()
@@ -92,7 +88,7 @@ class TargetActor(GenerateActor):
                 self._apply(ray.get(self.pending))
                 self.pending = None
 
-    def _apply(self, orders: dict) -> None:
+    def _apply(self, orders: Orders) -> None:
         self.orders = self.policy.orders = orders
 
     def _drafters(self, mode: str, groups: int) -> list | None:
@@ -107,19 +103,19 @@ class TargetActor(GenerateActor):
                 for g in range(groups)]
 
     def _servers(self, group: int) -> list:
-        assigned = self.orders["drafters"]
+        assigned = self.orders.drafters
         return assigned[group % len(assigned)] if assigned else []
 
     def _generate(self, requests: list[Request]) -> list[Result]:
         self.sync(wait=True)
         o = self.orders
-        channels = self._drafters(o["mode"], o["groups"])
+        channels = self._drafters(o.mode, o.groups)
         try:
             return self.engine.generate(requests, self.params, drafters=channels, policy=self.policy,
                                         between_rounds=self.sync)
         finally:
             for c in channels or []:
                 if c is not None:
-                    self.policy.measured["failovers"] += c.failovers
+                    self.policy.measured.failovers += c.failovers
                     c.close()
             self.sync(now=True)  # the batch's last measurements, without waiting for the answer

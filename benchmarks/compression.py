@@ -74,8 +74,8 @@ SETTINGS = {  # name -> (drafter, compression section)
 def load_rows(per_task: int):
     from engine.processor import load_processor
 
-    from training import corpus
-    from training.evaluate import TEST_SEED, heldout_requests
+    from scenes import corpus
+    from training.heldout import TEST_SEED, heldout_requests
 
     processor = load_processor(str(ROOT / "models/target"))
     requests, answers, tasks = [], [], []

@@ -37,7 +37,8 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from pipeline.demo_data import write_demo_data  # noqa: E402
 from pipeline.stages import generate_stages, start_pools  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.read import list_shards, read_shards  # noqa: E402
+from pipeline.read import read_shards  # noqa: E402
+from pipeline.shards import list_shards  # noqa: E402
 
 
 def config(shards: str, mode: str, args) -> dict:

@@ -231,27 +231,29 @@ def best_k(costs, budget, rows, duration, acceptance, plan: Plan, ks) -> tuple[f
 
 
 def svg_plot(points: list[tuple[str, float]], chosen: str, colocated: float, path: str) -> None:
-    """A bar per fixed split (tokens/s), the controller's steady-state choice in red, co-location as a line."""
-    width, height, pad = 900, 360, 40
-    top = max(v for _, v in points) * 1.1
-    bar = (width - 2 * pad) / len(points)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-             f'font-size="9">', f'<text x="{pad}" y="16" font-size="13">tokens/s per targets:drafters split '
-             f'(red: the controller\'s choice; dashed line: co-located, best k)</text>']
-    for i, (label, v) in enumerate(points):
-        h = (height - 2 * pad) * v / top
-        x = pad + i * bar
-        color = "#d33" if label == chosen else "#69c"
-        parts.append(f'<rect x="{x:.1f}" y="{height - pad - h:.1f}" width="{bar * 0.8:.1f}" height="{h:.1f}" '
-                     f'fill="{color}"><title>{label}: {v:.0f}</title></rect>')
-        parts.append(f'<text x="{x:.1f}" y="{height - pad + 12}" transform="rotate(60 {x:.1f} {height - pad + 12})">'
-                     f'{label}</text>')
-    y = height - pad - (height - 2 * pad) * colocated / top
-    line = "#d33" if chosen == "colocated" else "#333"  # red when the controller chose co-location
-    parts.append(f'<line x1="{pad}" x2="{width - pad}" y1="{y:.1f}" y2="{y:.1f}" stroke="{line}" stroke-width="2" '
-                 f'stroke-dasharray="4"/>')
-    parts.append("</svg>")
-    Path(path).write_text("\n".join(parts))
+    """A bar per fixed split (tokens/s), the controller's steady-state choice in red, co-location as a dashed
+    line (red when the controller chose it); drawn with matplotlib in the report's style (pipeline/charts.py)."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from pipeline.charts import COLORS, MPL_RC
+
+    with matplotlib.rc_context(MPL_RC):
+        fig = Figure(figsize=(9, 3.6), layout="constrained")
+        ax = fig.add_subplot()
+        labels = [label for label, _ in points]
+        colors = [COLORS["red"] if label == chosen else COLORS["blue"] for label in labels]
+        for i, (label, value) in enumerate(points):
+            ax.bar(i, value, width=0.8, color=colors[i], gid=f"bar-{i}", label=f"{label}: {value:.0f}")
+        ax.axhline(colocated, color=COLORS["red"] if chosen == "colocated" else "#333333", linestyle="--",
+                   linewidth=2, gid="colocated")
+        ax.set_ylim(0, max(max(v for _, v in points), colocated) * 1.1)
+        ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=7)
+        ax.set_xlabel("targets:drafters")
+        ax.set_ylabel("tokens/s")
+        fig.suptitle("tokens/s per targets:drafters split (red: the controller's choice; dashed line: co-located, "
+                     "best k)")
+        fig.savefig(path, format="svg", metadata={"Date": None})
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Tiny offline tokenizers for benchmarks/family_models.py, one per VLM family.
 
-Every family shares one byte-level BPE trained here on the synthetic corpus (training/corpus.py); each adds its
+Every family shares one byte-level BPE trained here on the synthetic corpus (scenes/corpus.py); each adds its
 own special tokens, in its real order, and a chat template in its own style. The vision tokens (image
 placeholders, vision start/end, PaliGemma's location/segmentation tokens) are added last, so a text drafter's
 tokenizer without them (`vision=False`) has ids that are a strict prefix of the target's.
@@ -15,7 +15,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import PreTrainedTokenizerFast
 from transformers.models.paligemma.processing_paligemma import EXTRA_TOKENS as PALIGEMMA_LOC_SEG
 
-from training import corpus
+from scenes import corpus
 from training.tokenizer import CHAT_TEMPLATE as LLAVA_TEMPLATE
 
 BPE_SIZE = 1000

@@ -43,8 +43,8 @@ from engine.engine import SpecEngine  # noqa: E402
 from engine.hf_backend import HFBackend  # noqa: E402
 from engine.processor import load_processor  # noqa: E402
 from engine.request import SamplingParams  # noqa: E402
-from training import corpus  # noqa: E402
-from training.evaluate import TEST_SEED, heldout_requests  # noqa: E402
+from scenes import corpus  # noqa: E402
+from training.heldout import TEST_SEED, heldout_requests  # noqa: E402
 
 PARAMS = SamplingParams(max_new_tokens=32)
 SAMPLED = SamplingParams(max_new_tokens=32, temperature=0.7, top_p=0.9, seed=11)

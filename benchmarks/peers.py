@@ -49,8 +49,8 @@ from engine.hf_backend import HFBackend  # noqa: E402
 from engine.model import resolve_dtype  # noqa: E402
 from engine.processor import chat_text, encode, load_processor  # noqa: E402
 from engine.request import Request, SamplingParams  # noqa: E402
-from training import corpus  # noqa: E402
-from training.evaluate import TEST_SEED  # noqa: E402
+from scenes import corpus  # noqa: E402
+from training.heldout import TEST_SEED  # noqa: E402
 
 PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 HF_BATCH = 64  # HF generate's batch (it pads every row of a batch to the longest)

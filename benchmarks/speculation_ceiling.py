@@ -32,7 +32,7 @@ from engine.config import EngineConfig  # noqa: E402
 from engine.engine import SpecEngine  # noqa: E402
 from engine.ngram_drafter import NgramDrafter  # noqa: E402
 from engine.request import SamplingParams  # noqa: E402
-from training.evaluate import heldout_requests  # noqa: E402
+from training.heldout import heldout_requests  # noqa: E402
 
 
 def row_key(prompt: list[int], arrays: dict) -> tuple:

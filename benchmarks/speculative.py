@@ -31,7 +31,7 @@ from engine.config import EngineConfig  # noqa: E402
 from engine.engine import SpecEngine  # noqa: E402
 from engine.hf_backend import HFBackend  # noqa: E402
 from engine.request import SamplingParams  # noqa: E402
-from training.evaluate import heldout_requests  # noqa: E402
+from training.heldout import heldout_requests  # noqa: E402
 
 PARAMS = SamplingParams(max_new_tokens=64)
 

@@ -34,8 +34,8 @@ from engine.config import Compression, EngineConfig  # noqa: E402
 from engine.engine import SpecEngine  # noqa: E402
 from engine.processor import encode, load_processor  # noqa: E402
 from engine.request import Request, SamplingParams  # noqa: E402
-from training import corpus  # noqa: E402
-from training.evaluate import TEST_SEED  # noqa: E402
+from scenes import corpus  # noqa: E402
+from training.heldout import TEST_SEED  # noqa: E402
 
 PARAMS = SamplingParams(max_new_tokens=64)
 

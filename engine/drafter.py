@@ -40,9 +40,9 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import SELF_DRAFTERS, WEIGHT_BITS, Compression
-from engine.device_io import Clock, Span
 from engine.model import LoadedModel, eos_ids
-from engine.request import SamplingParams
+from engine.model_drafter import ModelDrafter
+from engine.ngram_drafter import NgramDrafter
 
 # config keys that name an image/video placeholder or a vision boundary token (LLaVA, Qwen-VL, Gemma3, ...)
 PLACEHOLDER_KEYS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index",
@@ -149,9 +149,6 @@ def make_drafter(spec: str, tokenizer, image_token_id: int | None, device: str, 
     LoadedModel (built with self_draft_bits), the drafter shares its tower, embedding and head and adds only
     the quantized linears; given the target's path (a drafter server), it loads the target quantized.
     `learning`: a model drafter whose weights the job replaces as it learns (LoadedModel.load_weights)."""
-    from engine.model_drafter import ModelDrafter
-    from engine.ngram_drafter import NgramDrafter
-
     vocab = target_vocab(tokenizer, image_token_id, target, trust_remote_code)
     if learning and (spec == "ngram" or spec in SELF_DRAFTERS):
         raise ValueError(f"model.drafter_training: the drafter must be a model to learn, not {spec}")
@@ -182,19 +179,3 @@ def make_drafter(spec: str, tokenizer, image_token_id: int | None, device: str, 
     if ck.is_vlm and ck.image_token_id != image_token_id:
         raise ValueError(f"model.drafter: {spec} uses a different image token than the target {vocab.name}")
     return ModelDrafter(ck, draft_mask(ck, vocab), image_token_id)
-
-
-class LocalDrafter:
-    """submit/collect for a drafter in the engine's own process: it drafts at once (nothing overlaps). Its time is
-    a Span (engine/device_io.py), read after the round's readback: timing it makes the host wait for nothing."""
-    remote = False
-    device = "cpu"  # where its drafts are made (a subclass on CUDA sets its own)
-
-    def submit(self, histories: list[list[int]], k: int, params: SamplingParams):
-        clock = Clock(self.device)
-        start = clock.mark()
-        drafts, num, probs = self.propose(histories, k, params)
-        return drafts, num, probs, Span(clock, start, clock.mark())
-
-    def collect(self, handle):
-        return handle

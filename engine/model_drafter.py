@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from engine.device_io import upload
-from engine.drafter import LocalDrafter
+from engine.local_drafter import LocalDrafter
 from engine.model import LoadedModel
 from engine.request import SamplingParams
 from engine.sampling import warp

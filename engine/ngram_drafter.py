@@ -8,7 +8,7 @@ import array
 
 import torch
 
-from engine.drafter import LocalDrafter
+from engine.local_drafter import LocalDrafter
 from engine.request import SamplingParams
 
 

@@ -39,7 +39,7 @@ PROMPTS = ("Describe the picture in one sentence.",
 IMAGE_SIZES = ((96, 80), (64, 112))  # width, height
 
 
-def sample_inputs(model) -> tuple[list[tuple[list[int], dict[str, np.ndarray]]], str]:
+def sample_inputs(model) -> tuple[list[tuple[np.ndarray, dict[str, np.ndarray]]], str]:
     """Two rows [(prompt ids, the processor's image tensors)] and what they are, for the model at model.path."""
     if model.is_vlm:
         from engine.processor import encode, load_processor, synthetic_image
@@ -51,15 +51,15 @@ def sample_inputs(model) -> tuple[list[tuple[list[int], dict[str, np.ndarray]]],
         if processor is not None:
             rows = [encode(processor, p, synthetic_image(*size)) for p, size in zip(PROMPTS, IMAGE_SIZES)]
             return rows, "image prompts"
-    return [(list(model.tokenizer(p)["input_ids"]), {}) for p in PROMPTS], "text prompts"
+    return [(np.asarray(model.tokenizer(p)["input_ids"], np.int64), {}) for p in PROMPTS], "text prompts"
 
 
 @torch.inference_mode()
-def reference_logits(model, ids: list[int], arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, list[int]]:
+def reference_logits(model, ids: np.ndarray, arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, list[int]]:
     """HF's greedy generation from one row alone: its logits [STEPS, vocab] and the tokens it chose."""
     from engine.request import stack_arrays
 
-    inputs = {"input_ids": torch.tensor([ids], device=model.device)}
+    inputs = {"input_ids": torch.from_numpy(np.asarray(ids, np.int64))[None].to(model.device)}
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     inputs |= stack_arrays([arrays], model.dtype, model.device, len(ids)) if arrays else {}
     out = model.model.generate(**inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
@@ -69,7 +69,7 @@ def reference_logits(model, ids: list[int], arrays: dict[str, np.ndarray]) -> tu
 
 
 @torch.inference_mode()
-def engine_logits(model, rows: list[tuple[list[int], dict]], tokens: list[list[int]]) -> torch.Tensor:
+def engine_logits(model, rows: list[tuple[np.ndarray, dict]], tokens: list[list[int]]) -> torch.Tensor:
     """The engine's logits [rows, STEPS, vocab] at the same positions: one batched prefill of every row, then each
     row's tokens fed back in one forward, from each row's own length."""
     dec = model.decoder

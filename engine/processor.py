@@ -177,8 +177,8 @@ def check_processor(model_path: str, trust_remote_code: bool = False) -> None:
                          ) from None
 
 
-def encode(processor, prompt: str, image) -> tuple[list[int], dict[str, np.ndarray]]:
-    """A one-image prompt's token ids and the processor's other outputs (image tensors, token types)."""
+def encode(processor, prompt: str, image) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A one-image prompt's token ids (int64) and the processor's other outputs (image tensors, token types)."""
     enc = processor(text=[chat_text(processor, prompt)], images=[image], return_tensors="np")
-    ids = np.asarray(enc["input_ids"][0]).astype(np.int64).tolist()
+    ids = np.asarray(enc["input_ids"][0], dtype=np.int64)
     return ids, {k: np.asarray(v) for k, v in enc.items() if k not in TEXT_KEYS}

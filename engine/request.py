@@ -9,7 +9,7 @@ import numpy as np
 @dataclass
 class Request:
     key: str
-    input_ids: list[int]
+    input_ids: np.ndarray  # int64: from the processor (engine/processor.py) or a view of the batch's Arrow column
     model_inputs: dict[str, np.ndarray]  # the processor's image tensors, e.g. pixel_values (1, 3, H, W)
 
 

@@ -40,7 +40,7 @@ class Scheduler:
         self.queue: list[Sequence] = []
         for i, r in enumerate(requests):
             need = len(r.input_ids) + params.max_new_tokens
-            if not r.input_ids:
+            if len(r.input_ids) == 0:
                 results[i] = error_result("empty prompt")
             elif max_positions and need > max_positions:
                 results[i] = error_result(f"prompt ({len(r.input_ids)} tokens) + max_new_tokens "

@@ -6,11 +6,14 @@ TRITON_INTERPRET=1 (tests/test_quant.py).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.quant import QuantizedWeight
+if TYPE_CHECKING:  # the hint only: kernels/quant.py imports this module when its kernel is triton
+    from kernels.quant import QuantizedWeight
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Writing demo shards from the synthetic corpus (training.corpus) as WebDataset tars or parquet files.
+"""Writing demo shards from the synthetic corpus (scenes.corpus) as WebDataset tars or parquet files.
 
 Each row: key, image (PNG), question, task, answer (the ground truth). WebDataset members are
 <key>.png, <key>.txt (the question) and <key>.json ({"question", "task", "answer"}).
@@ -13,7 +13,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from training import corpus
+from scenes import corpus
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

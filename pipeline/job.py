@@ -1,41 +1,34 @@
-"""Running a job: shards in, one committed parquet file per shard out, then metrics.json and _SUCCESS.
+"""Running a job, its outline: check the config, lock the output, list and inspect the shards, start Ray (and
+the pools and drafter trainer where asked), stream the generate stage's results into committed part files
+(pipeline/commit.py), then metrics.json (pipeline/metrics.py) and _SUCCESS.
 
-The driver takes the generate stage's output batches in whatever order they finish (one slow batch holds up
-nothing behind it) and commits a shard as soon as all of its rows are out: each shard's row count is known
-before the job reads it (pipeline/read.py's inspect_shard). Each row is written once: a shard's rows are
-counted by key (WebDataset sample keys, unique within a tar), a repeated key (a batch re-run after its actor
-died) is dropped, and a shard is never written twice. Where keys are not unique by construction (parquet and
-hf rows are keyed by position at commit, or by a user's id column), or with output.commit_order: input, the
-output comes in input order (Ray Data's preserve_order) and a shard is committed when the next one's first
-row arrives.
-The driver keeps a shard's result rows as the Arrow batches they came in (pipeline/rows.py's output_table
-makes the part file of them), never as Python rows. A killed job loses only the shards it had not committed;
-the rerun skips every committed shard.
+The driver takes the output batches in whatever order they finish where each shard's rows can be counted by
+key (WebDataset), else in input order. A killed job loses only the shards it had not committed; the rerun
+skips every committed shard.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
-import platform
 import sys
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib import import_module, metadata
+from importlib import import_module
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from actors.startup import collect, phases
-from pipeline.config import ConfigError, JobConfig, dump, load_config
+from pipeline.config import ConfigError, JobConfig, load_config
+from pipeline.commit import stream_any_order, stream_in_order
+from pipeline.metrics import Tally, job_metrics
 from pipeline.preprocess import prompt_columns
-from pipeline.read import Shard, inspect_shard, list_shards, read_shards, resolve_format
-from pipeline.rows import check_columns, output_table
+from pipeline.read import read_shards
+from pipeline.shards import inspect_shard, list_shards, resolve_format
+from pipeline.rows import check_columns
 from pipeline.write import OutputDir, OutputLocked
 
 
@@ -58,113 +51,6 @@ class JobResult:
     @property
     def tokens_per_s(self) -> float:
         return self.output_tokens / self.wall_s if self.wall_s > 0 else 0.0
-
-
-class _Tally:
-    """Running totals over output rows, for metrics.json."""
-
-    def __init__(self):
-        self.rows = self.errors = self.prompt_tokens = self.output_tokens = 0
-        self.drafted = self.accepted = 0
-        self.generate_s = 0.0
-        self.reasons: dict[str, int] = {}
-        self.finish: dict[str, int] = {}
-        self.eval_rows = self.eval_tokens = self.eval_agreed = self.eval_exact = 0
-        self.start = time.time()
-        self.first_row: float | None = None  # when the first result row reached the driver
-        self.commits: list[dict] = []  # {shard, t (s since the job began), rows}: when each shard was committed
-        self.timeline: list[dict] = []  # cumulative counts, sampled at most once a second (report.html's plots)
-        self.versions: dict[int, dict] = {}  # model.drafter_training: per drafter version, its rows' counts
-
-    def sample(self, final: bool = False) -> None:
-        t = time.time() - self.start
-        if final or not self.timeline or t - self.timeline[-1]["t"] >= 1.0:
-            self.timeline.append({"t": round(t, 2), "rows": self.rows, "errors": self.errors,
-                                  "output_tokens": self.output_tokens, "drafted": self.drafted,
-                                  "accepted": self.accepted, "drafter_version": max(self.versions, default=None)})
-
-    def add_evaluation(self, batch: pa.Table) -> None:
-        tokens = batch.column("eval_tokens")
-        if tokens.null_count < len(tokens):
-            self.eval_rows += len(tokens) - tokens.null_count
-            self.eval_tokens += _sum(tokens)
-            self.eval_agreed += _sum(batch.column("eval_agreed"))
-            self.eval_exact += _sum(batch.column("eval_exact").cast(pa.int64()))
-
-    def compression(self, cfg: JobConfig) -> dict:
-        """metrics.json's compression: the settings, and with compression.evaluate the measured agreement."""
-        c = cfg.compression
-        out = {"weights": c.weights, "group_size": c.group_size if c.weights == "int4" else None,
-               "apply_to": c.apply_to, "visual_tokens": c.visual_tokens.model_dump(),
-               "self_speculation": cfg.model.drafter if (cfg.model.drafter or "").startswith("self-") else None,
-               "evaluation": None}
-        if c.evaluate:
-            out["evaluation"] = {
-                "sample_fraction": c.evaluate_fraction, "rows": self.eval_rows,
-                "token_agreement": self.eval_agreed / self.eval_tokens if self.eval_tokens else None,
-                "exact_match_agreement": self.eval_exact / self.eval_rows if self.eval_rows else None,
-                "reference": "the uncompressed target, greedy, plain decoding; token agreement is teacher-forced"}
-        return out
-
-    def add(self, batch: pa.Table) -> None:
-        """Count a batch of result rows (actors/generate_rows.py's RESULT)."""
-        if self.first_row is None and batch.num_rows:
-            self.first_row = time.time()
-        self.rows += batch.num_rows
-        self.prompt_tokens += _sum(batch.column("num_prompt_tokens"))
-        self.output_tokens += _sum(batch.column("num_output_tokens"))
-        self.drafted += _sum(batch.column("num_drafted_tokens"))
-        self.accepted += _sum(batch.column("num_accepted_tokens"))
-        self.generate_s += _sum(batch.column("generate_s"))
-        for value in pc.value_counts(batch.column("finish_reason")).to_pylist():
-            self.finish[value["values"]] = self.finish.get(value["values"], 0) + value["counts"]
-        errors = batch.column("error")
-        if errors.null_count < len(errors):
-            for error in pc.drop_null(errors).to_pylist():
-                self.errors += 1
-                reason = error.split(":", 1)[0]
-                self.reasons[reason] = self.reasons.get(reason, 0) + 1
-        self.add_evaluation(batch)
-        self.add_versions(batch)
-
-    def add_versions(self, batch: pa.Table) -> None:
-        versions = batch.column("drafter_version")
-        if versions.null_count == len(versions):
-            return
-        t = round(time.time() - self.start, 2)
-        columns = {c: batch.column(c).to_pylist() for c in ("num_output_tokens", "num_drafted_tokens",
-                                                            "num_accepted_tokens")}
-        for i, v in enumerate(versions.to_pylist()):
-            if v is None:
-                continue
-            d = self.versions.setdefault(v, {"version": v, "rows": 0, "output_tokens": 0, "drafted": 0,
-                                             "accepted": 0, "first_t": t})
-            d["rows"] += 1
-            d["output_tokens"] += columns["num_output_tokens"][i] or 0
-            d["drafted"] += columns["num_drafted_tokens"][i] or 0
-            d["accepted"] += columns["num_accepted_tokens"][i] or 0
-            d["last_t"] = t
-
-    def drafter_training(self, report: dict | None) -> dict:
-        """metrics.json's drafter_training: acceptance per drafter version (rows drafted with it) and the
-        trainer's own record (steps, versions with their loss, events such as a lost trainer, where it saved)."""
-        by_version = [dict(d, acceptance=d["accepted"] / d["drafted"] if d["drafted"] else None)
-                      for _, d in sorted(self.versions.items())]
-        return {"by_version": by_version, "trainer": report}
-
-
-def _sum(column: pa.ChunkedArray) -> int | float:
-    return pc.sum(column).as_py() or 0
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("specray", "ray", "torch", "transformers", "pyarrow"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def _ensure_ray(cfg: JobConfig) -> None:
@@ -262,7 +148,7 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float, checked: Future) -
     for name, why in bad.items():
         print(f"skipping shard {name}: {why}", file=sys.stderr, flush=True)
     pending = [s for s in pending if s.name not in bad]
-    tally, written, pool_report, trainer_report = _Tally(), [], None, None
+    tally, written, pool_report, trainer_report = Tally(), [], None, None
     tally.start = start
     ray_called = ray_ready = None
     run_id, any_order = uuid.uuid4().hex, False
@@ -280,16 +166,17 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float, checked: Future) -
         any_order = (cfg.output.commit_order == "any" and fmt == "webdataset" and cfg.input.id_column is None
                      and None not in counts.values())
         ctx.execution_options.preserve_order = not any_order
-        # a block of carried values that share no Arrow type travels pickled (actors/generate_rows.py)
-        ctx.enable_fallback_to_arrow_object_ext_type = True
+        # every stage builds its Arrow blocks to the row contract (actors/row_schemas.py): a value that fits no
+        # Arrow type fails loudly, never travels pickled
+        ctx.enable_fallback_to_arrow_object_ext_type = False
         needed = prompt_columns(cfg.task.prompt) | set(check_columns(cfg))
         ds, normalise = read_shards(cfg.input, pending, needed)
         pools = start_pools(cfg) if cfg.resources.mode == "disaggregated" else None
         trainer = start_drafter_trainer(cfg, run_id)
         try:
             results = generate_stages(ds, cfg, normalise, pools, run_id=run_id, trainer=trainer)
-            written = (_stream_any_order(results, out, cfg, pending, counts, tally) if any_order
-                       else _stream(results, out, cfg, pending, tally))
+            written = (stream_any_order(results, out, cfg, pending, counts, tally) if any_order
+                       else stream_in_order(results, out, cfg, pending, tally))
         finally:
             if pools is not None:
                 pool_report = ray.get(pools.shutdown.remote())
@@ -299,36 +186,9 @@ def _run_locked(cfg: JobConfig, out: OutputDir, start: float, checked: Future) -
     wall = time.time() - start
     tally.sample(final=True)
     startup = phases(start, ray_called, ray_ready, tally.first_row, collect(run_id) if ray_ready is not None else [])
-    metrics = {
-        "rows": tally.rows,
-        "errors": tally.errors,
-        "errors_by_reason": tally.reasons,
-        "finish_reasons": tally.finish,
-        "prompt_tokens": tally.prompt_tokens,
-        "output_tokens": tally.output_tokens,
-        "drafted_tokens": tally.drafted,
-        "accepted_tokens": tally.accepted,
-        "acceptance_rate": tally.accepted / tally.drafted if tally.drafted else None,
-        "wall_s": wall,
-        "tokens_per_s": tally.output_tokens / wall if wall > 0 else 0.0,
-        "stage_s": {"generate_actor_busy": tally.generate_s},
-        "startup": startup,
-        "commit_order": "any" if any_order else "input",  # any: each shard committed once all its rows are out
-        "commits": tally.commits,  # [{shard, t (s since the job began), rows}], in commit order  # seconds: Ray, actor start, imports, model load, first batch; first output row
-        "timeline": tally.timeline,  # [{t (s since the job began), cumulative rows, errors, output_tokens, drafted, accepted}]
-        "pools": pool_report,  # disaggregated mode: the controller's decisions and the actors over time
-        "decoder": decoder,  # lean | fallback (engine/support.py), and why; parity-checked at each engine's load
-        "compression": tally.compression(cfg),
-        "drafter_training": tally.drafter_training(trainer_report) if cfg.model.drafter_training.enabled else None,
-        "shards_written": written,
-        "shards_skipped": skipped,
-        "shards_unreadable": bad,
-        "rows_in_output": out.count_rows(),
-        "config": dump(cfg),
-        "config_hash": cfg.hash(),
-        "versions": _versions(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    metrics = job_metrics(cfg, tally, wall=wall, startup=startup, any_order=any_order, pool_report=pool_report,
+                          decoder=decoder, trainer_report=trainer_report, written=written, skipped=skipped, bad=bad,
+                          rows_in_output=out.count_rows())
     out.write_json("metrics.json", metrics)
     out.finish(complete=not bad)  # no _SUCCESS while a shard is missing
     return JobResult(output_path=out.url, rows=tally.rows, errors=tally.errors, output_tokens=tally.output_tokens,
@@ -362,91 +222,3 @@ def finish_drafter_trainer(trainer) -> dict:
         return {"events": [f"trainer lost before the end of the job: {type(e).__name__}: {why}"]}
     finally:
         ray.kill(trainer)
-
-
-def _shard_runs(batch: pa.Table):
-    """(shard, rows) for each run of one shard's rows in a batch, in order."""
-    shards = batch.column("shard")
-    n = batch.num_rows
-    if n == 0:
-        return
-    change = pc.not_equal(shards.slice(1), shards.slice(0, n - 1)).to_numpy(zero_copy_only=False)
-    starts = [0, *(np.flatnonzero(change) + 1).tolist(), n]
-    for a, b in zip(starts[:-1], starts[1:]):
-        yield shards[a].as_py(), batch.slice(a, b - a)
-
-
-def _commit(out: OutputDir, shard: str, table: pa.Table, written: list[str], total: int, tally: _Tally) -> None:
-    """Write a shard's part file, note when, and print the progress line."""
-    out.commit(shard, table)
-    written.append(shard)
-    t = time.time() - tally.start
-    tally.commits.append({"shard": shard, "t": round(t, 2), "rows": table.num_rows})
-    print(f"[{t:7.1f}s] committed {shard}: {table.num_rows} rows | {len(written)}/{total} shards, "
-          f"{tally.rows} rows, {tally.errors} errors, {tally.output_tokens / max(t, 1e-9):.1f} tokens/s",
-          file=sys.stderr, flush=True)
-
-
-def _stream(ds: ray.data.Dataset, out: OutputDir, cfg: JobConfig, pending: list[Shard], tally: _Tally) -> list[str]:
-    carried = check_columns(cfg)
-    written: list[str] = []
-    current: str | None = None
-    parts: list[pa.Table] = []
-
-    def commit() -> None:
-        _commit(out, current, output_table(current, parts, carried), written, len(pending), tally)
-
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for shard, rows in _shard_runs(batch):
-            if shard != current:
-                if current is not None:
-                    commit()
-                if shard in written:
-                    raise RuntimeError(f"shard {shard} arrived out of order; refusing to write it twice")
-                current, parts = shard, []
-            tally.add(rows)
-            parts.append(rows)
-        tally.sample()
-    if current is not None:
-        commit()
-    for shard in pending:  # shards with no rows at all still get their (empty) part file
-        if shard.name not in written:
-            current, parts = shard.name, []
-            commit()
-    return written
-
-
-def _stream_any_order(ds: ray.data.Dataset, out: OutputDir, cfg: JobConfig, pending: list[Shard],
-                      counts: dict[str, int], tally: _Tally) -> list[str]:
-    """Commit each shard once all of its `counts[shard]` rows are out, whatever order the batches come in."""
-    carried = check_columns(cfg)
-    written: list[str] = []
-    parts: dict[str, list[pa.Table]] = {}
-    keys: dict[str, set[str]] = {}
-
-    def commit(shard: str) -> None:
-        keys.pop(shard, None)
-        _commit(out, shard, output_table(shard, parts.pop(shard, []), carried), written, len(pending), tally)
-
-    for shard in pending:  # shards with no rows at all: their (empty) part file at once
-        if counts[shard.name] == 0:
-            commit(shard.name)
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for shard, rows in _shard_runs(batch):
-            if shard in written:
-                raise RuntimeError(f"shard {shard} has more rows than the {counts[shard]} it was read with; "
-                                   "refusing to write it twice")
-            seen = keys.setdefault(shard, set())
-            fresh = [k not in seen for k in rows.column("key").to_pylist()]
-            if not all(fresh):  # a repeat of rows already out (a re-run batch): each row is written once
-                rows = rows.filter(pa.array(fresh))
-            seen.update(rows.column("key").to_pylist())
-            tally.add(rows)
-            parts.setdefault(shard, []).append(rows)
-            if len(seen) >= counts[shard]:
-                commit(shard)
-        tally.sample()
-    for shard in pending:  # a count that was too high (never expected): the rows that came are committed
-        if shard.name not in written:
-            commit(shard.name)
-    return written

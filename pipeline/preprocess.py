@@ -1,7 +1,7 @@
 """Preprocessing one row: decode and validate the image, build the prompt, run the model's processor.
 
 A failure of any step becomes the row's `error` (one line); the row still flows to the output.
-A source row in, a preprocessed row out (pipeline/rows.py): `input_ids` plus `model_inputs`, the processor's image
+A source row in, a preprocessed row out (actors/row_schemas.py): `input_ids` (int64 numpy) plus `model_inputs`, the processor's image
 tensors (pixel_values and whatever else the model's processor returns: engine/processor.py loads it, on a machine
 without torchvision too) as raw Arrow bytes with their name, dtype and shape, so any processor works without Ray
 Data having to understand its tensor shapes. The prompt's columns are used up here; only output.columns
@@ -15,9 +15,11 @@ import string
 from typing import Any
 
 import fsspec
+import numpy as np
 from PIL import Image, ImageOps
 
-from actors.generate_rows import CARRIED, tensor_entries
+from actors.generate_rows import tensor_entries
+from actors.row_schemas import CARRIED
 from engine.processor import encode, load_processor
 from engine.request import one_line
 from pipeline.rows import carried_values
@@ -116,7 +118,7 @@ def preprocess_row(row: dict, model_path: str, prompt_template: str, max_pixels:
                    trust_remote_code: bool = False, carry: list[str] | None = None) -> dict:
     """A source row's preprocessed row; `carry`: the fields it carries on (None: all of them)."""
     fields = row.get("fields") or {}
-    out = {"shard": row["shard"], "key": row["key"], "input_ids": [], "num_prompt_tokens": 0,
+    out = {"shard": row["shard"], "key": row["key"], "input_ids": np.zeros(0, np.int64), "num_prompt_tokens": 0,
            "model_inputs": None, "error": None, CARRIED: carried_values(fields, carry)}
     try:
         if row.get("error"):  # pipeline.read found the input row itself broken

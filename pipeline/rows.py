@@ -1,47 +1,27 @@
-"""The rows that pass between the stages, defined once: their columns and Arrow types.
-
-    read ─SOURCE─► preprocess ─PREPROCESSED─► generate ─RESULT─► driver ─OUTPUT─► part-<shard>.parquet
-
-SOURCE (pipeline/read.py's normaliser; handed to preprocessing within the same task, so never an Arrow block):
-    shard, key (the id column's value as text, or null: the driver names the row "<shard>:<row index>"),
-    image (bytes) or image_path, error (why the input row itself is broken), and fields: a dict of the input
-    columns the job needs (those the prompt names, and output.columns), values made plain (bytes that are not
-    UTF-8 become null); a column the row lacks is absent, which the prompt reports apart from a null.
-PREPROCESSED and RESULT: actors/generate_rows.py (the generate actor reads the one and writes the other). Only
-    `carried` (output.columns) travels past preprocessing; the prompt's columns are used up there.
-OUTPUT: OUTPUT_SCHEMA, then output.columns in their order, each with its values' type over the shard (text, with
-    non-strings as JSON, where the values share no type).
+"""The pipeline's side of the row contract (the schemas: actors/row_schemas.py): which input columns a job carries
+(check_columns, carried_values), the preprocess stage's output built as PREPROCESSED exactly
+(preprocessed_table), and a shard's part file made of its result rows (output_table).
 
 An input column named like an OUTPUT_SCHEMA column is never carried: if it is input.id_column it is the key,
-if output.columns names it the job refuses (check_columns), and otherwise it is left behind.
+if output.columns names it the job refuses (check_columns; pipeline.generate refuses it too: check_input_columns).
 """
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from actors.generate_rows import CARRIED, PREPROCESSED, RESULT, TENSOR  # noqa: F401 - the contract, in one place
+from actors.row_schemas import CARRIED, OUTPUT_SCHEMA, PREPROCESSED, RESERVED, SOURCE
 from pipeline.config import ConfigError, JobConfig
 
-SOURCE = pa.schema([
-    ("shard", pa.string()), ("key", pa.string()), ("image", pa.binary()), ("image_path", pa.string()),
-    ("fields", pa.struct([])),  # its children: the columns the job needs
-    ("error", pa.string()),
-])
-OUTPUT_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("shard", pa.string()),
-    ("text", pa.string()),
-    ("finish_reason", pa.string()),
-    ("num_prompt_tokens", pa.int32()),
-    ("num_output_tokens", pa.int32()),
-    ("num_drafted_tokens", pa.int32()),
-    ("num_accepted_tokens", pa.int32()),
-    ("error", pa.string()),
-])  # + output.columns
-RESERVED = frozenset(OUTPUT_SCHEMA.names)
+
+def shadowing(name: str) -> ConfigError:
+    """The one-line refusal of an input column that would shadow a column of the output (the CLI's and the
+    Python API's alike)."""
+    return ConfigError(f"output.columns: {name!r} is a column of the output itself; rename it in the input, "
+                       f"or do not carry it")
 
 
 def check_columns(cfg: JobConfig) -> list[str]:
@@ -51,19 +31,73 @@ def check_columns(cfg: JobConfig) -> list[str]:
     out = []
     for name in dict.fromkeys(cfg.output.columns):
         if name in RESERVED and name != cfg.input.id_column:
-            raise ConfigError(f"output.columns: {name!r} is a column of the output itself "
-                              f"({', '.join(OUTPUT_SCHEMA.names)}); rename it in the input or drop it here")
+            raise shadowing(name)
         if name not in RESERVED:
             out.append(name)
     return out
 
 
+def check_input_columns(columns: list[str], own: list[str], id_column: str | None) -> None:
+    """pipeline.generate carries every input column: one named like a column of its own output (`own`) would
+    shadow it, so it is refused as the CLI refuses it in output.columns; the id column is the key itself."""
+    for name in columns:
+        if name in own and name != id_column:
+            raise shadowing(name)
+
+
 def carried_values(fields: dict, names: list[str] | None) -> dict:
-    """A preprocessed row's carried struct: the named fields (null where absent); all of them, less those named
-    like an output column, where names is None (pipeline.generate's rows keep every input column)."""
+    """A preprocessed row's carried values: the named fields (null where absent), or all of them where names is
+    None (pipeline.generate's rows keep every input column; it refuses up front one that would shadow its own)."""
     if names is None:
-        return {k: v for k, v in fields.items() if k not in RESERVED}
+        return dict(fields)
     return {name: fields.get(name) for name in names}
+
+
+def check_source_row(row: dict) -> dict:
+    """A normalised row (pipeline/read.py) with exactly SOURCE's columns, else a ValueError naming the drift."""
+    if row.keys() != _SOURCE_NAMES:
+        raise ValueError(f"a source row drifted from SOURCE (actors/row_schemas.py): it has {sorted(row)}, "
+                         f"the contract {SOURCE.names}")
+    return row
+
+
+def _token_ids(ids) -> np.ndarray:
+    """A row's input_ids as int64, refused (ValueError) where they are not one row of integers."""
+    a = np.asarray(ids)
+    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+        raise ValueError(f"token ids must be one row of integers, not {a.dtype} of shape {a.shape}")
+    return a.astype(np.int64, copy=False)
+
+
+_SOURCE_NAMES = frozenset(SOURCE.names)
+_PREPROCESSED_NAMES = frozenset(PREPROCESSED.names)
+
+
+def preprocessed_table(rows: list[dict]) -> pa.Table:
+    """Preprocessed rows (pipeline/preprocess.py's preprocess_row) as one Arrow table of exactly PREPROCESSED's
+    types; `carried` as each row's JSON object. input_ids go from the rows' numpy arrays into Arrow in one copy,
+    never as Python ints. A row whose columns or values do not fit the contract fails the batch, naming them."""
+    for row in rows:
+        if row.keys() != _PREPROCESSED_NAMES:
+            raise ValueError(f"a preprocessed row drifted from PREPROCESSED (actors/row_schemas.py): it has "
+                             f"{sorted(row)}, the contract {PREPROCESSED.names}")
+    arrays = []
+    for field in PREPROCESSED:
+        try:
+            if field.name == "input_ids":
+                ids = [_token_ids(r["input_ids"]) for r in rows]
+                offsets = np.zeros(len(ids) + 1, np.int32)
+                np.cumsum([len(a) for a in ids], out=offsets[1:])
+                values = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+                arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(values), type=field.type))
+            elif field.name == CARRIED:
+                arrays.append(pa.array([json.dumps(r[CARRIED], default=str) for r in rows], field.type))
+            else:
+                arrays.append(pa.array([r[field.name] for r in rows], field.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"preprocessed column {field.name!r} does not fit PREPROCESSED's {field.type}: "
+                             f"{e}") from None
+    return pa.Table.from_arrays(arrays, schema=PREPROCESSED)
 
 
 def _writable(t: pa.DataType) -> bool:
@@ -88,41 +122,13 @@ def _column(values: list) -> pa.Array:
                     pa.string())
 
 
-def _names(chunks: list[pa.Array]) -> list[str]:
-    """The carried columns the chunks hold, in order."""
-    names: dict[str, None] = {}
-    for c in chunks:
-        if pa.types.is_struct(c.type):
-            names.update((f.name, None) for f in c.type)
-        else:  # pickled rows (see actors/generate_rows.py)
-            for row in c.to_pylist():
-                names.update((k, None) for k in row or {})
-    return list(names)
-
-
-def _carried_column(chunks: list[pa.Array], name: str) -> pa.ChunkedArray | pa.Array:
-    """One carried column over the chunks of `carried` structs: zero-copy where every chunk holds it with one
-    type (or all nulls), else rebuilt from its Python values."""
-    typed = []
-    for c in chunks:
-        if not pa.types.is_struct(c.type):
-            typed = None
-            break
-        typed.append(c.field(name) if c.type.get_field_index(name) >= 0 else pa.nulls(len(c)))
-    if typed is not None:
-        types = {a.type for a in typed if not pa.types.is_null(a.type)}
-        if len(types) <= 1:
-            t = types.pop() if types else pa.null()
-            if _writable(t):
-                return pa.chunked_array([a.cast(t) for a in typed], t)
-        return _column([v for a in typed for v in a.to_pylist()])
-    return _column([(row or {}).get(name) for c in chunks for row in c.to_pylist()])
-
-
-def carried_columns(tables: list[pa.Table], names: list[str] | None = None) -> dict[str, pa.ChunkedArray]:
-    """The carried columns of result tables, as top-level columns (names None: every one they hold)."""
-    chunks = [c for t in tables for c in t.column(CARRIED).chunks]
-    return {name: _carried_column(chunks, name) for name in (_names(chunks) if names is None else names)}
+def carried_columns(tables: list[pa.Table], names: list[str] | None = None) -> dict[str, pa.Array]:
+    """The carried columns of result tables, as top-level columns (names None: every one they hold, in order),
+    each with its values' Arrow type over all the tables (text, non-strings as JSON, where they share none)."""
+    rows = [json.loads(v) for t in tables for v in t.column(CARRIED).to_pylist()]
+    if names is None:
+        names = list(dict.fromkeys(k for r in rows for k in r))
+    return {name: _column([r.get(name) for r in rows]) for name in names}
 
 
 def output_table(shard: str, parts: list[pa.Table], names: list[str]) -> pa.Table:

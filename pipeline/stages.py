@@ -6,7 +6,7 @@
                     disaggregated: routers handing batches to the target pool,  [actors.router]
                     whose groups draft on the drafter pool (both sized by the controller)  [actors.pool_manager]
       -> result rows (shard, key, text, finish_reason, token counts, error, carried)
-    Each step's rows and their Arrow types: pipeline/rows.py.
+    Each step's rows and their Arrow types: actors/row_schemas.py.
 """
 from __future__ import annotations
 
@@ -18,26 +18,35 @@ from typing import Callable
 import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
+from ray.data.block import BlockAccessor
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.controller import Budget
+from actors.controller import Budget, Plan
 from actors.generate_actor import GenerateActor
 from actors.pool_manager import PoolManager, PoolSpec
 from actors.router import Router
+from actors.worker_deaths import WorkerDeaths
 from pipeline.config import JobConfig, load_config
 from pipeline.preprocess import preprocess_row
 from pipeline.read import table_row
-from pipeline.rows import RESULT, carried_columns, check_columns
+from actors.row_schemas import CARRIED, RESULT
+from pipeline.rows import (carried_columns, check_columns, check_input_columns, check_source_row,
+                           preprocessed_table)
 
 
-def _normalise_and_preprocess(row: dict, normalise: Callable[[dict], dict], **kwargs) -> dict:
-    # one fused task: normalise never fails on bad input (it only moves values), preprocess turns
-    # every failure into the row's error
-    return preprocess_row(normalise(row), **kwargs)
+def _preprocess_batch(block, normalise: Callable[[dict], dict], carry: list[str] | None, **kwargs) -> pa.Table:
+    """The preprocess stage on a block of input rows (as Ray Data hands a row-wise map its rows): normalise each
+    (it never fails on bad input, it only moves values) and preprocess it (every failure becomes the row's
+    error), then one Arrow table of PREPROCESSED's types: a row that drifts from the contract fails loudly."""
+    rows = BlockAccessor.for_block(block).iter_rows(public_row_format=True)
+    return preprocessed_table([preprocess_row(check_source_row(normalise(row)), carry=carry, **kwargs)
+                               for row in rows])
 
 
-def _unchanged(batch: pa.Table) -> pa.Table:
-    return batch
+def _worker_deaths():
+    """The job's notes of rows that killed a generate actor's process (actors/worker_deaths.py): an actor of its
+    own, which outlives the generate actors, alive as long as the stage refers to it."""
+    return ray.remote(WorkerDeaths).options(num_cpus=0).remote()
 
 
 def _evaluate(cfg: JobConfig) -> float | None:
@@ -56,7 +65,7 @@ def start_pools(cfg: JobConfig):
         drafter_options={"num_cpus": a.drafter_cpus, "num_gpus": a.drafter_gpus,
                          "resources": dict(a.drafter_resources)},
         budget=Budget(devices=a.devices, drafter_cost=a.drafter_cost, max_drafters=a.max_drafters, max_k=a.max_k),
-        policy=a.policy, fixed={"targets": a.targets, "drafters": a.drafters, "k": a.k}, groups=a.groups,
+        policy=a.policy, fixed=Plan("disaggregated", a.targets, a.drafters if a.k else 0, a.k), groups=a.groups,
         group_rows=-(-cfg.decoding.max_batch_size // a.groups), interval_s=a.interval_s,
         drain_timeout_s=a.drain_timeout_s)
     name = f"specray-pools-{uuid.uuid4().hex[:8]}"
@@ -80,24 +89,28 @@ def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[d
     # cores, four such processes starting together cost the first row 14 s) and the actors cannot use the rows
     # faster; GPU actors get as many as the free CPUs allow (resources.preprocess_tasks sets it).
     tasks = r.preprocess_tasks or (r.num_actors if r.gpus_per_actor == 0 and r.mode == "colocated" else None)
-    ds = ds.map(_normalise_and_preprocess, num_cpus=r.preprocess_cpus, concurrency=tasks, fn_kwargs={
-        "normalise": normalise, "model_path": model, "prompt_template": cfg.task.prompt,
-        "max_pixels": cfg.preprocess.max_image_pixels, "trust_remote_code": cfg.model.trust_remote_code,
-        "carry": None if all_columns else check_columns(cfg)})
-    # Blocks of one batch each, cut in the preprocess task itself (Ray fuses map -> map_batches -> this
-    # repartition into one operator): a generate task then takes one batch, and its rows reach the driver when
-    # that batch is done, not when the rest of its shard is (Ray Data releases a task's output when it ends).
-    ds = ds.map_batches(_unchanged, batch_size=r.batch_size, batch_format="pyarrow", num_cpus=r.preprocess_cpus,
-                        concurrency=tasks).repartition(target_num_rows_per_block=r.batch_size)
+    # Blocks of one batch each, cut in the preprocess task itself (Ray fuses map_batches -> this repartition
+    # into one operator): a generate task then takes one batch, and its rows reach the driver when that batch
+    # is done, not when the rest of its shard is (Ray Data releases a task's output when it ends).
+    # batch_format None: the block as read (pandas for WebDataset), its rows as a row-wise map would see them.
+    ds = ds.map_batches(_preprocess_batch, batch_size=r.batch_size, batch_format=None, num_cpus=r.preprocess_cpus,
+                        concurrency=tasks, fn_kwargs={
+                            "normalise": normalise, "model_path": model, "prompt_template": cfg.task.prompt,
+                            "max_pixels": cfg.preprocess.max_image_pixels,
+                            "trust_remote_code": cfg.model.trust_remote_code,
+                            "carry": None if all_columns else check_columns(cfg)}
+                        ).repartition(target_num_rows_per_block=r.batch_size)
     if r.mode == "disaggregated":
         routers = max(2, 2 * int(cfg.autoscaler.devices))  # two batches per target: the next one is waiting
         return ds.map_batches(Router, fn_constructor_kwargs={"manager": pools},
                               compute=ActorPoolStrategy(size=routers), batch_size=r.batch_size,
                               batch_format="pyarrow", num_cpus=0.01)
+    deaths = _worker_deaths()
     return ds.map_batches(
         GenerateActor,
         fn_constructor_kwargs={"engine": cfg.engine(), "params": cfg.sampling(), "evaluate": _evaluate(cfg),
-                               "run_id": run_id, "trainer": trainer},
+                               "run_id": run_id, "trainer": trainer, "memory_limit": r.memory_per_actor,
+                               "deaths": deaths, "death_retries": r.worker_death_retries},
         compute=ActorPoolStrategy(size=r.num_actors),
         batch_size=r.batch_size,
         batch_format="pyarrow",
@@ -106,13 +119,20 @@ def generate_stages(ds: ray.data.Dataset, cfg: JobConfig, normalise: Callable[[d
     )
 
 
-def _to_user(batch: pa.Table, keyed: bool) -> pa.Table:
-    """Result rows as pipeline.generate's rows: the input columns (less the image), then the result's own (no
-    shard or generate_s; a key where input.id_column names one). An input column named like one of those is
-    left behind, never shadowing it."""
-    own = [name for name in RESULT.names if name not in ("shard", "generate_s", "drafter_version")
-           and (keyed or name != "key")]
-    columns = {k: v for k, v in carried_columns([batch]).items() if k not in own}
+def _own_columns(keyed: bool) -> list[str]:
+    """pipeline.generate's own output columns: the result's, less shard, generate_s, drafter_version and the
+    carried values (they become columns of their own); key only where input.id_column names one."""
+    return [name for name in RESULT.names if name not in ("shard", "generate_s", "drafter_version", CARRIED)
+            and (keyed or name != "key")]
+
+
+def _to_user(batch: pa.Table, id_column: str | None) -> pa.Table:
+    """Result rows as pipeline.generate's rows: the input columns (less the image; the id column where it is
+    named like an output column is the key itself), then the result's own. generate refused any other input
+    column named like one of those; one that comes anyway (a schema Ray could not tell up front) fails loudly."""
+    own = _own_columns(id_column is not None)
+    columns = {k: v for k, v in carried_columns([batch]).items() if not (k == id_column and k in own)}
+    check_input_columns(list(columns), own, id_column)
     columns.update((name, batch.column(name)) for name in own)
     return pa.table(list(columns.values()), names=list(columns))
 
@@ -124,7 +144,9 @@ def generate(ds: ray.data.Dataset, config) -> ray.data.Dataset:
     are used (input.image_column / image_path_column / id_column name the row's columns).
     """
     cfg = load_config(config)
+    # every input column is carried: one named like an output column is refused, as the CLI refuses it
+    check_input_columns(ds.columns() or [], _own_columns(cfg.input.id_column is not None), cfg.input.id_column)
     pools = start_pools(cfg) if cfg.resources.mode == "disaggregated" else None  # lives as long as the driver
     normalise = functools.partial(table_row, cfg=cfg.input, shard="")
     return generate_stages(ds, cfg, normalise, pools, all_columns=True).map_batches(
-        _to_user, batch_format="pyarrow", fn_kwargs={"keyed": cfg.input.id_column is not None})
+        _to_user, batch_format="pyarrow", fn_kwargs={"id_column": cfg.input.id_column})

@@ -22,7 +22,6 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.rows import OUTPUT_SCHEMA  # noqa: F401 - the part files' columns (pipeline/rows.py)
 
 PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
 LOCK = "_LOCK"

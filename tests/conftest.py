@@ -54,9 +54,10 @@ def hf_forward_inputs(request, ids: list[int]) -> dict:
     """Keyword arguments for a HF VLM's forward over `ids` (the request's prompt and tokens after it): its image
     inputs as tensors (Qwen2.5-VL: the patches' grid too), and its per-token type ids, which M-RoPE reads,
     extended with text (0) over the tokens after the prompt."""
+    import numpy as np
     import torch
 
-    out = {"input_ids": torch.tensor([ids])}
+    out = {"input_ids": torch.from_numpy(np.asarray(ids, np.int64))[None]}
     for key, value in request.model_inputs.items():
         value = torch.from_numpy(value)
         if key in ("mm_token_type_ids", "token_type_ids"):

@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from training import corpus
+from scenes import corpus
 
 # the question's words that name the asked shape (kind, colour, or both), and whether a question about a shape that
 # is not there is answered by looking at the empty cells (exists: nothing matches, so the answer is no)

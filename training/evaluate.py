@@ -23,27 +23,9 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Auto
 
 from engine.processor import load_processor
 
-from training import corpus
+from scenes import corpus
+from training.heldout import FRESH_SEED, TEST_SEED
 from training.modelpair import user_prompt
-
-TEST_SEED = corpus.SPLIT_SEEDS["test"]
-FRESH_SEED = 7000  # a held-out stream that no split (nor the demo data) draws from
-
-
-def heldout_requests(processor, n: int, start: int = 0, task: str | None = None, seed: int = TEST_SEED) -> list:
-    """n engine Requests from the test split (or another held-out seed; a mix of tasks unless `task` is given),
-    one image each."""
-    from engine.processor import encode
-    from engine.request import Request
-
-    out = []
-    for i in range(start, start + n):
-        s = corpus.sample(seed, i, task)
-        ids, arrays = encode(processor, s.question, s.image)  # as the pipeline encodes a row
-        arrays["pixel_values"] = arrays["pixel_values"].astype(np.float32)
-        out.append(Request(key=s.key, input_ids=ids, model_inputs=arrays))
-    return out
-
 
 @torch.inference_mode()
 def generate_answers(model, processor, items: list[tuple], batch_size: int = 64, max_new_tokens: int = 64,
@@ -202,7 +184,7 @@ def model_card(report: dict, training: dict | None) -> str:
     lines = [
         "# The specray model pair",
         "",
-        f"Trained from scratch on the synthetic corpus (`training/corpus.py`) by `python -m training.train "
+        f"Trained from scratch on the synthetic corpus (`scenes/corpus.py`) by `python -m training.train "
         f"{config}`; evaluated by `python -m training.evaluate models`. Standard transformers "
         "architectures: load with `AutoModelForImageTextToText` / `AutoModelForCausalLM` and `AutoProcessor` (`engine.processor.load_processor` without torchvision).",
         "",

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from training import corpus
+from scenes import corpus
+from training.heldout import heldout_requests
 
 KEEPS = (1.0, 0.75, 0.5, 0.25)
 
@@ -66,7 +67,6 @@ def pruning_sweep(model_dir: Path, per_task: int, seed: int, batch: int = 32,
     from engine.config import Compression, EngineConfig
     from engine.engine import SpecEngine
     from engine.request import SamplingParams
-    from training.evaluate import heldout_requests
 
     from engine.processor import load_processor
 

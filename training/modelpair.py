@@ -24,7 +24,7 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from training import corpus
+from scenes import corpus
 from training.tokenizer import IMAGE
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]

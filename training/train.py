@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import yaml
 
-from training import corpus
+from scenes import corpus
 from training.attention_supervision import AttentionSupervision, asked_cells, asked_tensor, cell_tokens
 from training.modelpair import (
     build_processor,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training import corpus
+from scenes import corpus
 from training.optim import autocast, fit
 
 COLORS = [None, *sorted(corpus.COLORS)]

@@ -92,3 +92,57 @@ def test_a_change_that_measures_slower_than_the_plan_it_replaced_is_reverted():
         c.observe_acceptance([0] * 8, [4] * 8)
     c.decide(5.0)
     assert not c.rejected  # ... until the acceptance moves
+
+
+def test_orders_and_measurements_cross_as_typed_messages():
+    """The manager's answer is an Orders (groups spread over the ready drafters, each failing over to the others);
+    a target's Measurements feed the controller's model and the loop's totals."""
+    import itertools
+    import threading
+
+    from actors.actor_pool import ActorPool, Member, Pools
+    from actors.control_loop import ControlLoop
+    from actors.event_log import EventLog
+    from actors.messages import Measurements, Orders
+    from actors.orders import orders
+    from actors.routing import Routing
+    from actors.target_actor import OrderedDraftLength
+
+    ready = [Member(f"drafter-{i}", f"handle-{i}", None, 0.0, ready=True) for i in range(3)]
+    o = orders(Plan("disaggregated", 2, 3, 4), "target-1", ["target-0", "target-1"], ready, groups=2, max_k=8)
+    assert isinstance(o, Orders) and (o.mode, o.k, o.groups, o.max_k) == ("disaggregated", 4, 2, 8)
+    assert [[d for d, _ in group] for group in o.drafters] == [["drafter-2", "drafter-0", "drafter-1"],
+                                                               ["drafter-0", "drafter-1", "drafter-2"]]
+    assert orders(Plan("disaggregated", 1, 0, 4), "target-0", ["target-0"], [], groups=2, max_k=8) == \
+        Orders(mode="plain", k=0, groups=1, drafters=((),), max_k=8)
+
+    policy = OrderedDraftLength(o, seed=0)
+    policy.record(4, 0.2, 0.1, accepted=[3, 1], num_drafts=[4, 4], rows=2)
+    m = policy.measured
+    assert isinstance(m, Measurements) and m.verify == [(2, 4, 0.2)] and m.draft_step == [(2, 0.025)]
+    log, lock = EventLog(), threading.RLock()
+    pools = Pools(ActorPool("target", {}, itertools.count(), log), ActorPool("drafter", {}, itertools.count(), log),
+                  Plan("disaggregated", 1, 1, 4), log)
+    controller = Controller(Budget(devices=2, drafter_cost=0.5, max_drafters=4, max_k=8), group_rows=8, groups=2)
+    loop = ControlLoop(pools, Routing(pools, lock), controller=controller, policy="auto", interval_s=1.0, lock=lock,
+                       log=log)
+    loop.observe(m)
+    assert loop.stats["verify_s"] == 0.2 and loop.rounds_since_plan == 1
+
+
+def test_the_simulator_plot_is_drawn_with_matplotlib(tmp_path):
+    """benchmarks/disaggregation_sim.py's chart: a bar per split with its value, the chosen one red, and the
+    co-located rate as a dashed line (red when co-location was chosen)."""
+    import re
+
+    from benchmarks.disaggregation_sim import svg_plot
+    from pipeline.charts import COLORS
+
+    path = tmp_path / "sim.svg"
+    svg_plot([("1:0", 100.0), ("1:2", 150.0), ("2:1", 180.0)], "1:2", 160.0, str(path))
+    svg = path.read_text()
+    bars = [re.search(rf'<g id="bar-{i}">.*?</g>', svg, re.S).group() for i in range(3)]
+    assert [COLORS["red"] in b for b in bars] == [False, True, False]
+    assert '<g id="colocated">' in svg and "Matplotlib" in svg
+    svg_plot([("1:0", 100.0)], "colocated", 160.0, str(path))
+    assert COLORS["red"] in re.search(r'<g id="colocated">.*?</g>', path.read_text(), re.S).group()

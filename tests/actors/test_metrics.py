@@ -101,7 +101,8 @@ def test_metrics_are_exported_by_ray(ray_address):
     worker: this actor's are picked by WorkerId, so other tests' jobs in this Ray session do not count)."""
     import ray
 
-    from actors.generate_rows import PREPROCESSED, tensor_entries
+    from actors.generate_rows import tensor_entries
+    from actors.row_schemas import PREPROCESSED
 
     @ray.remote(num_cpus=0)
     class Probe:
@@ -125,10 +126,9 @@ def test_metrics_are_exported_by_ray(ray_address):
     inputs = tensor_entries({"pixel_values": np.zeros((1, 3, 2, 2), np.float32)})
     batch = pa.Table.from_pylist(
         [{"shard": "s", "key": f"k{i}", "num_prompt_tokens": 3, "input_ids": [1, 2, 3], "model_inputs": inputs,
-          "error": None} for i in range(3)]
+          "error": None, "carried": f'{{"caption": "c{i}"}}'} for i in range(3)]
         + [{"shard": "s", "key": "k3", "num_prompt_tokens": 0, "input_ids": [], "model_inputs": None,
-            "error": "bad image: truncated"}], schema=PREPROCESSED)
-    batch = batch.append_column("carried", pa.array([{"caption": f"c{i}"} for i in range(4)]))
+            "error": "bad image: truncated", "carried": '{"caption": "c3"}'}], schema=PREPROCESSED)
     probe = Probe.remote()
     rows, worker = ray.get(probe.run.remote(batch))
     assert rows == 4

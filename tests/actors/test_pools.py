@@ -19,7 +19,7 @@ from engine.request import SamplingParams
 from tests.conftest import ROOT
 from pipeline.demo_data import write_demo_data
 from engine.processor import load_processor
-from training.evaluate import heldout_requests
+from training.heldout import heldout_requests
 
 TARGET = str(ROOT / "models/target")
 DRAFTER = str(ROOT / "models/drafter-vlm")

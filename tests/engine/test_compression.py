@@ -15,7 +15,7 @@ from engine.request import SamplingParams
 from engine.visual_tokens import VisualTokenPruner, _max_min_subset
 from kernels.quant import QuantLinear
 from engine.processor import load_processor
-from training.evaluate import heldout_requests
+from training.heldout import heldout_requests
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET, DRAFTER = str(ROOT / "models/target"), str(ROOT / "models/drafter-vlm")
@@ -141,7 +141,7 @@ def test_attention_ranking_on_a_patch_merging_tower_reads_the_towers_own_last_bl
     import sys
 
     from engine.visual_tokens import VisualTokenPruner
-    from training import corpus
+    from scenes import corpus
     from training.modelpair import build_qwen_processor, build_qwen_vlm
     from training.tokenizer import train_tokenizer
 

@@ -13,7 +13,7 @@ from engine.engine import SpecEngine
 from engine.processor import load_processor
 from engine.request import SamplingParams
 from tests.conftest import ROOT, chi_square, hf_forward_inputs
-from training.evaluate import heldout_requests
+from training.heldout import heldout_requests
 
 TARGET, DRAFTER = str(ROOT / "models/target"), str(ROOT / "models/drafter-vlm")
 TEXT_DRAFTER = str(ROOT / "models/drafter-text")
@@ -42,7 +42,7 @@ def test_examples_carry_the_targets_answer_its_eos_and_its_topk(rows):
     ex = examples(requests, results, eos, images=True)
     assert len(ex) == len(requests)
     for e, r, req in zip(ex, results, requests):
-        assert e.input_ids == req.input_ids and "pixel_values" in e.model_inputs
+        assert list(e.input_ids) == list(req.input_ids) and "pixel_values" in e.model_inputs
         assert e.output_ids == r.token_ids + ([eos] if r.finish_reason == "stop" else [])
         values, ids = e.topk
         assert values.shape == ids.shape == (len(e.output_ids), 8)
@@ -114,7 +114,7 @@ def test_sampling_keeps_the_targets_distribution_while_the_drafter_changes(rows)
     for prompt in requests:
         p1 = probs(prompt, prompt.input_ids)
         first = p1.argmax().item()
-        p = probs(prompt, prompt.input_ids + [first])
+        p = probs(prompt, [*prompt.input_ids, first])
         candidates.append((p1[first].item() * min(spread(p), 6), prompt, first, p))
     _, prompt, first, p = max(candidates, key=lambda c: c[0])
     learner = DrafterLearner(DRAFTER, engine.target.image_token_id)

@@ -19,7 +19,7 @@ from engine.drafter import make_drafter
 from engine.engine import SpecEngine
 from engine.request import Request, SamplingParams
 from engine.speculative import fit_width
-from training import corpus
+from scenes import corpus
 from training.modelpair import build_text_lm
 from training.tokenizer import train_tokenizer
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.drafter import LocalDrafter
+from engine.local_drafter import LocalDrafter
 from engine.ngram_drafter import NgramDrafter
 from engine.draft_length import DraftLength, DraftPolicy
 from engine.config import EngineConfig
@@ -22,7 +22,7 @@ from engine.hf_backend import HFBackend
 from engine.request import SamplingParams
 from tests.conftest import ROOT, chi_square, hf_forward_inputs
 from engine.processor import load_processor
-from training.evaluate import heldout_requests
+from training.heldout import heldout_requests
 
 TARGET = str(ROOT / "models/target")
 DRAFTERS = {"vlm": str(ROOT / "models/drafter-vlm"), "text": str(ROOT / "models/drafter-text"), "ngram": "ngram"}
@@ -150,12 +150,12 @@ def test_sampling_with_speculation_keeps_the_targets_distribution(heldout):
 
     def target_probs(ids):
         logits = model(**hf_forward_inputs(prompt, ids)).logits[:, -1].float()
-        return torch.softmax(warpers(torch.tensor([ids]), logits), -1)[0]
+        return torch.softmax(warpers(torch.from_numpy(np.asarray(ids, np.int64))[None], logits), -1)[0]
 
     with torch.inference_mode():
         t1 = target_probs(prompt.input_ids).argmax().item()
-        start = [t1, target_probs(prompt.input_ids + [t1]).argmax().item()]
-        p = target_probs(prompt.input_ids + start)
+        start = [t1, target_probs([*prompt.input_ids, t1]).argmax().item()]
+        p = target_probs([*prompt.input_ids, *start])
     engine = SpecEngine(EngineConfig(TARGET, None, dtype="float32", max_batch_size=128, num_draft_tokens=2))
     engine.drafter = FlatDrafter(p > 0)
     results = engine.generate([prompt] * 1500, params)
@@ -313,7 +313,7 @@ def test_a_drafter_whose_prefill_cannot_pay_is_turned_off_and_the_output_stays_t
 def test_a_prompt_too_long_for_the_model_is_an_error_row_not_a_failed_batch(heldout):
     requests, oracle = heldout
     engine = SpecEngine(EngineConfig(TARGET, DRAFTERS["vlm"], dtype="float32", max_batch_size=4))
-    too_long = dataclasses.replace(requests[1], input_ids=requests[1].input_ids + [10] * 250)
+    too_long = dataclasses.replace(requests[1], input_ids=np.concatenate([requests[1].input_ids, [10] * 250]))
     results = engine.generate([requests[0], too_long, requests[2]], GREEDY)
     assert results[1].finish_reason == "error" and "256 positions" in results[1].error
     assert [results[0].text, results[2].text] == [oracle[0].text, oracle[2].text]

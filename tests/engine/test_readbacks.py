@@ -19,7 +19,7 @@ from engine.engine import SpecEngine
 from engine.processor import load_processor
 from engine.request import SamplingParams
 from tests.conftest import ROOT
-from training.evaluate import heldout_requests
+from training.heldout import heldout_requests
 
 TARGET, DRAFTER = str(ROOT / "models/target"), str(ROOT / "models/drafter-vlm")
 aten = torch.ops.aten

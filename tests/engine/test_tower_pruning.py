@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.tower_pruning import TowerPruning
-from training import corpus
+from scenes import corpus
 from training.modelpair import build_qwen_processor, build_qwen_vlm
 from training.tokenizer import train_tokenizer
 

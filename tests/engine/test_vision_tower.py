@@ -9,7 +9,7 @@ import torch
 from engine.tower_pruning import TowerPruning
 from engine.vision_tower import LeanTower, supports
 from tests.engine.test_tower_pruning import SPEC, first_tokens
-from training import corpus
+from scenes import corpus
 from training.modelpair import build_qwen_processor, build_qwen_vlm
 from training.tokenizer import train_tokenizer
 

@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from training import corpus
+from scenes import corpus
 
 SEED = corpus.SPLIT_SEEDS["test"]
 NO_MODEL = "unused"  # rows that fail before the processor never load a model

@@ -13,14 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from actors.generate_rows import RESULT
-from pipeline.config import InputConfig
+from actors.row_schemas import RESULT
+from pipeline.config_sections import InputConfig
 from pipeline.preprocess import build_prompt, preprocess_row
-from pipeline.read import _webdataset_row, list_shards, read_shards, table_row
+from pipeline.read import _webdataset_row, read_shards, table_row
 from pipeline.rows import output_table
+from pipeline.shards import list_shards
 from pipeline.write import OutputDir
+from scenes import corpus
 from tests.conftest import ROOT, run_cli
-from training import corpus
 from tests.pipeline.hostile_inputs import (
     encode, scene, png_16_bit_gray, palette_with_transparency, animated, exif_rotated, solid, bomb, PNG, SEED,
     NO_MODEL)
@@ -125,7 +126,8 @@ def test_parquet_shards_whose_column_types_differ_are_read(tmp_path, ray_address
 
 def test_an_output_column_of_mixed_types_is_written(tmp_path):
     """Two batches of one shard whose carried `score` has different types (and a {} Parquet cannot hold)."""
-    parts = [pa.Table.from_pylist([{**{f.name: None for f in RESULT}, "key": k, "carried": {"score": v, "meta": {}}}])
+    parts = [pa.Table.from_pylist([{**{f.name: None for f in RESULT}, "key": k,
+                                    "carried": json.dumps({"score": v, "meta": {}})}], schema=RESULT)
              for k, v in (("a", 1), ("b", "high"))]
     OutputDir(str(tmp_path)).commit("shard", output_table("shard", parts, ["score", "meta"]))
     table = pq.read_table(tmp_path / "part-shard.parquet")

@@ -163,7 +163,7 @@ def test_hf_dataset_input(tmp_path, tiny_model, ray_address):
     import datasets
 
     import pipeline
-    from training import corpus
+    from scenes import corpus
 
     samples = [corpus.sample(corpus.SPLIT_SEEDS["test"], i) for i in range(5)]
     features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
@@ -236,18 +236,19 @@ def test_a_job_carrying_a_column_named_like_an_output_column_exits_2(tmp_path, t
 
 
 def test_carried_columns_and_tensors_survive_ray_blocks(tmp_path, ray_address):
-    """The row contract through Ray Data as a job runs it: preprocessed rows that Ray builds into blocks (a carried
-    column holding 1 in one row and "high" in another, within a block and across blocks; nested values; a column
-    null in whole blocks; tensors of varying shapes; error rows without tensors), the generate actor reading
-    them from Arrow batches, and the driver's part files."""
+    """The row contract through Ray Data as a job runs it: preprocessed blocks built as the preprocess stage builds
+    them (a carried column holding 1 in one row and "high" in another, within a block and across blocks; nested
+    values; a column null in whole blocks; tensors of varying shapes; error rows without tensors), with Ray's
+    pickled fallback off, the generate actor reading them from Arrow batches (each joining two blocks), and the
+    driver's part files."""
     import numpy as np
     import ray
 
     from actors.generate_actor import GenerateActor
     from actors.generate_rows import tensor_entries
     from engine.request import Result, SamplingParams
-    from pipeline.job import _shard_runs
-    from pipeline.rows import output_table
+    from pipeline.commit import shard_runs
+    from pipeline.rows import output_table, preprocessed_table
     from pipeline.write import OutputDir
 
     def pixels(i):
@@ -256,7 +257,7 @@ def test_carried_columns_and_tensors_survive_ray_blocks(tmp_path, ray_address):
     def preprocessed(row):  # rows 0-6 are shard a, 7-11 shard b; 4 and 9 failed preprocessing
         i, bad = row["id"], row["id"] in (4, 9)
         return {"shard": "a" if i < 7 else "b", "key": None if i == 5 else f"k{i}",
-                "input_ids": [] if bad else [1] * (i + 1), "num_prompt_tokens": 0 if bad else i + 1,
+                "input_ids": np.ones(0 if bad else i + 1, np.int64), "num_prompt_tokens": 0 if bad else i + 1,
                 "model_inputs": None if bad else tensor_entries({"pixel_values": pixels(i),
                                                                  "sizes": np.array([[i, 2]])}),
                 "error": "boom" if bad else None,
@@ -276,15 +277,18 @@ def test_carried_columns_and_tensors_survive_ray_blocks(tmp_path, ray_address):
             self.engine, self.params, self.mixed_shapes = Engine(), SamplingParams(), False  # batches by shape
             self.evaluate = self.reference = None
 
+    def stage(block):  # as pipeline/stages.py's preprocess stage builds its blocks
+        return preprocessed_table([preprocessed(r) for r in block.to_pylist()])
+
     ctx = ray.data.DataContext.get_current()
     saved = ctx.enable_fallback_to_arrow_object_ext_type, ctx.execution_options.preserve_order
-    ctx.enable_fallback_to_arrow_object_ext_type = ctx.execution_options.preserve_order = True
+    ctx.enable_fallback_to_arrow_object_ext_type, ctx.execution_options.preserve_order = False, True
     try:
-        ds = ray.data.range(12, override_num_blocks=4).map(preprocessed).map_batches(
+        ds = ray.data.range(12, override_num_blocks=4).map_batches(stage, batch_size=3, batch_format="pyarrow").map_batches(
             Actor, batch_size=5, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1))
         parts: dict[str, list] = {}
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for shard, rows in _shard_runs(batch):
+            for shard, rows in shard_runs(batch):
                 parts.setdefault(shard, []).append(rows)
     finally:
         ctx.enable_fallback_to_arrow_object_ext_type, ctx.execution_options.preserve_order = saved
@@ -304,7 +308,32 @@ def test_carried_columns_and_tensors_survive_ray_blocks(tmp_path, ray_address):
                 assert got["text"] == f"{key}|{arrays}|{i + 1}"
                 assert got["error"] is None and got["num_prompt_tokens"] == i + 1
             assert got["meta"] == {"lang": "en", "n": [i]}
-    # a's rows came typed and, where a block also held b's "high", pickled: all ints, so an int column
+    # a's rows are all ints, even where a block also held b's "high": an int column
     assert a.schema.field("score").type == pa.int64() and a.column("score").to_pylist() == list(range(7))
     assert b.column("score").to_pylist() == ["7", "high", "9", "10", "11"]  # no one type: text
     assert a.column("note").null_count == 7 and b.column("note").to_pylist() == [f"n{i}" for i in range(7, 12)]
+
+
+@pytest.mark.parametrize("column", ["text", "error"])
+def test_the_python_api_refuses_an_input_column_the_cli_refuses(tmp_path, tiny_model, ray_address, column):
+    """An input column named like an output column: the command line exits 2 with one line naming it (it is in
+    output.columns), and pipeline.generate (which carries every input column) raises the same line, before any
+    work, instead of dropping the column."""
+    import ray
+
+    import pipeline
+
+    write_demo_data(str(tmp_path / "shards"), num_samples=2, fmt="parquet")
+    cfg = job_config(tmp_path, tiny_model, str(tmp_path / "shards/*.parquet"), "parquet",
+                     output={"path": str(tmp_path / "out"), "columns": ["answer", column]})
+    cli = run_cli("validate", str(cfg))
+    lines = [line for line in cli.stderr.splitlines() if line.strip()]
+    assert cli.returncode == 2 and len(lines) == 1 and f"output.columns: {column!r}" in lines[0], cli.stderr
+
+    ds = ray.data.from_items([{"image": b"", "question": "q", column: "an input value"}])
+    with pytest.raises(pipeline.ConfigError) as refused:
+        pipeline.generate(ds, {"model": {"target": str(tiny_model)}})
+    assert lines[0].endswith(str(refused.value)) and "\n" not in str(refused.value)
+    # the id column named like an output column is the key itself, not a shadowing column
+    keyed = ray.data.from_items([{"image": b"", "question": "q", "key": "k0"}])
+    pipeline.generate(keyed, {"model": {"target": str(tiny_model)}, "input": {"id_column": "key"}})

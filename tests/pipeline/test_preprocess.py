@@ -5,9 +5,11 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from actors.generate_rows import PREPROCESSED, read_tensors
+from actors.generate_rows import read_input_ids, read_tensors
+from actors.row_schemas import PREPROCESSED
 from engine.processor import chat_text, load_processor
 from pipeline.preprocess import build_prompt, decode_image, preprocess_row, prompt_columns
+from pipeline.rows import check_source_row, preprocessed_table
 from tests.conftest import corrupt_bytes
 
 
@@ -67,18 +69,21 @@ def test_preprocess_row_builds_model_inputs(tiny_model):
     assert out["num_prompt_tokens"] == len(out["input_ids"]) > 64  # 64 image tokens plus the text
     assert "What color?" in load_processor(str(tiny_model)).tokenizer.decode(out["input_ids"])
     assert out["carried"] == {"answer": "blue"}  # the prompt's column is used up; only output.columns go on
-    # the preprocessed row as Arrow: the contract's types, and the tensors read back as they were made
-    table = pa.Table.from_pylist([out])
-    assert table.select(PREPROCESSED.names).cast(PREPROCESSED).num_rows == 1
+    # the preprocessed row as Arrow, as the stage builds it: the contract's types, token ids from numpy, and the
+    # tensors read back as they were made
+    assert isinstance(out["input_ids"], np.ndarray) and out["input_ids"].dtype == np.int64
+    table = preprocessed_table([out])
+    assert table.schema == PREPROCESSED and table.num_rows == 1
+    assert np.array_equal(read_input_ids(table.column("input_ids"))[0], out["input_ids"])
     pixels = read_tensors(table.column("model_inputs"))[0]["pixel_values"]
     processor = load_processor(str(tiny_model))
     expected = processor(text=[chat_text(processor, "?")], images=[decode_image(good, 10**7)],
                          return_tensors="np")["pixel_values"]
     assert pixels.shape == (1, 3, 96, 96) and pixels.dtype == expected.dtype and np.array_equal(pixels, expected)
     assert not pixels.flags.owndata  # a view of the Arrow buffer, not a copy
-    # every field (pipeline.generate), less those named like an output column
+    # every field (pipeline.generate, which refuses up front a column named like one of its own output columns)
     assert preprocess_row(row, str(tiny_model), "{question}", 10**7)["carried"] == {
-        "question": "What color?", "answer": "blue"}
+        "question": "What color?", "answer": "blue", "text": "an input column named text"}
 
 
 @pytest.mark.parametrize("image, fields, reason", [
@@ -90,7 +95,7 @@ def test_preprocess_row_builds_model_inputs(tiny_model):
 def test_preprocess_failures_become_one_line_errors(tiny_model, image, fields, reason):
     out = preprocess_row(_row(image, fields), str(tiny_model), "{question}", 10**7)
     assert reason in out["error"] and "\n" not in out["error"]
-    assert out["input_ids"] == [] and out["shard"] == "s" and out["key"] == "k"
+    assert len(out["input_ids"]) == 0 and out["shard"] == "s" and out["key"] == "k"
     assert out["model_inputs"] is None  # an error row carries no tensors
 
 
@@ -122,16 +127,17 @@ def test_a_worker_loads_the_processor_once_not_per_row(tiny_model, monkeypatch):
     ({"gpus_per_actor": 1}, None),  # GPU actors: as many as the free CPUs allow
     ({"preprocess_tasks": 4}, 4),
 ])
-def test_preprocess_tasks_at_once(resources, tasks):
+def test_preprocess_tasks_at_once(resources, tasks, monkeypatch):
+    from pipeline import stages
     from pipeline.config import load_config
     from pipeline.stages import generate_stages
 
-    class Dataset:  # records what the job asks of Ray Data
-        def map(self, fn, **kwargs):
-            self.kwargs = kwargs
-            return self
+    monkeypatch.setattr(stages, "_worker_deaths", lambda: None)  # no Ray here
 
-        def map_batches(self, *args, **kwargs):
+    class Dataset:  # records what the job asks of Ray Data
+        def map_batches(self, fn, **kwargs):
+            if not hasattr(self, "kwargs"):  # the first: the preprocess stage
+                self.kwargs = kwargs
             return self
 
         def repartition(self, **kwargs):
@@ -142,5 +148,32 @@ def test_preprocess_tasks_at_once(resources, tasks):
                        "output": {"path": "out"}, "resources": resources})
     ds = Dataset()
     generate_stages(ds, cfg, normalise=lambda row: row)
-    assert ds.kwargs["concurrency"] == tasks
+    assert ds.kwargs["concurrency"] == tasks and ds.kwargs["batch_format"] is None  # rows as Ray reads them
     assert ds.repartition_kwargs == {"target_num_rows_per_block": cfg.resources.batch_size}  # a block per batch
+
+
+def _preprocessed(**change) -> dict:
+    row = {"shard": "s", "key": None, "input_ids": np.arange(3, dtype=np.int64), "num_prompt_tokens": 3,
+           "model_inputs": None, "error": None, "carried": {"score": 1}}
+    return {**row, **change}
+
+
+def test_a_preprocessed_row_that_drifts_from_the_contract_fails_its_batch_loudly():
+    assert preprocessed_table([_preprocessed(), _preprocessed(carried={"score": "high"})]).schema \
+        == PREPROCESSED  # values of no one type travel in carried's JSON, never pickled
+    with pytest.raises(ValueError, match="drifted from PREPROCESSED.*'extra'"):
+        preprocessed_table([_preprocessed(extra=1)])
+    with pytest.raises(ValueError, match="drifted from PREPROCESSED"):
+        preprocessed_table([{k: v for k, v in _preprocessed().items() if k != "error"}])
+    with pytest.raises(ValueError, match="column 'num_prompt_tokens' does not fit PREPROCESSED's int32"):
+        preprocessed_table([_preprocessed(num_prompt_tokens="3")])
+    for ids in (np.array(["a"]), np.array([1.5]), np.ones((2, 2), np.int64)):  # never cast quietly
+        with pytest.raises(ValueError, match="column 'input_ids' does not fit.*one row of integers"):
+            preprocessed_table([_preprocessed(input_ids=ids)])
+
+
+def test_a_source_row_that_drifts_from_the_contract_is_refused():
+    row = {"shard": "s", "key": None, "image": b"x", "image_path": None, "fields": {}, "error": None}
+    assert check_source_row(row) is row
+    with pytest.raises(ValueError, match="drifted from SOURCE.*'image_bytes'"):
+        check_source_row({**row, "image_bytes": b"x"})

@@ -4,10 +4,11 @@ import sys
 
 import pytest
 
-from pipeline.config import ConfigError, InputConfig
-from pipeline.read import list_shards
+from pipeline.config import ConfigError
+from pipeline.config_sections import InputConfig
+from pipeline.shards import list_shards
 
-LIST = "import sys; from pipeline.config import InputConfig; from pipeline.read import list_shards; " \
+LIST = "import sys; from pipeline.config_sections import InputConfig; from pipeline.shards import list_shards; " \
        "print([s.name for s in list_shards(InputConfig(paths=sys.argv[1:]))])"
 
 
@@ -32,7 +33,7 @@ def test_missing_input_and_unknown_format_are_config_errors(tmp_path):
 
 def test_a_source_row_holds_only_the_columns_the_job_needs():
     from pipeline.read import _webdataset_row, table_row
-    from pipeline.rows import SOURCE
+    from actors.row_schemas import SOURCE
 
     cfg = InputConfig(id_column="id")
     row = table_row({"id": 7, "image": b"png", "question": b"q?", "answer": b"\xff", "big": "x" * 10, "text": "t"},
@@ -56,7 +57,7 @@ def test_a_shards_row_count_is_known_before_it_is_read_as_ray_reads_it(tmp_path,
     import pyarrow.parquet as pq
     import ray
 
-    from pipeline.read import Shard, inspect_shard
+    from pipeline.shards import Shard, inspect_shard
 
     path = tmp_path / "odd.tar"
     with tarfile.open(path, "w") as tar:

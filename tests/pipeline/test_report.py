@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT, run_cli
 from pipeline.report import rates, steps
-from pipeline.write import OUTPUT_SCHEMA
+from actors.row_schemas import OUTPUT_SCHEMA
 
 TIMELINE = [  # cumulative, as pipeline/job.py samples it: 100, 200, then 300 tokens/s; 5, 10, 10 rows/s
     {"t": 2.0, "rows": 10, "errors": 0, "output_tokens": 200, "drafted": 160, "accepted": 100},

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from training import corpus
+from scenes import corpus
 from training.attention_supervision import AttentionSupervision, asked_cells, attention_loss, cell_tokens
 from training.modelpair import build_qwen_processor, build_qwen_vlm
 from training.tokenizer import train_tokenizer

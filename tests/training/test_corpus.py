@@ -1,6 +1,6 @@
 import pytest
 
-from training import corpus
+from scenes import corpus
 
 
 def test_generator_is_deterministic_for_a_seed():

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import corpus
+from scenes import corpus
 from training.evaluate import generate_answers, simulate_rounds
 from training.modelpair import build_processor, build_text_lm, build_vlm, user_prompt
 from training.tokenizer import IMAGE, train_tokenizer

@@ -12,7 +12,7 @@ import torch
 from engine.config import EngineConfig
 from engine.engine import SpecEngine
 from engine.request import Request, SamplingParams
-from training import corpus
+from scenes import corpus
 from training.modelpair import build_qwen_processor, build_qwen_text_lm, build_qwen_vlm, user_prompt
 from training.tokenizer import IMAGE, chat_template, train_tokenizer
 from training.token_dropout import TokenDropout
