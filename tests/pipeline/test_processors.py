@@ -65,6 +65,7 @@ def test_preprocessed_row_feeds_the_model(families, family):
     path = families[family]
     image, other = (im.resize((96, 96)) for im in sample_images(2, seed=3))
     ids, inputs = preprocess(path, image)
+    ids = ids.tolist()  # int64 numpy, as the row contract carries it
     processor = load_processor(path)
     assert not hasattr(processor, "video_processor")
     assert ids.count(image_token_id(path)) == IMAGE_TOKENS[family]
