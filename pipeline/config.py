@@ -85,7 +85,8 @@ class JobConfig(Section):
         if drafter is not None and drafter != "ngram" and drafter not in SELF_DRAFTERS:
             drafter = model_path(drafter)
         return EngineConfig(target=model_path(self.model.target), drafter=drafter, backend=d.backend, dtype=d.dtype,
-                            decoder=d.decoder, max_batch_size=d.max_batch_size, num_draft_tokens=d.num_draft_tokens,
+                            decoder=d.decoder, max_batch_size=d.max_batch_size, kv_cache_gb=d.kv_cache_gb,
+                            num_draft_tokens=d.num_draft_tokens,
                             trust_remote_code=self.model.trust_remote_code, compression=self.compression.to_engine(),
                             gpus=r.gpus_per_actor, threads=max(1, round(r.cpus_per_actor)),
                             parity_check=d.parity_check, drafter_learns=learn.enabled,

@@ -79,6 +79,7 @@ class DecodingConfig(Section):
     backend: Backend = "specray"  # hf: plain model.generate, the reference
     num_draft_tokens: int | Literal["auto"] = ENGINE.num_draft_tokens
     max_batch_size: int = Field(ENGINE.max_batch_size, ge=1)  # the engine's slots: sequences decoded together
+    kv_cache_gb: float = Field(ENGINE.kv_cache_gb, ge=0.0)  # > 0: the KV cache sized once (0: CUDA 85% free; CPU by need)
     dtype: Dtype = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32
     decoder: Decoder = ENGINE.decoder  # hf: the generic HF forward (any architecture; slower)
     parity_check: bool = ENGINE.parity_check  # at load: refuse a model the decoder would run wrong (engine/parity.py)

@@ -26,6 +26,7 @@ def test_defaults_fill_the_prompt_from_the_task_kind():
     ({**BASE, "resources": {"num_actors": 0}}, "resources.num_actors"),
     ({**BASE, "model": {"target": "m", "drafter": "d"}, "decoding": {"backend": "hf"}}, "model.drafter"),
     ({**BASE, "decoding": {"max_batch_size": 0}}, "decoding.max_batch_size"),
+    ({**BASE, "decoding": {"kv_cache_gb": -1}}, "decoding.kv_cache_gb"),
     ({**BASE, "decoding": {"dtype": "int3"}}, "decoding.dtype"),
     ({"input": {"paths": ["a"]}, "output": {"path": "o"}}, "model"),
     ({**BASE, "compression": {"visual_tokens": {"keep": 0.5, "tower_layer": -1}}},
@@ -44,8 +45,9 @@ def test_bad_config_names_the_field_in_one_line(raw, field):
 
 
 def test_overrides_take_yaml_values():
-    cfg = load_config(BASE, ["decoding.max_new_tokens=7", "input.paths=[a.tar, b.tar]", "decoding.temperature=0.5"])
-    assert cfg.decoding.max_new_tokens == 7
+    cfg = load_config(BASE, ["decoding.max_new_tokens=7", "input.paths=[a.tar, b.tar]", "decoding.temperature=0.5",
+                             "decoding.kv_cache_gb=2.5"])
+    assert cfg.decoding.max_new_tokens == 7 and cfg.engine().kv_cache_gb == 2.5
     assert cfg.input.paths == ["a.tar", "b.tar"]
     assert cfg.decoding.temperature == 0.5
 
