@@ -97,6 +97,7 @@ def _at_cdf_edge(p, q, drafts, num, accepted, ru, row: int, a: int, b: int) -> b
 def _quant_rows(device: str) -> list[tuple[str, str]]:
     """int8 / int4 weight-only linears through QuantLinear (the Triton kernel on CUDA) against the dequantized
     weight; timed against dequantize + the dense matmul (cuBLAS on CUDA) at a decode's and a prefill's rows."""
+    from kernels.cuda_timing import cuda_ms
     from kernels.quant import QuantLinear, dequantize, quantize
 
     rows = []
@@ -113,10 +114,10 @@ def _quant_rows(device: str) -> list[tuple[str, str]]:
             err = (got.float() - want).abs().max().item() / want.abs().max().item()
             times = ""
             if device == "cuda":
-                ours = _cuda_ms(lambda: linear(x))
-                dense = _cuda_ms(lambda: torch.nn.functional.linear(x, dequantize(dense_qw, torch.bfloat16)))
+                ours = cuda_ms(lambda: linear(x))
+                dense = cuda_ms(lambda: torch.nn.functional.linear(x, dequantize(dense_qw, torch.bfloat16)))
                 held = dequantize(dense_qw, torch.bfloat16)
-                bf16 = _cuda_ms(lambda: torch.nn.functional.linear(x, held))
+                bf16 = cuda_ms(lambda: torch.nn.functional.linear(x, held))
                 times = (f"; {linear.kernel_for(m)} {ours:.3f} ms, dequantize+cuBLAS {dense:.3f} ms, "
                          f"bf16 weight {bf16:.3f} ms")
             rows.append((f"int{bits} linear {m}x{w.shape[1]} @ {w.shape[1]}x{w.shape[0]} ({linear.kernel_for(m)})",
@@ -128,18 +129,6 @@ def _quant_rows(device: str) -> list[tuple[str, str]]:
                 rows.append((f"int{bits} Triton kernel {m}x{w.shape[1]} (interpreted)",
                              f"max rel error {err:.2e}" + ("" if err < 2e-2 else " TOO HIGH")))
     return rows
-
-
-def _cuda_ms(f, reps: int = 20) -> float:
-    for _ in range(3):
-        f()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        f()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def _equal(a, b) -> int:

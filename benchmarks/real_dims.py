@@ -167,8 +167,9 @@ def requests(name: str, path) -> list:
 
 
 @torch.inference_mode()
-def hf_tokens(path, rows, new_tokens: int) -> list[list[int]]:
-    """HF `generate`, one row at a time, float32, greedy: the reference token ids (EOS stripped)."""
+def hf_tokens(path, rows, new_tokens: int, with_eos: bool = False) -> list[list[int]]:
+    """HF `generate`, one row at a time, float32, greedy: the reference token ids (EOS stripped, as the engine
+    reports tokens; kept with `with_eos`)."""
     from transformers import AutoModelForImageTextToText
 
     from engine.model import eos_ids
@@ -184,8 +185,10 @@ def hf_tokens(path, rows, new_tokens: int) -> list[list[int]]:
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         inputs |= stack_arrays([r.model_inputs], torch.float32, "cpu", len(r.input_ids))
         tokens = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=sorted(eos),
-                                pad_token_id=tok.pad_token_id or 0)[0, ids.shape[1]:].tolist()
-        out.append(tokens[:next((i for i, t in enumerate(tokens) if t in eos), len(tokens))])
+                                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0
+                                )[0, ids.shape[1]:].tolist()
+        stop = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))
+        out.append(tokens[:stop + 1] if with_eos else tokens[:stop])
     return out
 
 

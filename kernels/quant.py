@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.cuda_timing import cuda_ms
+
 
 @dataclass
 class QuantizedWeight:
@@ -164,17 +166,8 @@ class QuantLinear:
         from kernels.quant_triton import quant_linear
 
         x = torch.randn(rows, self.shape[1], device=self.device, dtype=torch.bfloat16)
-        times = {}
-        for name, f in (("triton", lambda: quant_linear(x, self.qw)),
-                        ("cuda-dequant", lambda: F.linear(x, dequantize(self.qw, torch.bfloat16)))):
-            f()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                f()
-            end.record()
-            torch.cuda.synchronize()
-            times[name] = start.elapsed_time(end)
+        times = {"triton": cuda_ms(lambda: quant_linear(x, self.qw), reps, warmup=1),
+                 "cuda-dequant": cuda_ms(lambda: F.linear(x, dequantize(self.qw, torch.bfloat16)), reps, warmup=1)}
         return min(times, key=times.get)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

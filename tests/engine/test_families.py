@@ -23,8 +23,9 @@ import pytest
 import torch
 
 from benchmarks.family_models import build_family, build_text_drafter, sample_images
+from benchmarks.real_dims import hf_tokens
 from engine.config import Compression, EngineConfig
-from engine.drafter import LocalDrafter
+from engine.local_drafter import LocalDrafter
 from engine.engine import SpecEngine
 from engine.processor import encode, load_processor
 from engine.request import Request, SamplingParams
@@ -47,29 +48,10 @@ def requests_for(path, images, questions) -> list[Request]:
     return out
 
 
-@torch.inference_mode()
 def hf_greedy(path, requests: list[Request], with_eos: bool = False) -> list[list[int]]:
     """HF generate, one row at a time, float32: the reference (EOS stripped, as the engine reports tokens; kept
     with `with_eos`)."""
-    from transformers import AutoModelForImageTextToText
-
-    from engine.model import eos_ids
-    from engine.request import stack_arrays
-
-    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
-    tok = load_processor(str(path)).tokenizer
-    eos = eos_ids(model.generation_config, tok)
-    refs = []
-    for r in requests:
-        ids = torch.tensor([r.input_ids])
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        inputs |= stack_arrays([r.model_inputs], torch.float32, "cpu", len(r.input_ids))
-        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=sorted(eos),
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)[0, ids.shape[1]:]
-        tokens = out.tolist()
-        stop = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))
-        refs.append(tokens[:stop + 1] if with_eos else tokens[:stop])
-    return refs
+    return hf_tokens(path, requests, NEW_TOKENS, with_eos)
 
 
 def family(name: str, tmp_path_factory) -> dict:
