@@ -49,11 +49,12 @@ def image_token_id(path: str) -> int:
 
 
 def preprocess(path: str, image: Image.Image, prompt: str = PROMPT) -> tuple[list[int], dict]:
-    """preprocess_row's input_ids and its model inputs, read back from Arrow as the generate stage reads them."""
+    """preprocess_row's input_ids (as a list: the row carries them as int64 numpy) and its model inputs, read back
+    from Arrow as the generate stage reads them."""
     row = preprocess_row({"shard": "s", "key": "k", "image": png(image), "fields": {"q": prompt}}, path, "{q}", 10**7)
     assert row["error"] is None, row["error"]
     entries = pa.array([row["model_inputs"]])
-    return row["input_ids"], {k: torch.from_numpy(np.array(v)) for k, v in read_tensors(entries)[0].items()}
+    return row["input_ids"].tolist(), {k: torch.from_numpy(np.array(v)) for k, v in read_tensors(entries)[0].items()}
 
 
 def test_no_torchvision_here():
@@ -65,7 +66,6 @@ def test_preprocessed_row_feeds_the_model(families, family):
     path = families[family]
     image, other = (im.resize((96, 96)) for im in sample_images(2, seed=3))
     ids, inputs = preprocess(path, image)
-    ids = ids.tolist()  # int64 numpy, as the row contract carries it
     processor = load_processor(path)
     assert not hasattr(processor, "video_processor")
     assert ids.count(image_token_id(path)) == IMAGE_TOKENS[family]

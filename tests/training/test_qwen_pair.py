@@ -80,7 +80,7 @@ def test_the_engine_runs_the_pair_exactly(pair, target_dir):
     processor = load_processor(target)
     samples = [corpus.sample(corpus.SPLIT_SEEDS["test"], i) for i in range(6)]
     ids, _ = encode(processor, samples[0].question, samples[0].image)
-    image_at = ids.index(processor.tokenizer.convert_tokens_to_ids(IMAGE))
+    image_at = ids.tolist().index(processor.tokenizer.convert_tokens_to_ids(IMAGE))
     asked = processor.tokenizer.decode(ids[:image_at])
     assert (samples[0].question in asked) == (target_dir == "target-question-first"), asked
     requests = [Request(key=str(i), input_ids=ids, model_inputs=arrays)
