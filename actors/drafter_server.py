@@ -18,7 +18,8 @@ from transformers import AutoConfig, AutoTokenizer
 
 from engine.config import EngineConfig
 from engine.drafter import make_drafter
-from engine.model import image_token_id, resolve_device, resolve_dtype
+from engine.device import resolve_device, resolve_dtype
+from engine.model import image_token_id
 from engine.request import SamplingParams
 
 

@@ -1,6 +1,6 @@
 """The decoder's two attention paths on a CPU, at the shapes the shipped pair decodes and prefills: SDPA over a
-boolean mask against float32 matmuls + softmax over an additive mask (engine/decoder.py, LeanDecoder._in_float32
-picks between them by context length). Prints each path's median time, their ratio, and each one's largest error
+boolean mask against float32 matmuls + softmax over an additive mask (engine/attention.py: in_float32 picks
+between them by context length). Prints each path's median time, their ratio, and each one's largest error
 against float64, in bf16 and float32.
 
     python benchmarks/attention_paths.py [--threads 2]
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.peers import cpu_flags  # noqa: E402
-from engine.decoder import MATH_DECODE_KEYS, MATH_PREFILL_KEYS  # noqa: E402
+from engine.attention import MATH_DECODE_KEYS, MATH_PREFILL_KEYS  # noqa: E402
 
 # rows, keys per row, queries per row (1: decode; 5: a verify of 4 drafts; more: a prefill); 2 kv heads, group 3
 SHAPES = [(128, 40, 1), (128, 40, 5), (128, 96, 1), (64, 100, 5), (128, 128, 5), (82, 33, 33), (64, 60, 60),

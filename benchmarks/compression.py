@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.agreement import token_agreement  # noqa: E402
-from engine.model import resolve_dtype  # noqa: E402
+from engine.device import resolve_dtype  # noqa: E402
 from training.evaluate_pruning import tower_layer_of  # noqa: E402
 
 TASKS = ("caption", "vqa", "position", "ocr")

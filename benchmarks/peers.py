@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from engine.config import Compression, EngineConfig  # noqa: E402
 from engine.engine import SpecEngine  # noqa: E402
 from engine.hf_backend import HFBackend  # noqa: E402
-from engine.model import resolve_dtype  # noqa: E402
+from engine.device import resolve_dtype  # noqa: E402
 from engine.processor import chat_text, encode, load_processor  # noqa: E402
 from engine.request import Request, SamplingParams  # noqa: E402
 from scenes import corpus  # noqa: E402

@@ -25,15 +25,11 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from engine.attention import attend, attention_masks, in_float32
 from engine.kv_cache import KVCache
 from engine.backbone import read_backbone
 from kernels.packed import PackedLinear, packs
 from kernels.quant import QuantLinear, quantize
-
-
-# Longest context whose attention is computed as float32 matmuls on a CPU (LeanDecoder._in_float32): for a decode
-# or verify step (at most 16 queries per row), and for a prefill
-MATH_DECODE_KEYS, MATH_PREFILL_KEYS = 96, 64
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -211,50 +207,9 @@ class LeanDecoder:
 
     def _masks(self, qpos: torch.Tensor, length: int, qblocks: torch.Tensor | None = None,
                kblocks: torch.Tensor | None = None) -> dict:
-        """Attention masks for queries at positions qpos [n, T] over keys 0..length-1, per sliding window.
-        With blocks (a prefill: query and key blocks [n, T] and [n, length]), a query also sees every key of its
-        own block, later ones included; the sliding window still applies (Gemma 3: AND(window, OR(causal, block))).
-        Boolean (True: attended) for SDPA; additive (0 or -inf, float32) where _attend computes it itself."""
-        n, t = qpos.shape
-        keys = torch.arange(length, device=self.device)
-        allowed = keys[None, None, :] <= qpos[:, :, None]  # [n, T, L]
-        if qblocks is not None:
-            allowed = allowed | ((qblocks[:, :, None] == kblocks[:, None, :]) & (qblocks[:, :, None] >= 0))
-        additive = self._in_float32(t, length)
-        masks = {}
-        for window in set(self.windows):
-            m = allowed if window is None else allowed & (qpos[:, :, None] - keys[None, None, :] < window)
-            if additive:
-                m = torch.zeros(m.shape, device=self.device).masked_fill_(~m, float("-inf"))
-            # query heads sharing a kv head are stacked along the query axis: [n, 1, group*T, L]
-            masks[window] = m[:, None, None].expand(n, 1, self.group, t, length).reshape(n, 1, self.group * t, length)
-        return masks
-
-    def _in_float32(self, t: int, length: int) -> bool:
-        """Whether attention over `length` keys for T queries per row is computed here, as float32 matmuls and a
-        softmax, rather than by SDPA. On a CPU SDPA's flash kernel pays a fixed cost per (row, head) that
-        dominates at a short context. Measured on a 2-core Zen 4 (benchmarks/attention_paths.py), float32 matmuls
-        over SDPA's time: 128 rows of 1 query over 40 keys 0.4x (float32) and 0.6x (bf16); 5 queries over 100
-        keys 0.75x and 0.95x; a prefill of 33 tokens 0.55-0.7x, of 60 tokens 0.6x. Longer contexts go to SDPA:
-        bf16 pays for casting K and V to float32 (at 128 rows, 5 queries over 128 keys: 2x SDPA's time). Float32
-        is at least as accurate as SDPA's bf16 kernel. CUDA keeps SDPA (flash / efficient kernels), and Gemma 2's
-        soft-capped scores their own eager form."""
-        if self.device != "cpu" or self.backbone.attn_softcap is not None:
-            return False
-        return length <= (MATH_DECODE_KEYS if t <= 16 else MATH_PREFILL_KEYS)
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        bb = self.backbone
-        if mask.dtype == torch.float32:  # additive: the float32 path of _in_float32
-            scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(bb.scale).add_(mask)
-            return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
-        if bb.attn_softcap is None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=bb.scale)
-        # Gemma 2: soft-capped scores, which SDPA cannot do (as transformers' eager attention computes them)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * bb.scale
-        scores = torch.tanh(scores / bb.attn_softcap) * bb.attn_softcap
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+        """engine/attention.py's masks for this decoder's windows and heads, in the form its path takes."""
+        additive = in_float32(self.device, self.backbone.attn_softcap, qpos.shape[1], length)
+        return attention_masks(qpos, length, self.windows, self.group, additive, qblocks, kblocks)
 
     def forward(self, cache: KVCache, x: torch.Tensor, starts: torch.Tensor, first: int = 0,
                 last: torch.Tensor | None = None, kv_only: bool = False,
@@ -317,8 +272,8 @@ class LeanDecoder:
                 q = q * cos + _rotate_half(q) * sin
             q = q.reshape(n, t, self.num_kv_heads, self.group, hd).permute(0, 2, 3, 1, 4)
             q = q.reshape(n, self.num_kv_heads, self.group * t, hd)
-            a = self._attend(q, cache.k[i][first:first + n, :, :length], cache.v[i][first:first + n, :, :length],
-                             masks[self.windows[i]])
+            a = attend(q, cache.k[i][first:first + n, :, :length], cache.v[i][first:first + n, :, :length],
+                       masks[self.windows[i]], self.backbone.scale, self.backbone.attn_softcap)
             a = a.view(n, self.num_kv_heads, self.group, t, hd).permute(0, 3, 1, 2, 4).reshape(n, t, nq)
             a = _linear(a, p["o"], p["o_bias"])
             h = h + (a if p["attn_out_norm"] is None else norm(a, p["attn_out_norm"], eps))

@@ -25,7 +25,8 @@ from engine.config import SELF_DRAFTERS, EngineConfig
 from engine.device_io import Clock
 from engine.draft_length import DraftLength, DraftPolicy
 from engine.drafter import make_drafter
-from engine.model import LoadedModel, resolve_device, resolve_dtype
+from engine.device import resolve_device, resolve_dtype
+from engine.model import LoadedModel
 from engine.model_drafter import ModelDrafter
 from engine.request import Request, Result, SamplingParams, finish_text
 from engine.sampling import warp

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from engine.config import EngineConfig
-from engine.model import eos_ids, resolve_device, resolve_dtype
+from engine.device import resolve_device, resolve_dtype
+from engine.model import eos_ids
 from engine.request import Request, Result, SamplingParams, finish_text, stack_arrays
 
 

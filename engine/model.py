@@ -1,7 +1,7 @@
 """A loaded model as the engine uses it: tokenizer, prompt embedding (the model's own vision tower and projector for
 a VLM), a decoder (the lean one for Llama-family backbones, the generic HF one otherwise), and the ids that
-matter (EOS, the image token, padding), resolved here once. So are the device and dtype a config asks for
-(`resolve_device`, `resolve_dtype`).
+matter (EOS, the image token, padding), resolved here once (the device and dtype a config asks for:
+engine/device.py).
 
 Compression is applied here: weight-only quantization of the lean decoder's linears (kernels/quant.py) and
 visual-token pruning of the prompt embeddings (engine/visual_tokens.py). Once the lean decoder holds its own
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,39 +24,11 @@ from engine.config import Compression
 from engine.decoder import LeanDecoder
 from engine.hf_decoder import HFDecoder
 from engine.parity import check
+from engine.prompt_embeds import PromptEmbeds, prompt_positions
 from engine.request import shape_key, stack_arrays
 from engine.support import BLOCK_MASKS, HF_BACKEND, plan, refusal
 from engine.vision_tower import LeanTower, supports as lean_tower_supports
 from engine.visual_tokens import VisualTokenPruner
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(gpus: float) -> str:
-    """cuda when the host was given a GPU and torch sees one, else cpu."""
-    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU does bf16 matrix work in hardware (AMX or AVX512-BF16). Without it (AVX2), torch emulates
-    bf16 and a bf16 model runs several times slower than in float32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_dtype(name: str, backend: str, device: str) -> torch.dtype:
-    """`auto`: bf16 on CUDA, and on a CPU with native bf16 for the specray engine; float32 otherwise (the hf
-    reference on any CPU, and the specray engine on a CPU that would only emulate bf16)."""
-    if name != "auto":
-        return DTYPES[name]
-    if device == "cuda" or (backend == "specray" and cpu_has_native_bf16()):
-        return torch.bfloat16
-    return torch.float32
-
 
 def image_token_id(config) -> int | None:
     """The image placeholder token a VLM's config names (None for a text model)."""
@@ -72,15 +43,6 @@ def eos_ids(generation_config, tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
-
-
-class PromptEmbeds(NamedTuple):
-    embeds: torch.Tensor  # [n, width, hidden], right-padded
-    lengths: list[int]  # tokens per row the decoder sees
-    positions: torch.Tensor | None = None  # [n, width] or [n, width, 3] (M-RoPE): the model's own rotary positions
-    offsets: list[int] | None = None  # per row: the next token's rotary position minus its cache index
-    blocks: torch.Tensor | None = None  # [n, width]: spans attending bidirectionally (-1: none); see decoder.py
-    deepstack: list[torch.Tensor] | None = None  # Qwen3-VL: [n, width, hidden] per early layer, 0 off the image
 
 
 class _Captured(Exception):
@@ -328,13 +290,3 @@ class LoadedModel:
             yield
         finally:
             del visual.forward
-
-
-def prompt_positions(position_ids: torch.Tensor | None, n: int, width: int, device) -> torch.Tensor:
-    """The rotary positions a model's forward gave its language model, as [n, width] or [n, width, 3] (M-RoPE);
-    none given: 0..width-1, as the language model makes them itself."""
-    if position_ids is None:
-        return torch.arange(width, device=device)[None].expand(n, width)
-    if position_ids.dim() == 3:  # [3, n, width] (or [4, ...]: text positions first, for packed masks)
-        return position_ids[-3:].permute(1, 2, 0).expand(n, width, 3)
-    return position_ids.expand(n, width)

@@ -17,7 +17,7 @@ def uses_bf16(precision: str, device: str) -> bool:
     if precision not in PRECISIONS:
         raise ValueError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        from engine.model import cpu_has_native_bf16
+        from engine.device import cpu_has_native_bf16
 
         return device.startswith("cuda") or cpu_has_native_bf16()
     return precision == "bf16"

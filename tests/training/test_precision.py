@@ -15,7 +15,7 @@ from training.train import Batcher, ground_truth_batches, train_model
     ("auto", "cpu", True, True), ("auto", "cpu", False, False), ("auto", "cuda", False, True),
     ("auto", "cuda:1", False, True), ("bf16", "cpu", False, True), ("float32", "cuda", True, False)])
 def test_auto_is_bf16_where_the_hardware_does_it_natively(monkeypatch, precision, device, native, expected):
-    monkeypatch.setattr("engine.model.cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr("engine.device.cpu_has_native_bf16", lambda: native)
     assert uses_bf16(precision, device) is expected
 
 
