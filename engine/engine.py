@@ -138,10 +138,8 @@ class SpecEngine:
         max_len = schedule.longest_prompt() + params.max_new_tokens + headroom
         self.rng.manual_seed(params.seed)
         for g in groups:
-            if cache_len:  # sized once: every group's share of max_batch_size slots, cache_len positions each
-                g.cache.allocate(-(-self.max_batch // len(groups)), cache_len)
-            else:
-                g.cache.allocate(g.slots, max_len)
+            # sized once (each group's share of max_batch_size slots, cache_len positions), or by this call's rows
+            g.cache.allocate(*((-(-self.max_batch // len(groups)), cache_len) if cache_len else (g.slots, max_len)))
             if g.drafter is not None:
                 g.drafter.allocate(g.slots, max_len)
                 g.drafter.seed(params.seed + g.index)
