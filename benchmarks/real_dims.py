@@ -181,7 +181,7 @@ def hf_tokens(path, rows, new_tokens: int, with_eos: bool = False) -> list[list[
     eos = eos_ids(model.generation_config, tok)
     out = []
     for r in rows:
-        ids = torch.tensor([r.input_ids])
+        ids = torch.as_tensor(r.input_ids, dtype=torch.long)[None]  # int64 numpy or a list
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         inputs |= stack_arrays([r.model_inputs], torch.float32, "cpu", len(r.input_ids))
         tokens = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=sorted(eos),
