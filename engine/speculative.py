@@ -100,8 +100,9 @@ def speculative_round(engine, group: SequenceGroup, params: SamplingParams) -> R
 
     # 4. commit: the round's one wait for the device; rows gain their accepted drafts plus the target's token;
     # the drafter rolls back to match
+    a1 = clock.mark()  # before the readback, which waits for it: a CUDA event is read only once it is done
     accepted_l, nxt_l, num_l, flat = readback(accepted, nxt, num, drafts)
-    a1, h1 = clock.mark(), time.perf_counter()
+    h1 = time.perf_counter()
     if isinstance(draft_s, Span):  # a local drafter drafted when asked: none of it was hidden
         draft_s = draft_s.seconds
         wait_s += draft_s
