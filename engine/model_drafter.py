@@ -83,8 +83,8 @@ class ModelDrafter(LocalDrafter):
         up = upload([p + [0] * (width - len(p)) + [c, s] for p, c, s in zip(pending, counts, starts)], self.device)
         hidden = self.dec.forward(self.cache, self.dec.embed(up[:, :width]), up[:, width + 1],
                                   last=up[:, width] - 1, length=max(starts) + width)
-        ends = [s + c for s, c in zip(starts, counts)]  # where each row's first draft is written
-        pos, end = up[:, width + 1] + up[:, width], max(ends)
+        # where each row's first draft is written, and the furthest of them (from the host lists)
+        pos, end = up[:, width + 1] + up[:, width], max(s + c for s, c in zip(starts, counts))
         drafts, probs = [], []
         tok, q = self._next(self.dec.logits(hidden[:, 0]), params)
         for step in range(k):
