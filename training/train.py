@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from scenes import corpus
+from training.adapt import retokenized
 from training.attention_supervision import AttentionSupervision, asked_cells, asked_tensor, cell_tokens
 from training.modelpair import (
     build_processor,
@@ -45,7 +46,7 @@ from training.grow import grow
 from training.length_groups import length_grouped
 from training.optim import autocast, fit, uses_bf16
 from training.token_dropout import TokenDropout
-from training.tokenizer import train_tokenizer
+from training.tokenizer import answer_text, train_tokenizer
 from training.vision_pretrain import pretrain_vision
 
 TRAIN_SEED = corpus.SPLIT_SEEDS["train"]
@@ -81,7 +82,7 @@ class Batcher:
         enc = self.processor(text=prompts, images=[item[0] for item in items])
         seqs, labels = [], []
         for ids, (_, _, answer, *_) in zip(enc["input_ids"], items):
-            ans = self.tok(" " + answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            ans = self.tok(answer_text(self.tok, answer), add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
             if not self.with_image:
                 ids = [t for t in ids if t != self.image_id]
             seqs.append(ids + ans)
@@ -198,6 +199,12 @@ def architecture(cfg: dict, tok):
             lambda spec: build_text_lm(spec, tok))
 
 
+def new_tokenizer(cfg: dict):
+    """The recipe's tokenizer: Qwen2.5-VL's tokens and chat template for its architecture, else LLaVA-style."""
+    style = "qwen" if cfg.get("arch") == "qwen2_5_vl" else "llava"
+    return train_tokenizer(vocab_size=cfg["vocab_size"], question_first=cfg.get("question_first", False), style=style)
+
+
 def shallow_spec(spec: dict, layers: int | None) -> dict:
     """The target's spec with a `layers`-deep decoder: the stage that learns the lookup before growing."""
     return spec if not layers else {**spec, "text": {**spec["text"], "num_hidden_layers": layers}}
@@ -258,7 +265,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume-target", default=None,
                     help="a trained target folder: skip its first stages and go on from it (train.finetune "
                          "and train.attend run on it where their steps are not 0)")
+    ap.add_argument("--adapt-from", default=None,
+                    help="a trained target folder whose tokenizer differs from the recipe's: its weights over the "
+                         "recipe's tokenizer (training/adapt.py), then as --resume-target")
     args = ap.parse_args(argv)
+    if args.resume_target and args.adapt_from:
+        ap.error("--resume-target and --adapt-from: give one")
     cfg = load_config(args.config, args.overrides)
     attend = AttentionSupervision(cfg["train"].get("attend"))  # off when absent or weight 0
     if attend:  # a head the target lacks is said now, not after an hour of training
@@ -292,19 +304,26 @@ def main(argv: list[str] | None = None) -> None:
 
     tc, vc = cfg["train"]["target"], cfg["train"]["vision"]
     ft = cfg["train"].get("finetune") or {"steps": 0}
-    if args.resume_target:
+    resumed = args.resume_target or args.adapt_from
+    if resumed:
         from transformers import AutoModelForImageTextToText
 
         from engine.processor import load_processor
 
-        processor = load_processor(args.resume_target)
+        processor = load_processor(resumed)
+        target = AutoModelForImageTextToText.from_pretrained(resumed).float()  # its config stays as saved
+        if args.adapt_from:  # the same weights over the recipe's own tokenizer (training/adapt.py)
+            old_vocab = processor.tokenizer.get_vocab()
+            tok = new_tokenizer(cfg)
+            processor, vlm, _ = architecture(cfg, tok)
+            old, target = target, vlm(cfg["target"])
+            print(f"[adapt] embedding rows {retokenized(old, target, old_vocab, tok.get_vocab())}", flush=True)
         tok = processor.tokenizer
-        target = AutoModelForImageTextToText.from_pretrained(args.resume_target).float()  # its config stays as saved
-        before = json.loads((Path(args.resume_target).parent / "training.json").read_text())
+        before = json.loads((Path(resumed).parent / "training.json").read_text())
         timings["target_s"] = before["timings"]["target_s"]
         target_losses, vision_losses = before["target_losses"], {"target": before.get("vision_losses", {}).get("target")}
     else:
-        tok = train_tokenizer(vocab_size=cfg["vocab_size"], question_first=cfg.get("question_first", False))
+        tok = new_tokenizer(cfg)
         processor, vlm, _ = architecture(cfg, tok)
         target = vlm(shallow_spec(cfg["target"], tc.get("shallow_layers")))
         t = time.time()
@@ -334,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
                                       ft["steps"], ft["lr"], ft["warmup"], "finetune", device=args.device,
                                       dropout=TokenDropout(tc.get("token_dropout"), cfg["seed"] + 1), bf16=bf16)
         timings["finetune_s"] = time.time() - t
-    elif args.resume_target and "finetune_s" in before["timings"]:  # its own fine-tune stands: the record too
+    elif resumed and "finetune_s" in before["timings"]:  # its own fine-tune stands: the record too
         timings["finetune_s"], finetune_losses = before["timings"]["finetune_s"], before["finetune_losses"]
     attend_losses = []
     if attend and cfg["train"]["attend"]["steps"]:  # own token dropout: the lookup learned on pruned prompts too
@@ -346,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
             attend_losses += train_model(target, rows, pc["steps"], pc["lr"], pc["warmup"], name, device=args.device,
                                          attend=attend, dropout=TokenDropout(pc.get("token_dropout"), seed), bf16=bf16)
         timings["attend_s"] = time.time() - t
-    if args.resume_target and before.get("attend_losses"):  # the resumed target had supervised steps already
+    if resumed and before.get("attend_losses"):  # the resumed target had supervised steps already
         earlier = before["timings"]  # a run that only retrained the drafters has earlier runs' time and no own
         timings["attend_earlier_s"] = earlier.get("attend_s", 0.0) + earlier.get("attend_earlier_s", 0.0)
         attend_losses = before["attend_losses"] + attend_losses
@@ -390,8 +409,9 @@ def main(argv: list[str] | None = None) -> None:
               "attend_losses": attend_losses,
               "drafter_losses": drafter_losses,
               "vision_losses": vision_losses,
-              "command": command + (f" --resume-target {args.resume_target}" if args.resume_target else "")}
-    if args.resume_target:  # the runs whose stages it went on from (oldest first), whose times those stages carry
+              "command": command + (f" --resume-target {args.resume_target}" if args.resume_target else "")
+              + (f" --adapt-from {args.adapt_from}" if args.adapt_from else "")}
+    if resumed:  # the runs whose stages it went on from (oldest first), whose times those stages carry
         record["resumed_from"] = resumed_from(before) + [before["command"]]
         chain = before.get("earlier_precision", "").split(" then ") + [before.get("precision", "")]
         earlier = list(dict.fromkeys(p for p in chain if p))  # each precision once, first seen first

@@ -4,11 +4,9 @@ transformers' PIL image path instead. Only module loading changes; no computatio
 Put on PYTHONPATH for the peer venv's processes only (benchmarks/peer_vllm.py and vLLM's own subprocesses):
 - `transformers.models.qwen2_vl.image_processing_qwen2_vl` (the torchvision image processor, which vLLM imports
   `smart_resize` from) is the PIL module, whose `Qwen2VLImageProcessorPil` it names `Qwen2VLImageProcessor`;
-- the video processor (torchvision only) is an empty stand-in: the benchmark sends images only;
-- a processor whose tokenizer lacks Qwen's `<|video_pad|>` (the shipped pair before issue 41) names as its video
-  token the token its video id resolves to, so that vLLM finds it in the vocabulary.
+- the video processor (torchvision only) is an empty stand-in: the benchmark sends images only.
+Nothing here concerns the model: the shipped pair has Qwen2.5-VL's own tokens and chat template, as vLLM expects.
 """
-import functools
 import importlib
 import importlib.abc
 import importlib.util
@@ -45,24 +43,9 @@ def _video_may_be_none(module):
     module.ProcessorMixin.check_argument_for_proper_class = checked
 
 
-def _video_token_in_vocab(module):
-    """A tokenizer without Qwen's <|video_pad|> (the pair shipped before issue 41): the processor's video token is
-    the token its id resolves to, so that vLLM finds it in the vocabulary (no video is ever given)."""
-    init = module.Qwen2_5_VLProcessor.__init__
-
-    @functools.wraps(init)  # transformers reads the signature
-    def __init__(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        if getattr(self, "tokenizer", None) is not None and self.video_token not in self.tokenizer.get_vocab():
-            self.video_token = self.tokenizer.convert_ids_to_tokens(self.video_token_id)
-
-    module.Qwen2_5_VLProcessor.__init__ = __init__
-
-
 REPLACED = {"transformers.models.qwen2_vl.image_processing_qwen2_vl": _pil_qwen2_vl}
 PATCHED = {"transformers.models.auto.video_processing_auto": _no_video_processor,
-           "transformers.processing_utils": _video_may_be_none,
-           "transformers.models.qwen2_5_vl.processing_qwen2_5_vl": _video_token_in_vocab}
+           "transformers.processing_utils": _video_may_be_none}
 
 
 class _Finder(importlib.abc.MetaPathFinder):

@@ -169,15 +169,16 @@ def test_sampling_with_speculation_keeps_the_targets_distribution(heldout):
 
 
 def test_the_target_drafting_for_itself_has_every_draft_accepted():
-    """The shipped pair ends its image spans with EOS (config vision_end_token_id): a drafter must still be
-    allowed to propose EOS, or every row's last round is rejected. The target as its own drafter proposes
-    exactly what it then verifies."""
+    """A drafter is allowed to propose EOS (the shipped pair's <|im_end|>) but never a vision span's tokens
+    (<|vision_start|>, <|vision_end|>: placeholders the model reads, never writes), or every row's last round is
+    rejected. The target as its own drafter proposes exactly what it then verifies."""
     from engine.drafter import target_vocab
 
     engine = SpecEngine(EngineConfig(TARGET, TARGET, dtype="float32", max_batch_size=6, num_draft_tokens=3))
-    tok = engine.target.tokenizer
-    assert engine.target.model.config.vision_end_token_id == tok.eos_token_id
-    assert tok.eos_token_id not in target_vocab(tok, engine.target.image_token_id, engine.target).banned
+    tok, config = engine.target.tokenizer, engine.target.model.config
+    banned = target_vocab(tok, engine.target.image_token_id, engine.target).banned
+    assert tok.eos_token_id not in banned
+    assert {config.vision_start_token_id, config.vision_end_token_id, config.image_token_id} <= banned
     out = engine.generate(heldout_requests(load_processor(TARGET), 6), SamplingParams(max_new_tokens=32))
     assert all(r.num_output_tokens > 3 for r in out)
     assert engine.stats.drafted > 0 and engine.stats.accepted == engine.stats.drafted
