@@ -26,7 +26,7 @@ The banned ids (computed once at load: `target_vocab`, and `draft_mask` for a mo
   embedding padding rows, and past the target's logits width; ids no token has);
 - an image/video placeholder of either model (config image_token_id / image_token_index, video_token_id,
   vision_start/end_token_id (Qwen-VL), boi/eoi_token_id|index (Gemma3), ...: `placeholder_ids`), but never the
-  target's EOS, even where a config also names it a vision boundary (the shipped pair ends its image spans with it);
+  target's EOS, even where a config also names it a vision boundary (a pair may end its image spans with EOS);
 - a special token of the target's tokenizer (its named special tokens and added tokens marked special) other
   than its EOS ids: ending a row is a legitimate proposal, a chat-control or padding token is not.
 A model drafter's logits ban them (-inf); the n-gram drafter stops a proposal at the first banned id and never

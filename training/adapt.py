@@ -44,3 +44,14 @@ def retokenized(old, new, old_vocab: dict[str, int], new_vocab: dict[str, int]) 
         else:
             raise ValueError(f"{name}: shape {tuple(src.shape)} in the old model, {tuple(tensor.shape)} in the new")
     return {"mapped": len(sources), "mean": len(new_vocab) - len(sources)}
+
+
+def carried(model, folder, tokenizer) -> dict:
+    """`model` (freshly built, the recipe's architecture and tokenizer) takes the weights of the model saved in
+    `folder` (the same architecture; its own tokenizer there, mapped over as `retokenized` does). Returns its
+    counts."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+    auto = AutoModelForImageTextToText if hasattr(model.config, "vision_config") else AutoModelForCausalLM
+    old = auto.from_pretrained(folder).float()
+    return retokenized(old, model, AutoTokenizer.from_pretrained(folder).get_vocab(), tokenizer.get_vocab())

@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from scenes import corpus
-from training.adapt import retokenized
+from training.adapt import carried, retokenized
 from training.attention_supervision import AttentionSupervision, asked_cells, asked_tensor, cell_tokens
 from training.modelpair import (
     build_processor,
@@ -268,6 +268,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--adapt-from", default=None,
                     help="a trained target folder whose tokenizer differs from the recipe's: its weights over the "
                          "recipe's tokenizer (training/adapt.py), then as --resume-target")
+    ap.add_argument("--drafters-from", default=None,
+                    help="a trained pair's folder: the drafters start from its drafter-vlm and drafter-text (mapped "
+                         "to the recipe's tokenizer where theirs differs) instead of from scratch")
     args = ap.parse_args(argv)
     if args.resume_target and args.adapt_from:
         ap.error("--resume-target and --adapt-from: give one")
@@ -388,7 +391,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(cfg["seed"])
         model = builder()
         t = time.time()
-        if with_image:
+        if args.drafters_from:  # trained already (its tower too): its weights over this tokenizer, then on
+            print(f"[{name}] from {args.drafters_from}: embedding rows "
+                  f"{carried(model, Path(args.drafters_from) / name, tok)}", flush=True)
+        elif with_image:
             vision_losses[name] = pretrain_vision(vision_tower(model), processor.image_processor, vc["steps"],
                                                   vc["batch_size"], vc["lr"], cfg["seed"], device=args.device,
                                                   cell_head=vc.get("cell_head", False), bf16=bf16)
@@ -410,7 +416,8 @@ def main(argv: list[str] | None = None) -> None:
               "drafter_losses": drafter_losses,
               "vision_losses": vision_losses,
               "command": command + (f" --resume-target {args.resume_target}" if args.resume_target else "")
-              + (f" --adapt-from {args.adapt_from}" if args.adapt_from else "")}
+              + (f" --adapt-from {args.adapt_from}" if args.adapt_from else "")
+              + (f" --drafters-from {args.drafters_from}" if args.drafters_from else "")}
     if resumed:  # the runs whose stages it went on from (oldest first), whose times those stages carry
         record["resumed_from"] = resumed_from(before) + [before["command"]]
         chain = before.get("earlier_precision", "").split(" then ") + [before.get("precision", "")]

@@ -45,3 +45,22 @@ def test_every_weight_is_carried_and_the_embedding_follows_the_strings(tokenizer
     assert torch.equal(emb_new[n["<|image_pad|>"]], emb_old[o["<image>"]])
     assert torch.allclose(emb_new[n["<|vision_start|>"]], emb_old.mean(0))
     assert new.get_output_embeddings().weight.data_ptr() == emb_new.data_ptr()  # still tied
+
+
+def test_a_saved_drafter_is_carried_over(tokenizers, tmp_path):
+    """--drafters-from: a saved text drafter (its own tokenizer beside it) starts the new one."""
+    from training.adapt import carried
+    from training.modelpair import build_qwen_text_lm
+
+    torch.manual_seed(0)
+    old_tok, new_tok = tokenizers
+    spec = {"text": SPEC["text"]}
+    build_qwen_text_lm(spec, old_tok).save_pretrained(tmp_path)
+    old_tok.save_pretrained(tmp_path)
+    new = build_qwen_text_lm(spec, new_tok)
+    counts = carried(new, tmp_path, new_tok)
+    assert counts["mapped"] > 0.8 * len(new_tok)
+    from transformers import AutoModelForCausalLM
+
+    old = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(new.model.layers[0].mlp.down_proj.weight, old.model.layers[0].mlp.down_proj.weight)
