@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.peers import cpu_flags  # noqa: E402
-from engine.attention import MATH_DECODE_KEYS, MATH_PREFILL_KEYS  # noqa: E402
+from engine.attention import MATH_DECODE_KEYS, MATH_PREFILL_KEYS, MATH_VERIFY_KEYS  # noqa: E402
 
 # rows, keys per row, queries per row (1: decode; 5: a verify of 4 drafts; more: a prefill); 2 kv heads, group 3
-SHAPES = [(128, 40, 1), (128, 40, 5), (128, 96, 1), (64, 100, 5), (128, 128, 5), (82, 33, 33), (64, 60, 60),
+SHAPES = [(128, 40, 1), (128, 40, 5), (128, 96, 1), (128, 112, 1), (128, 128, 1), (128, 160, 1), (64, 100, 5),
+          (128, 128, 5), (82, 33, 33), (64, 60, 60), (128, 80, 80),
           (40, 96, 96), (16, 400, 400)]
 
 
@@ -44,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# attention paths; CPU flags {cpu_flags()}, {args.threads} threads; float32 path used up to "
-          f"{MATH_DECODE_KEYS} keys (<= 16 queries) / {MATH_PREFILL_KEYS} keys (prefill)")
+          f"{MATH_DECODE_KEYS} keys (1 query) / {MATH_VERIFY_KEYS} (<= 16 queries) / {MATH_PREFILL_KEYS} (prefill)")
     print("| dtype | rows | keys | queries | SDPA (us) | float32 matmuls (us) | ratio | SDPA error | matmul error |")
     print("|---|---|---|---|---|---|---|---|---|")
     for dtype in (torch.bfloat16, torch.float32):

@@ -6,23 +6,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Longest context whose attention is computed as float32 matmuls on a CPU (in_float32): for a decode or verify
-# step (at most 16 queries per row), and for a prefill
-MATH_DECODE_KEYS, MATH_PREFILL_KEYS = 96, 64
+# Longest context whose attention is computed as float32 matmuls on a CPU (in_float32): for a decode step (one
+# query per row), a verify step (at most 16 queries per row), and a prefill
+MATH_DECODE_KEYS, MATH_VERIFY_KEYS, MATH_PREFILL_KEYS = 160, 96, 64
 
 
 def in_float32(device: str, softcap: float | None, t: int, length: int) -> bool:
     """Whether attention over `length` keys for T queries per row is computed as float32 matmuls and a softmax,
     rather than by SDPA. On a CPU SDPA's flash kernel pays a fixed cost per (row, head) that dominates at a short
     context. Measured on a 2-core Zen 4 (benchmarks/attention_paths.py), float32 matmuls over SDPA's time: 128
-    rows of 1 query over 40 keys 0.4x (float32) and 0.6x (bf16); 5 queries over 100 keys 0.75x and 0.95x; a
-    prefill of 33 tokens 0.55-0.7x, of 60 tokens 0.6x. Longer contexts go to SDPA: bf16 pays for casting K and V
-    to float32 (at 128 rows, 5 queries over 128 keys: 2x SDPA's time). Float32 is at least as accurate as SDPA's
-    bf16 kernel. CUDA keeps SDPA (flash / efficient kernels), and Gemma 2's soft-capped scores their own eager
+    rows of 1 query over 40 keys 0.4x (float32) and 0.6x (bf16), over 128 keys 0.55x and 0.8x, over 160 keys 0.64x
+    and 0.89x; 5 queries over 100 keys 0.7x and 0.9x, over 128 keys 0.94x and 1.06x; a prefill of 33 tokens
+    0.55-0.65x, of 60 tokens 0.66-0.96x, of 80 tokens 0.93-1.09x. Longer contexts go to SDPA. End to end on the
+    shipped pair (Qwen's chat template: prompts of about 70 tokens), decode steps up to 160 keys rather than 96
+    were 1.008-1.026x faster (bf16, 256 rows, 4 interleaved rounds, the same outputs). Float32 is at least as
+    accurate as SDPA's bf16 kernel. CUDA keeps SDPA (flash / efficient kernels), and Gemma 2's soft-capped scores their own eager
     form."""
     if device != "cpu" or softcap is not None:
         return False
-    return length <= (MATH_DECODE_KEYS if t <= 16 else MATH_PREFILL_KEYS)
+    return length <= (MATH_DECODE_KEYS if t == 1 else MATH_VERIFY_KEYS if t <= 16 else MATH_PREFILL_KEYS)
 
 
 def attention_masks(qpos: torch.Tensor, length: int, windows: list, group: int, additive: bool,
