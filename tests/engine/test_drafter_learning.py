@@ -29,10 +29,10 @@ def rows():
     return engine, requests, engine.generate(requests, GREEDY)
 
 
-def _scrambled(learner: DrafterLearner, seed: int) -> dict:
+def _scrambled(learner: DrafterLearner, seed: int, scale: float = 0.05) -> dict:
     """The learner's weights, perturbed: a drafter that drafts very differently (acceptance collapses)."""
     g = torch.Generator().manual_seed(seed)
-    return {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+    return {k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
             for k, v in learner.state_dict().items()}
 
 
@@ -76,7 +76,7 @@ def test_new_drafter_weights_change_acceptance_never_the_output(rows):
     drafted, accepted = engine.stats.drafted, engine.stats.accepted
     learner = DrafterLearner(DRAFTER, engine.target.image_token_id)
     try:
-        engine.update_drafter(_scrambled(learner, 1), 1)
+        engine.update_drafter(_scrambled(learner, 1, scale=0.15), 1)
         assert engine.drafter_version == 1
         again = engine.generate(requests, GREEDY)
         d, a = engine.stats.drafted - drafted, engine.stats.accepted - accepted
@@ -92,7 +92,7 @@ def test_sampling_keeps_the_targets_distribution_while_the_drafter_changes(rows)
     first token (the target's own pick, before any draft), the second token, the first one drafted for, has the
     target's own temperature-warped distribution (chi-square against the target's probabilities)."""
     engine, requests, _ = rows
-    temperature = 2.0
+    temperature = 3.0
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(TARGET, dtype=torch.float32)
@@ -107,7 +107,7 @@ def test_sampling_keeps_the_targets_distribution_while_the_drafter_changes(rows)
         return p
 
     def spread(p):  # outcomes likely enough to test
-        return int((p * 800 >= 5).sum())
+        return int((p * 1600 >= 5).sum())
 
     # a row whose first token is nearly settled and whose second (the first drafted one) is not
     candidates = []
@@ -123,13 +123,13 @@ def test_sampling_keeps_the_targets_distribution_while_the_drafter_changes(rows)
         for call in range(5):
             engine.update_drafter(_scrambled(learner, call) if call % 2 else learner.state_dict(), 10 + call)
             params = SamplingParams(max_new_tokens=2, temperature=temperature, seed=100 + call)
-            for r in engine.generate([prompt] * 160, params):
+            for r in engine.generate([prompt] * 320, params):
                 if r.token_ids[:1] == [first]:
                     seconds.append(r.token_ids[1] if len(r.token_ids) == 2 else eos[0])
     finally:
         engine.update_drafter(learner.state_dict(), 20)
     stat, p_value, tested = chi_square(seconds, p)
-    assert len(seconds) > 300 and tested >= 4, (len(seconds), tested)
+    assert len(seconds) > 600 and tested >= 4, (len(seconds), tested)
     assert p_value > 1e-4, (stat, p_value)
 
 
