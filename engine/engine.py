@@ -194,7 +194,8 @@ class SpecEngine:
         st.drafted += sum(r.num_drafts)
         st.accepted += sum(r.accepted)
         own = self.drafter.step if isinstance(self.drafter, ModelDrafter) else None
-        st.compile_buckets, st.compile_s = compile_stats([self.target_step, own]).values()
+        compiled = compile_stats([self.target_step, own])
+        st.compile_buckets, st.compile_s = compiled["compile_buckets"], compiled["compile_s"]
 
     def _admit(self, group: SequenceGroup, new: list[Sequence], params: SamplingParams, policy: DraftPolicy) -> None:
         self.sync()
