@@ -84,3 +84,17 @@ def test_compiled_steps_are_token_exact_and_compile_once_per_bucket(model, reque
     again = compiled.generate(requests, PARAMS)  # the same buckets again: nothing compiles
     assert [r.token_ids for r in again] == outputs[:3]
     assert counters["stats"]["unique_graphs"] == graphs and compiled.stats.compile_buckets == buckets
+
+
+def test_compiled_rounds_read_back_once(monkeypatch, model, requests):
+    """The compiled path adds no read of a device value (tests/engine/test_readbacks.py's count): picking a bucket
+    and padding use the host's own numbers."""
+    from tests.engine.test_readbacks import rounds_reads
+
+    engine = make_engine(model, model, "on")
+    params = SamplingParams(max_new_tokens=12)
+    engine.generate(requests, params)  # compiled before the count
+    graphs = counters["stats"]["unique_graphs"]
+    per_round, reads = rounds_reads(monkeypatch, requests, params, model, engine)
+    assert len(per_round) >= 4 and engine.target_step.buckets and counters["stats"]["unique_graphs"] == graphs
+    assert max(per_round) == 1, (per_round, reads.reads)
