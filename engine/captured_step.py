@@ -66,6 +66,8 @@ class CapturedStep:
 
     def __init__(self, decoder, device: str, enabled: bool):
         self.dec, self.device, self.enabled = decoder, device, enabled
+        if enabled and hasattr(decoder, "unpack"):  # a CPU's packed bf16 weights: inductor lowers plain ones only
+            decoder.unpack()
         self.buckets: dict[tuple, float] = {}  # bucket -> seconds of its first call
         self._compiled = None
 

@@ -76,8 +76,8 @@ class SpecEngine:
         drafter = make_drafter(spec, self.tokenizer, self.target.image_token_id, self.device, self.dtype,
                                trust_remote_code=self.config.trust_remote_code, lean=self.config.lean,
                                compression=compression, target=self.target, learning=self.config.drafter_learns)
-        if isinstance(drafter, ModelDrafter):  # its forks share its steps
-            drafter.step.enabled = self.compiled and drafter.ck.lean
+        if isinstance(drafter, ModelDrafter) and self.compiled and drafter.ck.lean:  # its forks share its steps
+            drafter.step = CapturedStep(drafter.dec, self.device, True)
         return drafter
 
     def update_drafter(self, state: dict[str, torch.Tensor], version: int) -> None:
