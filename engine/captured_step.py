@@ -117,11 +117,17 @@ class CapturedStep:
         return logits[:n].clone() if self.device == "cuda" else logits[:n]
 
     def _mark_static(self, cache) -> None:
-        """CUDA graphs read the weights and the cache in place (a cache is mutated by every step)."""
-        for t in _held_tensors(self.dec) + cache.k + cache.v + [cache.rope_offset]:
-            if not getattr(t, "_specray_static", False):
+        """CUDA graphs read the weights and the cache in place (a cache is mutated by every step): each marked
+        once, and again when its tensors are new (a cache reallocated, a learning drafter's weights reloaded)."""
+        dec = self.dec
+        if getattr(dec, "_specray_static", None) is not dec.embed_weight:
+            for t in _held_tensors(dec):
                 torch._dynamo.mark_static_address(t)
-                t._specray_static = True
+            dec._specray_static = dec.embed_weight
+        if getattr(cache, "_specray_static", None) is not cache.k[0]:
+            for t in cache.k + cache.v + [cache.rope_offset]:
+                torch._dynamo.mark_static_address(t)
+            cache._specray_static = cache.k[0]
 
 
 def compile_stats(steps: list[CapturedStep | None]) -> dict:
