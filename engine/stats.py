@@ -19,7 +19,7 @@ class EngineStats:
     drafted: int = 0
     accepted: int = 0
     # compiled steps (EngineConfig.compile; engine/captured_step.py): shape buckets compiled, and the seconds of
-    # their first calls (compile, CUDA graph capture, one run), part of prefill_s, draft_s and verify_s above
+    # their first calls (compile, CUDA graph capture, one run), part of draft_s and verify_s above
     compile_buckets: int = 0
     compile_s: float = 0.0
 
