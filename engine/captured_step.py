@@ -19,8 +19,8 @@ tests/engine/test_captured_step.py).
 
 Compiled code is cached on disk by inductor's FX graph cache, under TORCHINDUCTOR_CACHE_DIR (default here:
 ~/.cache/specray/inductor, or $SPECRAY_COMPILE_CACHE): a later process pays the compile again only in part. The
-seconds of each bucket's first call (compile, capture and one run) are kept in `compile_s` and `buckets`; the
-engine reports them in its stats.
+seconds of each bucket's first call (compile and one run; CUDA graph trees record the graph at a following call)
+are kept in `compile_s` and `buckets`; the engine reports them in its stats.
 """
 from __future__ import annotations
 
