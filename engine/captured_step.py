@@ -98,10 +98,11 @@ class CapturedStep:
             return self._step(cache, ids, starts, last, length)
         n, t = ids.shape
         b, keys = batch_bucket(n, cache.slots), keys_bucket(length, cache.max_len)
-        if b > n:  # padding rows: free slots n..b-1, fed token 0 at position 0
-            ids = torch.nn.functional.pad(ids, (0, 0, 0, b - n))
-            starts = torch.nn.functional.pad(starts, (0, b - n))
-            last = None if last is None else torch.nn.functional.pad(last, (0, b - n))
+        # padding rows: free slots n..b-1, fed token 0 at position 0; every input contiguous, as a padded one is
+        # (a bucket's graph is specialised to its inputs' strides)
+        ids = torch.nn.functional.pad(ids, (0, 0, 0, b - n)).contiguous()
+        starts = torch.nn.functional.pad(starts, (0, b - n)).contiguous()
+        last = None if last is None else torch.nn.functional.pad(last, (0, b - n)).contiguous()
         if self.device == "cuda":
             self._mark_static(cache)
             torch.compiler.cudagraph_mark_step_begin()
