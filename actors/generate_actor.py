@@ -104,7 +104,9 @@ class GenerateActor:
             return self._isolating(batch, batch_id(batch), 0, batch.num_rows, self.death_retries + 1)
         finally:
             if getattr(self, "startup", None) is not None:
-                self.startup.batch(started)
+                stats = getattr(self.engine, "stats", None)  # the hf backend has none
+                self.startup.batch(started, {"seconds": stats.compile_s, "buckets": stats.compile_buckets}
+                                   if stats is not None and stats.compile_buckets else None)
 
     def _isolating(self, batch: pa.Table, bid: str, a: int, b: int, limit: int) -> pa.Table:
         """The result rows of rows [a, b) of a batch, noted as begun and finished with the job's WorkerDeaths;

@@ -13,6 +13,8 @@
 3. Sampling (temperature 0.7, top-p 0.9), plain and with the VLM drafter, against HF's sampling: accuracy on the
    rows' answers within 10% of the rows (2 at least) of HF's.
 4. bf16: the engine's rows against HF's bf16 rows (agreement only: bf16 rounding differs between kernels).
+5. The compiled step against eager (engine/captured_step.py: reduce-overhead CUDA graphs on CUDA, inductor on a
+   CPU): argmax agreement, time per step of both, compile time (benchmarks/captured_step.py).
 Prints one table and writes it to DIR/gpu_check.json ($OUT by default). With --device cpu it runs the same checks
 on the CPU (kernels through TRITON_INTERPRET=1): tests/test_gpu_check.py runs that mode, so the script cannot rot.
 """
@@ -131,6 +133,27 @@ def _quant_rows(device: str) -> list[tuple[str, str]]:
     return rows
 
 
+def compiled_rows(models: Path, device: str) -> list[tuple[str, str]]:
+    """The decode and verify steps compiled (engine/captured_step.py; CUDA graphs on CUDA) against eager ones on the
+    same cache (benchmarks/captured_step.py): argmax agreement, time per step, each bucket's first call. CUDA: the
+    shipped target in bf16 at 1 and 32 rows (agreement at least 95%: bf16 rounds differently once fused); a CPU:
+    the one-layer drafter in float32, 3 rows in a padded bucket of 4, every position equal."""
+    from benchmarks.captured_step import compare
+
+    cuda = device == "cuda"
+    path, dtype = (models / "target", torch.bfloat16) if cuda else (models / "drafter-vlm", torch.float32)
+    rows = compare(str(path), device, dtype, [1, 32] if cuda else [3], [1, 5] if cuda else [1], context=64,
+                   iters=30 if cuda else 3, slots=None if cuda else 4)
+    out = []
+    for r in rows:
+        ok = r["agreement"] >= (0.95 if cuda else 1.0)
+        out.append((f"compiled step against eager, {path.name} b={r['batch']} T={r['T']}",
+                    f"argmax agreement {100 * r['agreement']:.1f}%, eager {r['eager_ms']:.3f} ms, compiled "
+                    f"{r['compiled_ms']:.3f} ms ({r['ratio']:.2f}x), first call {r['first_call_s']:.1f} s"
+                    + ("" if ok else " DIFFERS")))
+    return out
+
+
 def _equal(a, b) -> int:
     return sum((x.text, x.num_output_tokens) == (y.text, y.num_output_tokens) for x, y in zip(a, b))
 
@@ -203,6 +226,7 @@ def main() -> None:
         path = str(build_family(family, tmp / family))
         table += exactness(path, {"none": None, "ngram": "ngram"}, requests_for(path, 8), args.device)
     table.append(bf16_agreement(target, requests, args.device))
+    table += compiled_rows(models, args.device)
     width = max(len(a) for a, _ in table)
     print(f"\n| {'check'.ljust(width)} | result |\n|{'-' * (width + 2)}|---|")
     for a, b in table:

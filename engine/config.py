@@ -17,6 +17,7 @@ LearnFrom = Literal["tokens", "topk"]  # what a learning drafter distils: tokens
 Backend = Literal["specray", "hf"]  # hf: plain model.generate, the reference
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Decoder = Literal["lean", "hf"]  # hf: the generic HF forward
+Compile = Literal["off", "on", "auto"]  # the decode and verify steps compiled (engine/captured_step.py); auto: on CUDA
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,10 @@ class EngineConfig:
     parity_check: bool = True  # at load: the decoder against the model's own generate (engine/parity.py)
     drafter_learns: bool = False  # the drafter's weights are replaced during the job (engine/drafter_learning.py)
     capture_topk: int = 0  # keep the target's top-k logits per generated token in each Result (0: none)
+    # the lean decoder's decode and verify steps compiled per shape bucket (engine/captured_step.py): torch.compile
+    # with CUDA graphs on CUDA, inductor on a CPU; auto: on CUDA only. Off by default until checked on a GPU
+    # (benchmarks/gpu_check.py's compiled-step check)
+    compile: Compile = "off"
 
     @property
     def lean(self) -> bool:

@@ -124,7 +124,7 @@ class LeanDecoder:
     def pack(self) -> None:
         """Hold the dense linear weights (and an untied head) in the CPU's packed bf16 layout (kernels/packed.py),
         where that is faster; elsewhere, and for quantized weights, nothing changes."""
-        if not packs(self.device, self.dtype):
+        if not packs(self.device, self.dtype) or getattr(self, "dense_only", False):
             return
         head = self.head_weight
         if isinstance(head, torch.Tensor) and head.data_ptr() != self.embed_weight.data_ptr():  # tied: stays shared
@@ -133,6 +133,15 @@ class LeanDecoder:
             for name in self.LINEARS:
                 if isinstance(p[name], torch.Tensor):
                     p[name] = PackedLinear(p[name])
+
+    def unpack(self) -> None:
+        """Plain weights from here on (compiled steps, engine/captured_step.py: inductor cannot lower the packed
+        layout; it lowers F.linear)."""
+        self.dense_only = True
+        self.head_weight = _dense(self.head_weight)
+        for p in self.layers:
+            for name in self.LINEARS:
+                p[name] = _dense(p[name])
 
     LINEARS = ("qkv", "o", "gate_up", "down")
 

@@ -15,12 +15,12 @@ group's drafts are computed elsewhere. Each group has its own target cache over 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
+from engine.captured_step import CapturedStep, compile_stats, compiles
 from engine.config import SELF_DRAFTERS, EngineConfig
 from engine.device_io import Clock
 from engine.draft_length import DraftLength, DraftPolicy
@@ -33,32 +33,10 @@ from engine.sampling import warp
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceGroup
 from engine.speculative import RoundRecord, request_drafts, speculative_round
+from engine.stats import EngineStats
 
 
 PROBE_ROUNDS = 8  # a call that probes a drafter which did not pay speculates at least this many rounds
-
-
-@dataclass
-class EngineStats:
-    """Where the time goes (seconds), and the speculation counters, accumulated over the engine's life."""
-    prefill_s: float = 0.0
-    drafter_prefill_s: float = 0.0  # the part of prefill_s the drafter spent on its own prefill
-    draft_s: float = 0.0  # drafter compute (for a remote drafter, as its server measured it)
-    wait_s: float = 0.0  # time the target waited for drafts (a local drafter: its compute; remote: not hidden)
-    verify_s: float = 0.0
-    accept_s: float = 0.0
-    rounds: int = 0
-    row_rounds: int = 0  # sum over rounds of rows in the batch
-    tokens: int = 0
-    drafted: int = 0
-    accepted: int = 0
-
-    def as_dict(self) -> dict:
-        out = dict(vars(self))
-        out["mean_batch"] = self.row_rounds / self.rounds if self.rounds else 0.0
-        out["tokens_per_row_round"] = self.tokens / self.row_rounds if self.row_rounds else 0.0
-        out["overlap"] = max(0.0, 1 - self.wait_s / self.draft_s) if self.draft_s else None
-        return out
 
 
 class SpecEngine:
@@ -73,6 +51,11 @@ class SpecEngine:
                                   lean=config.lean, compression=self.compression, check_parity=config.parity_check,
                                   self_draft_bits=self_draft.bits if config.drafter in SELF_DRAFTERS else None)
         self.tokenizer = self.target.tokenizer
+        self.compiled = compiles(config.compile, self.device)
+        if self.compiled and not self.target.lean:
+            raise ValueError(f"decoding.compile: compiled steps need the lean decoder; {config.target} runs on the "
+                             f"generic HF forward")
+        self.target_step = CapturedStep(self.target.decoder, self.device, self.compiled)  # the verify step
         self.drafter = self.load_drafter(config.drafter)
         self.drafter_version = 0  # bumped by each update_drafter (a drafter that learns during the job)
         self.capture_topk = config.capture_topk
@@ -90,9 +73,12 @@ class SpecEngine:
         if spec is None:
             return None
         _, compression = self.config.compression.for_models(spec)
-        return make_drafter(spec, self.tokenizer, self.target.image_token_id, self.device, self.dtype,
-                            trust_remote_code=self.config.trust_remote_code, lean=self.config.lean,
-                            compression=compression, target=self.target, learning=self.config.drafter_learns)
+        drafter = make_drafter(spec, self.tokenizer, self.target.image_token_id, self.device, self.dtype,
+                               trust_remote_code=self.config.trust_remote_code, lean=self.config.lean,
+                               compression=compression, target=self.target, learning=self.config.drafter_learns)
+        if isinstance(drafter, ModelDrafter) and self.compiled and drafter.ck.lean:  # its forks share its steps
+            drafter.step = CapturedStep(drafter.dec, self.device, True)
+        return drafter
 
     def update_drafter(self, state: dict[str, torch.Tensor], version: int) -> None:
         """New weights for the engine's drafter (engine/drafter_learning.py), between generate calls: every cache
@@ -207,6 +193,9 @@ class SpecEngine:
         st.row_rounds += rows
         st.drafted += sum(r.num_drafts)
         st.accepted += sum(r.accepted)
+        own = self.drafter.step if isinstance(self.drafter, ModelDrafter) else None
+        compiled = compile_stats([self.target_step, own])
+        st.compile_buckets, st.compile_s = compiled["compile_buckets"], compiled["compile_s"]
 
     def _admit(self, group: SequenceGroup, new: list[Sequence], params: SamplingParams, policy: DraftPolicy) -> None:
         self.sync()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from engine.captured_step import CapturedStep
 from engine.device_io import upload
 from engine.local_drafter import LocalDrafter
 from engine.model import LoadedModel
@@ -20,12 +21,14 @@ from engine.sampling import warp
 
 class ModelDrafter(LocalDrafter):
     def __init__(self, model: LoadedModel, banned: torch.Tensor | set[int], image_token_id: int | None,
-                 vocab: tuple[int, int] | None = None):
+                 vocab: tuple[int, int] | None = None, step: CapturedStep | None = None):
         """`banned`: the ids never proposed, as a set, an id tensor, or a bool mask over the drafter's logits.
-        `vocab`: (1 + its tokenizer's largest id, the id that stands in for a token past it), computed if None."""
+        `vocab`: (1 + its tokenizer's largest id, the id that stands in for a token past it), computed if None.
+        `step`: its decode steps, eager or compiled (engine/captured_step.py; default eager), shared by its forks."""
         self.ck = model
         self.dec = model.decoder
         self.device = model.device
+        self.step = step or CapturedStep(self.dec, self.device, enabled=False)
         if not isinstance(banned, torch.Tensor):
             banned = torch.tensor(sorted(banned), dtype=torch.long)
         elif banned.dtype == torch.bool:
@@ -43,7 +46,7 @@ class ModelDrafter(LocalDrafter):
         self.generator = torch.Generator(device=self.device)
 
     def fork(self) -> "ModelDrafter":
-        return ModelDrafter(self.ck, self.banned, self.target_image_token, self.vocab)
+        return ModelDrafter(self.ck, self.banned, self.target_image_token, self.vocab, self.step)
 
     def allocate(self, slots: int, max_len: int) -> None:
         self.cache.allocate(slots, max_len)
@@ -81,19 +84,17 @@ class ModelDrafter(LocalDrafter):
         # one upload (engine/device_io.py): the rows' new tokens (right-padded), counts and starts; every
         # forward's length comes from these host lists, so drafting never waits for the device
         up = upload([p + [0] * (width - len(p)) + [c, s] for p, c, s in zip(pending, counts, starts)], self.device)
-        hidden = self.dec.forward(self.cache, self.dec.embed(up[:, :width]), up[:, width + 1],
-                                  last=up[:, width] - 1, length=max(starts) + width)
+        logits = self.step(self.cache, up[:, :width], up[:, width + 1], max(starts) + width, last=up[:, width] - 1)
         # where each row's first draft is written, and the furthest of them (from the host lists)
         pos, end = up[:, width + 1] + up[:, width], max(s + c for s, c in zip(starts, counts))
         drafts, probs = [], []
-        tok, q = self._next(self.dec.logits(hidden[:, 0]), params)
+        tok, q = self._next(logits[:, 0], params)
         for step in range(k):
             drafts.append(tok)
             probs.append(q)
             if step == k - 1:
                 break
-            hidden = self.dec.forward(self.cache, self.dec.embed(tok[:, None]), pos + step, length=end + step + 1)
-            tok, q = self._next(self.dec.logits(hidden[:, 0]), params)
+            tok, q = self._next(self.step(self.cache, tok[:, None], pos + step, end + step + 1)[:, 0], params)
         self._round = [len(h) for h in histories], k
         draft_ids = torch.stack(drafts, 1)
         draft_probs = torch.stack(probs, 1) if params.temperature > 0 else None

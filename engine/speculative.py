@@ -59,7 +59,6 @@ def speculative_round(engine, group: SequenceGroup, params: SamplingParams) -> R
     """Draft, verify, accept and commit one round of `group` on `engine`'s target (engine/engine.py). The host
     waits for the device once: the packed readback of what each row accepted (engine/device_io.py)."""
     seqs, n, device, clock = group.active, len(group.active), engine.device, engine.clock
-    dec = engine.target.decoder
 
     # 1. draft: collect the k drafts per row requested at the end of the last round
     (k, handle), group.pending = group.pending, None
@@ -79,7 +78,7 @@ def speculative_round(engine, group: SequenceGroup, params: SamplingParams) -> R
     starts = [s.prompt_len + len(s.generated) - 1 for s in seqs]
     up = upload([[s.generated[-1] for s in seqs], starts], device)
     tokens = torch.cat([up[0][:, None], drafts], 1)
-    logits = dec.logits(dec.forward(group.cache, dec.embed(tokens), up[1], length=max(starts) + k + 1))
+    logits = engine.target_step(group.cache, tokens, up[1], length=max(starts) + k + 1)  # eager or compiled
     v1 = clock.mark()
 
     # 3. accept: how many drafts each row keeps, and the target's own next token

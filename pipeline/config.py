@@ -46,6 +46,8 @@ class JobConfig(Section):
                 raise ValueError(f"{field}: compression needs decoding.decoder: lean")
         if c.active() and c.apply_to != "target" and (drafter is None or drafter == "ngram" or self_draft):
             raise ValueError(f"compression.apply_to: {c.apply_to} needs a drafter model (model.drafter is {drafter})")
+        if self.decoding.compile == "on" and (self.decoding.backend != "specray" or self.decoding.decoder != "lean"):
+            raise ValueError("decoding.compile: on needs decoding.backend: specray and decoding.decoder: lean")
         if self.decoding.backend == "hf" and self.model.drafter is not None:
             raise ValueError("model.drafter: the hf backend is plain model.generate and does not speculate; "
                              "use decoding.backend: specray or drafter: null")
@@ -89,7 +91,7 @@ class JobConfig(Section):
                             num_draft_tokens=d.num_draft_tokens,
                             trust_remote_code=self.model.trust_remote_code, compression=self.compression.to_engine(),
                             gpus=r.gpus_per_actor, threads=max(1, round(r.cpus_per_actor)),
-                            parity_check=d.parity_check, drafter_learns=learn.enabled,
+                            parity_check=d.parity_check, compile=d.compile, drafter_learns=learn.enabled,
                             capture_topk=learn.top_k if learn.enabled and learn.learn_from == "topk" else 0)
 
     def drafter_training(self) -> DrafterTraining | None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine.config import (TOWER_RANKINGS, ApplyTo, Backend, Compression, Decoder, DrafterTraining, Dtype, EngineConfig,
-                           LearnFrom, VisualMethod, Weights)
+from engine.config import (TOWER_RANKINGS, ApplyTo, Backend, Compile, Compression, Decoder, DrafterTraining, Dtype,
+                           EngineConfig, LearnFrom, VisualMethod, Weights)
 
 ENGINE = EngineConfig(target="")  # the engine's defaults, stated once in engine/config.py
 COMPRESSION = Compression()
@@ -83,12 +83,18 @@ class DecodingConfig(Section):
     dtype: Dtype = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32
     decoder: Decoder = ENGINE.decoder  # hf: the generic HF forward (any architecture; slower)
     parity_check: bool = ENGINE.parity_check  # at load: refuse a model the decoder would run wrong (engine/parity.py)
+    compile: Compile = ENGINE.compile  # on: decode/verify steps compiled per shape bucket (auto: on CUDA only)
     max_new_tokens: int = Field(64, ge=1, le=8192)
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     seed: int = 0
     stop: list[str] = []
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _on_off(cls, value):  # YAML reads a bare on / off as a boolean
+        return ("on" if value else "off") if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _check(self) -> "DecodingConfig":

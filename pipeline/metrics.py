@@ -135,7 +135,8 @@ def job_metrics(cfg: JobConfig, tally: Tally, *, wall: float, startup: dict, any
         "wall_s": wall,
         "tokens_per_s": tally.output_tokens / wall if wall > 0 else 0.0,
         "stage_s": {"generate_actor_busy": tally.generate_s},
-        "startup": startup,  # seconds: Ray, actor start, imports, model load, first batch; first output row
+        # seconds: Ray, actor start, imports, model load, first batch; first output row; compiled steps (seconds, buckets)
+        "startup": startup,
         "commit_order": "any" if any_order else "input",  # any: each shard committed once all its rows are out
         "commits": tally.commits,  # [{shard, t (s since the job began), rows}], in commit order
         "timeline": tally.timeline,  # [{t (s since the job began), cumulative rows, errors, output_tokens, drafted, accepted}]

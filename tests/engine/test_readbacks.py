@@ -64,9 +64,11 @@ def requests():
     return heldout_requests(load_processor(TARGET), 24)
 
 
-def rounds_reads(monkeypatch, requests, params: SamplingParams, drafter: str | None) -> tuple[list[int], HostReads]:
-    """Host reads in each round of a generate call (the round, then the next round's draft request)."""
-    engine = SpecEngine(EngineConfig(TARGET, drafter, dtype="float32", max_batch_size=8, num_draft_tokens=3))
+def rounds_reads(monkeypatch, requests, params: SamplingParams, drafter: str | None,
+                 engine: SpecEngine | None = None) -> tuple[list[int], HostReads]:
+    """Host reads in each round of a generate call (the round, then the next round's draft request), on the
+    shipped target, or on `engine` (tests/engine/test_captured_step.py: compiled steps)."""
+    engine = engine or SpecEngine(EngineConfig(TARGET, drafter, dtype="float32", max_batch_size=8, num_draft_tokens=3))
     reads = HostReads()
     per_round: list[int] = []
     reads.patch(monkeypatch)

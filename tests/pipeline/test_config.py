@@ -28,6 +28,8 @@ def test_defaults_fill_the_prompt_from_the_task_kind():
     ({**BASE, "decoding": {"max_batch_size": 0}}, "decoding.max_batch_size"),
     ({**BASE, "decoding": {"kv_cache_gb": -1}}, "decoding.kv_cache_gb"),
     ({**BASE, "decoding": {"dtype": "int3"}}, "decoding.dtype"),
+    ({**BASE, "decoding": {"compile": "sometimes"}}, "decoding.compile"),
+    ({**BASE, "decoding": {"compile": "on", "decoder": "hf"}}, "decoding.compile"),
     ({"input": {"paths": ["a"]}, "output": {"path": "o"}}, "model"),
     ({**BASE, "compression": {"visual_tokens": {"keep": 0.5, "tower_layer": -1}}},
      "compression.visual_tokens.tower_layer"),
@@ -46,8 +48,8 @@ def test_bad_config_names_the_field_in_one_line(raw, field):
 
 def test_overrides_take_yaml_values():
     cfg = load_config(BASE, ["decoding.max_new_tokens=7", "input.paths=[a.tar, b.tar]", "decoding.temperature=0.5",
-                             "decoding.kv_cache_gb=2.5"])
-    assert cfg.decoding.max_new_tokens == 7 and cfg.engine().kv_cache_gb == 2.5
+                             "decoding.kv_cache_gb=2.5", "decoding.compile=on"])
+    assert cfg.decoding.max_new_tokens == 7 and cfg.engine().kv_cache_gb == 2.5 and cfg.engine().compile == "on"
     assert cfg.input.paths == ["a.tar", "b.tar"]
     assert cfg.decoding.temperature == 0.5
 

@@ -92,6 +92,7 @@ def test_cli_job_end_to_end(tmp_path, tiny_model, ray_address, fmt, suffix):
     phases = ("driver_s", "ray_s", "actor_start_s", "imports_s", "model_load_s", "wait_first_batch_s", "first_batch_s")
     assert st["actors"] == 1 and all(st[p] >= 0 for p in phases), st
     assert st["imports_s"] > 0 and st["model_load_s"] > 0 and st["first_batch_s"] > 0
+    assert st["compiled"] is None  # decoding.compile is off by default: no compiled step
     assert sum(st[p] for p in phases) <= st["first_row_s"] + 0.5 and st["first_row_s"] <= metrics["wall_s"]
     assert "start:  first row after" in first.stdout
 
