@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from peer_protocol import serve  # benchmarks/, this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISION = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}
@@ -42,43 +43,38 @@ def exported(model: str) -> tuple[Path, float]:
 
 
 def main() -> None:
-    out = os.fdopen(os.dup(1), "w")  # the answers' own descriptor
-    os.dup2(2, 1)  # everything else printed goes to stderr
-    pipe = config = None
-    for line in sys.stdin:
-        msg = json.loads(line)
-        if "load" in msg:
-            spec = msg["load"]
-            path, export_s = exported(spec["model"])
-            import openvino_genai as ov_genai
+    state: dict = {}
 
-            t = time.perf_counter()
-            pipe = ov_genai.VLMPipeline(str(path), "CPU", INFERENCE_NUM_THREADS=spec.get("threads", 2),
-                                        INFERENCE_PRECISION_HINT=PRECISION[spec["dtype"]])
-            config = ov_genai.GenerationConfig()
-            config.do_sample = False
-            config.apply_chat_template = False  # the prompt is the chat template's text already
-            reply = {"startup_s": time.perf_counter() - t, "export_s": export_s}
-        elif "run" in msg:
-            import numpy as np
-            import openvino as ov
-            from PIL import Image
+    def load(spec: dict) -> dict:
+        path, export_s = exported(spec["model"])
+        import openvino_genai as ov_genai
 
-            spec = msg["run"]
-            rows = json.loads(Path(spec["rows"]).read_text())
-            config.max_new_tokens = spec["max_new_tokens"]
-            texts, tokens = [], []
-            t = time.perf_counter()
-            for r in rows:
-                image = ov.Tensor(np.asarray(Image.open(r["image"]).convert("RGB"))[None])
-                result = pipe.generate(r["prompt"], images=[image], generation_config=config)
-                texts.append(result.texts[0].strip())
-                tokens.append(result.perf_metrics.get_num_generated_tokens())
-            reply = {"wall_s": time.perf_counter() - t, "texts": texts, "tokens": tokens}
-        else:
-            break
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
+        t = time.perf_counter()
+        state["pipe"] = ov_genai.VLMPipeline(str(path), "CPU", INFERENCE_NUM_THREADS=spec.get("threads", 2),
+                                             INFERENCE_PRECISION_HINT=PRECISION[spec["dtype"]])
+        config = state["config"] = ov_genai.GenerationConfig()
+        config.do_sample = False
+        config.apply_chat_template = False  # the prompt is the chat template's text already
+        return {"startup_s": time.perf_counter() - t, "export_s": export_s}
+
+    def run(spec: dict) -> dict:
+        import numpy as np
+        import openvino as ov
+        from PIL import Image
+
+        rows = json.loads(Path(spec["rows"]).read_text())
+        pipe, config = state["pipe"], state["config"]
+        config.max_new_tokens = spec["max_new_tokens"]
+        texts, tokens = [], []
+        t = time.perf_counter()
+        for r in rows:
+            image = ov.Tensor(np.asarray(Image.open(r["image"]).convert("RGB"))[None])
+            result = pipe.generate(r["prompt"], images=[image], generation_config=config)
+            texts.append(result.texts[0].strip())
+            tokens.append(result.perf_metrics.get_num_generated_tokens())
+        return {"wall_s": time.perf_counter() - t, "texts": texts, "tokens": tokens}
+
+    serve(load, run)
 
 
 if __name__ == "__main__":

@@ -15,49 +15,45 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
+
+from peer_protocol import serve  # benchmarks/, this script's folder
 
 
 def main() -> None:
-    out = os.fdopen(os.dup(1), "w")  # the answers' own descriptor (not inherited by vLLM's subprocesses)
-    os.dup2(2, 1)  # everything else printed, by this process or vLLM's, goes to stderr
-    llm = eos = None
-    for line in sys.stdin:
-        msg = json.loads(line)
-        if "load" in msg:
-            spec = msg["load"]
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-            os.environ["OMP_NUM_THREADS"] = str(spec.get("threads", 2))
-            t = time.perf_counter()
-            from vllm import LLM
+    state: dict = {}
 
-            llm = LLM(model=spec["model"], dtype=spec["dtype"], enable_prefix_caching=False,
-                      limit_mm_per_prompt={"image": 1, "video": 0}, seed=0)
-            from transformers import GenerationConfig
+    def load(spec: dict) -> dict:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+        os.environ["OMP_NUM_THREADS"] = str(spec.get("threads", 2))
+        t = time.perf_counter()
+        from vllm import LLM
 
-            ids = GenerationConfig.from_pretrained(spec["model"]).eos_token_id
-            eos = {llm.get_tokenizer().eos_token_id, *(ids if isinstance(ids, list) else [ids])} - {None}
-            reply = {"startup_s": time.perf_counter() - t}
-        elif "run" in msg:
-            from PIL import Image
-            from vllm import SamplingParams
+        llm = LLM(model=spec["model"], dtype=spec["dtype"], enable_prefix_caching=False,
+                  limit_mm_per_prompt={"image": 1, "video": 0}, seed=0)
+        from transformers import GenerationConfig
 
-            spec = msg["run"]
-            with open(spec["rows"]) as f:
-                rows = json.load(f)
-            params = SamplingParams(temperature=0, max_tokens=spec["max_new_tokens"])
-            t = time.perf_counter()
-            prompts = [{"prompt": r["prompt"], "multi_modal_data": {"image": Image.open(r["image"]).convert("RGB")}}
-                       for r in rows]
-            results = llm.generate(prompts, params, use_tqdm=False)
-            wall = time.perf_counter() - t
-            reply = {"wall_s": wall, "texts": [r.outputs[0].text.strip() for r in results],
-                     "tokens": [sum(t not in eos for t in r.outputs[0].token_ids) for r in results]}
-        else:
-            break
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
+        ids = GenerationConfig.from_pretrained(spec["model"]).eos_token_id
+        state["llm"] = llm
+        state["eos"] = {llm.get_tokenizer().eos_token_id, *(ids if isinstance(ids, list) else [ids])} - {None}
+        return {"startup_s": time.perf_counter() - t}
+
+    def run(spec: dict) -> dict:
+        from PIL import Image
+        from vllm import SamplingParams
+
+        with open(spec["rows"]) as f:
+            rows = json.load(f)
+        params = SamplingParams(temperature=0, max_tokens=spec["max_new_tokens"])
+        t = time.perf_counter()
+        prompts = [{"prompt": r["prompt"], "multi_modal_data": {"image": Image.open(r["image"]).convert("RGB")}}
+                   for r in rows]
+        results = state["llm"].generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - t
+        return {"wall_s": wall, "texts": [r.outputs[0].text.strip() for r in results],
+                "tokens": [sum(t not in state["eos"] for t in r.outputs[0].token_ids) for r in results]}
+
+    serve(load, run)
 
 
 if __name__ == "__main__":

@@ -192,9 +192,10 @@ def test_the_recipe_can_go_on_from_a_trained_target_with_no_attend_steps(tmp_pat
           "--skip-eval"] + [a for o in tiny for a in ("--set", o)])
     record, before = (json.loads(p.read_text()) for p in (tmp_path / "training.json", Path("models/training.json")))
     # this run's precision, and the earlier runs' where they differ (a bf16 run gone on from in float32)
-    earlier = [p for p in (before.get("earlier_precision"), before["precision"]) if p]
+    earlier = (before.get("earlier_precision") or "").split(" then ") + [before["precision"]]
+    earlier = list(dict.fromkeys(p for p in earlier if p))  # each precision once, first seen first
     assert record["precision"] == "float32"
-    assert record.get("earlier_precision", "float32") == " then ".join(dict.fromkeys(earlier))
+    assert record.get("earlier_precision", "float32") == " then ".join(earlier)
     card = model_card(json.loads(Path("models/eval.json").read_text()), record)
     assert "in float32 (training stages" in card
     assert "earlier_precision" not in record or f"the earlier runs' in {record['earlier_precision']})" in card
