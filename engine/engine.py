@@ -147,6 +147,9 @@ class SpecEngine:
                     self._retire(g, results, params, policy)
                 if g.active:
                     request_drafts(g, policy.choose() if g.drafter is not None else 0, params)
+        own = self.drafter.step if isinstance(self.drafter, ModelDrafter) else None  # compiles: once a call
+        compiled = compile_stats([self.target_step, own])
+        self.stats.compile_buckets, self.stats.compile_s = compiled["compile_buckets"], compiled["compile_s"]
         return results  # type: ignore[return-value]
 
     def _cache_positions(self) -> int | None:
@@ -193,9 +196,6 @@ class SpecEngine:
         st.row_rounds += rows
         st.drafted += sum(r.num_drafts)
         st.accepted += sum(r.accepted)
-        own = self.drafter.step if isinstance(self.drafter, ModelDrafter) else None
-        compiled = compile_stats([self.target_step, own])
-        st.compile_buckets, st.compile_s = compiled["compile_buckets"], compiled["compile_s"]
 
     def _admit(self, group: SequenceGroup, new: list[Sequence], params: SamplingParams, policy: DraftPolicy) -> None:
         self.sync()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from training.tokenizer import QWEN_IMAGE, qwen_chat_template, train_tokenizer
 from training.token_dropout import TokenDropout
 from training.train import Batcher, ground_truth_batches, train_model
 
+MODELS = Path(__file__).resolve().parents[2] / "models"  # the shipped pair
 SPEC = {"vision": {"depth": 2, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64},
         "text": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                  "intermediate_size": 128}}
@@ -231,8 +233,8 @@ def test_the_shipped_pair_speaks_qwen25_vls_tokens():
 
     from engine.processor import chat_text, load_processor
 
-    processor = load_processor("models/target")
-    tok, config = processor.tokenizer, AutoConfig.from_pretrained("models/target")
+    processor = load_processor(str(MODELS / "target"))
+    tok, config = processor.tokenizer, AutoConfig.from_pretrained(MODELS / "target")
     ids = {name: tok.convert_tokens_to_ids(name) for name in
            ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>",
             "<|endoftext|>")}
@@ -241,10 +243,10 @@ def test_the_shipped_pair_speaks_qwen25_vls_tokens():
     assert (config.vision_start_token_id, config.vision_end_token_id) == (ids["<|vision_start|>"], ids["<|vision_end|>"])
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>" and tok.bos_token is None
     assert not {"<s>", "</s>", "<image>", "<unk>"} & set(tok.get_vocab())
-    assert GenerationConfig.from_pretrained("models/target").eos_token_id == [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    assert GenerationConfig.from_pretrained(MODELS / "target").eos_token_id == [ids["<|im_end|>"], ids["<|endoftext|>"]]
     text = chat_text(processor, "What color is the circle?")
     assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                     "What color is the circle?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n"
                     "<|im_start|>assistant\n")
     for drafter in ("drafter-vlm", "drafter-text"):
-        assert AutoTokenizer.from_pretrained(f"models/{drafter}").get_vocab() == tok.get_vocab()
+        assert AutoTokenizer.from_pretrained(MODELS / drafter).get_vocab() == tok.get_vocab()
